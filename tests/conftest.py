@@ -1,0 +1,71 @@
+import sys
+from pathlib import Path
+
+# tests/helpers.py is imported as a plain module by the test files.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+# --- s3_server: a real S3-compatible HTTP server (moto, server mode) -------------------------
+# (storage tests; reused by the service tests)
+import os as _os  # noqa: E402
+import socket as _socket  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+import time as _time  # noqa: E402
+
+import pytest as _pytest  # noqa: E402
+
+
+def _free_loopback_port() -> int:
+    with _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@_pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """Endpoint URL (``http://127.0.0.1:PORT``) of a moto S3 server running in a subprocess.
+
+    Sets dummy AWS credentials and region in the environment for the whole session. The
+    server starts empty; tests create their own uniquely named buckets.
+    """
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            mp.delenv(var, raising=False)
+        proc = None
+        endpoint = None
+        with open(log_path, "ab") as log:
+            for _attempt in range(5):
+                port = _free_loopback_port()
+                proc = _subprocess.Popen(
+                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                    stdout=log,
+                    stderr=_subprocess.STDOUT,
+                    env={**_os.environ, "MOTO_PORT": str(port)},
+                )
+                deadline = _time.monotonic() + 60
+                while _time.monotonic() < deadline and proc.poll() is None:
+                    try:
+                        _socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                        endpoint = f"http://127.0.0.1:{port}"
+                        break
+                    except OSError:
+                        _time.sleep(0.1)
+                if endpoint:
+                    break
+                proc.kill()
+                proc.wait()
+        if not endpoint:
+            _pytest.fail(f"moto S3 server did not start; see {log_path}")
+        try:
+            yield endpoint
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except _subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,74 @@
+"""Tiny models and tokenizers built from configs, for tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = REPO / "models" / "tiny-llama"
+CALIBRATION = REPO / "data" / "calibration.jsonl"
+HELDOUT = REPO / "data" / "stdlib_docs_heldout.txt"
+
+VOCAB = 96
+_WORDS = "the quick brown fox jumps over a lazy dog while models prune blocks of layers".split()
+
+# One entry per supported family; the layer_types patterns are deliberately not the parity
+# pattern the configs would derive, so a re-derived list is caught.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": {"tie_word_embeddings": True},
+    "mistral": {"sliding_window": 4},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 3},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2, "head_dim": 8},
+    "gemma": {"head_dim": 8},
+    "gemma2": {
+        "head_dim": 8,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    },
+    "gemma3_text": {
+        "head_dim": 8,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "full_attention", "sliding_attention", "full_attention"],
+    },
+    "phi3": {},
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False)
+    tokenizer.train_from_iterator([" ".join(_WORDS)] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def tiny_model(model_type: str, num_layers: int = 6, seed: int = 0, **overrides):
+    """A randomly initialised model of one family, small enough to run in milliseconds."""
+    torch.manual_seed(seed)
+    kwargs = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **FAMILY_CONFIGS[model_type],
+        **overrides,
+    }
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def save_tiny(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

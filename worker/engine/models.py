@@ -1,0 +1,165 @@
+"""Resolve a model source to something transformers can load, and load it.
+
+Sources: a local directory (or ``file://``), ``s3://bucket/prefix/``, a finished job's
+output ``job://<id>`` (through the artifact store) and a hub id ``hf://org/name[@revision]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .architectures import FamilyAdapter, adapter_for_model_type
+from .errors import ModelNotFound
+
+if TYPE_CHECKING:
+    from shortened.storage import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ResolvedSource:
+    """Where transformers should load from: a local path, or a hub id with a revision."""
+
+    source: str
+    path_or_id: str
+    revision: str | None = None
+
+
+def resolve_source(
+    source: str, *, store: ArtifactStore | None = None, cache_dir: Path | None = None
+) -> ResolvedSource:
+    """Turn a user-facing source into a local directory or a hub id, downloading if needed."""
+    cache_dir = Path(cache_dir or Path.home() / ".cache" / "shortened")
+    if source.startswith("hf://"):
+        name, _, revision = source[len("hf://") :].partition("@")
+        if not name:
+            raise ModelNotFound(f"empty hub id in {source!r}")
+        return ResolvedSource(source, name, revision or None)
+    if source.startswith("s3://"):
+        from shortened.storage import ArtifactNotFound, download_uri
+
+        dest = cache_dir / "s3" / hashlib.sha256(source.encode()).hexdigest()[:16]
+        try:
+            if not (dest / "config.json").exists():
+                kwargs = {}
+                if store is not None and getattr(store, "endpoint_url", None):
+                    kwargs["s3_endpoint_url"] = store.endpoint_url  # type: ignore[attr-defined]
+                download_uri(source, dest, **kwargs)
+        except ArtifactNotFound as exc:
+            raise ModelNotFound(f"no model at {source}: {exc}") from exc
+        return ResolvedSource(source, str(dest))
+    if source.startswith("job://"):
+        from shortened.storage import ArtifactNotFound, download_published
+
+        job_id = source[len("job://") :].strip("/")
+        if store is None:
+            raise ModelNotFound(f"{source}: job sources need the service's artifact store")
+        dest = cache_dir / "jobs" / job_id
+        try:
+            if not (dest / "config.json").exists():
+                download_published(store, f"jobs/{job_id}", dest)
+        except ArtifactNotFound as exc:
+            raise ModelNotFound(f"job {job_id} has no published model: {exc}") from exc
+        return ResolvedSource(source, str(dest))
+    path = Path(source[len("file://") :] if source.startswith("file://") else source)
+    if not path.is_dir():
+        raise ModelNotFound(f"model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{str(path)!r} has no config.json: not a Hugging Face checkpoint")
+    return ResolvedSource(source, str(path))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelNotFound(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a CUDA device that supports it, else fp16 on CUDA, fp32 on CPU."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _checkpoint_bytes(path: str) -> int | None:
+    local = Path(path)
+    if not local.is_dir():
+        return None
+    return sum(f.stat().st_size for f in local.glob("*.safetensors")) or None
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    adapter: FamilyAdapter
+    device: torch.device
+    dtype: torch.dtype
+    source_dtype: torch.dtype | None
+    resolved: ResolvedSource
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    store: ArtifactStore | None = None,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load a supported causal LM and its tokenizer from any source.
+
+    The architecture is checked from the config before any weights are read. On CUDA, a
+    checkpoint larger than the free memory of one GPU is spread with ``device_map="auto"``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_source(source, store=store, cache_dir=cache_dir)
+    hub_kwargs: dict[str, Any] = {"revision": resolved.revision} if resolved.revision else {}
+    try:
+        config = AutoConfig.from_pretrained(resolved.path_or_id, **hub_kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot read a model config from {source!r}: {exc}") from exc
+    adapter = adapter_for_model_type(getattr(config, "model_type", None))
+
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target)
+    load_kwargs: dict[str, Any] = {"dtype": torch_dtype, **hub_kwargs}
+    if target.type == "cuda" and device == "auto":
+        size = _checkpoint_bytes(resolved.path_or_id)
+        free, _ = torch.cuda.mem_get_info()
+        if size is not None and size * 1.2 > free:
+            load_kwargs["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, **load_kwargs)
+    if "device_map" not in load_kwargs:
+        model.to(target)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **hub_kwargs)
+    source_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(source_dtype, str):
+        source_dtype = _DTYPES.get(source_dtype)
+    log.info("loaded %s (%s) on %s as %s", source, adapter.name, target, torch_dtype)
+    return LoadedModel(model, tokenizer, adapter, target, torch_dtype, source_dtype, resolved)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters counted once even when tied (embeddings shared with the LM head)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
