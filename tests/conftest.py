@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import os as _os  # noqa: E402
 import socket as _socket  # noqa: E402
 import subprocess as _subprocess  # noqa: E402
+import sys as _sys  # noqa: E402
 import time as _time  # noqa: E402
 
 import pytest as _pytest  # noqa: E402
@@ -41,7 +42,7 @@ def s3_server(tmp_path_factory):
             for _attempt in range(5):
                 port = _free_loopback_port()
                 proc = _subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                    [_sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                     stdout=log,
                     stderr=_subprocess.STDOUT,
                     env={**_os.environ, "MOTO_PORT": str(port)},

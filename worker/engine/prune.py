@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shortened.render import block_score_svg
 from shortened.specs import PruneSpec
 
 from .architectures import keep_blocks
@@ -189,5 +190,6 @@ def prune_model(
         report["timings"] = timings
         (staging / "report.json").write_text(json.dumps(report, indent=2))
         write_scores_csv(staging / "block_scores.csv", report)
+        (staging / "block_scores.svg").write_text(block_score_svg(report))
     log.info("pruned %s: removed %s, %d -> %d params", spec.model, removed, params_before, params_after)
     return report
