@@ -79,6 +79,9 @@ class PruneSpec(_Strict):
     calibration: CalibrationSpec
     protect_first: int = Field(default=4, ge=0, description="Leading blocks never removed")
     protect_last: int = Field(default=2, ge=0, description="Trailing blocks never removed")
+    score_all_blocks: bool = Field(
+        default=False, description="ppl: also score protected blocks (full profile, slower)"
+    )
     batch_size: int = Field(default=4, ge=1, le=1024, description="Calibration windows per forward")
     dtype: Dtype = "auto"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

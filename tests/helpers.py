@@ -72,3 +72,21 @@ def save_tiny(model, path: Path) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def heldout_windows(tokenizer, seq_len: int = 128, max_windows: int = 64) -> torch.Tensor:
+    """Non-overlapping windows of the held-out text (the paper's perplexity protocol)."""
+    ids = tokenizer(HELDOUT.read_text(), add_special_tokens=False)["input_ids"]
+    count = min(len(ids) // seq_len, max_windows)
+    return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) over all windows, computed directly from the logits."""
+    total, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        logits = model(input_ids=chunk, use_cache=False).logits[:, :-1]
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
+        count += chunk[:, 1:].numel()
+    return float(torch.exp(torch.tensor(total / count)))

@@ -26,7 +26,7 @@ def context(model, num_blocks=2, candidates=None, **kwargs):
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2"])
 def test_ppl_equals_naive_rebuild(model_type):
     model = tiny_model(model_type, num_layers=6)
-    fast = CRITERIA["ppl"](context(model)).block_scores
+    fast = CRITERIA["ppl"](context(model, score_all_blocks=True)).block_scores
     naive = ppl_scores_naive(model, WINDOWS, batch_size=4)
     assert len(fast) == 6
     for a, b in zip(fast, naive, strict=True):
@@ -51,10 +51,20 @@ def test_every_criterion_scores_every_block_and_respects_protection(name):
     assert len(result.block_scores) == 8
     assert sorted(result.removal_order) == candidates
     assert all(s is None or math.isfinite(s) for s in result.block_scores)
+    assert all(result.block_scores[b] is not None for b in candidates)
     assert seen and all(p.stage == "scoring" for p in seen) and seen[-1].done == seen[-1].total
     # Scoring never changes the model.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(model.model.layers) == 8 and all(p.grad is None for p in model.parameters())
+
+
+def test_ppl_skips_protected_blocks_unless_asked():
+    model = tiny_model("llama", num_layers=6)
+    default = CRITERIA["ppl"](context(model, candidates=[2, 3]))
+    full = CRITERIA["ppl"](context(model, candidates=[2, 3], score_all_blocks=True))
+    assert [s is None for s in default.block_scores] == [True, True, False, False, True, True]
+    assert default.block_scores[2:4] == full.block_scores[2:4]
+    assert None not in full.block_scores
 
 
 def test_lower_score_is_removed_first():

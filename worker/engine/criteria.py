@@ -29,6 +29,9 @@ class ScoringContext:
     num_blocks: int  # how many will be removed (angular and iterative_ppl depend on it)
     batch_size: int = 4
     progress: ProgressCallback = no_progress
+    # ppl: also score protected blocks (the full profile, as in the paper's figures). The
+    # first protected blocks are the most expensive to score, so this is off by default.
+    score_all_blocks: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -155,11 +158,12 @@ def _ascending(candidates: Sequence[int], scores: Sequence[float | None]) -> lis
 
 
 def ppl(ctx: ScoringContext) -> CriterionResult:
-    """Perplexity with the block removed (the paper's PPL criterion). Every block is scored,
-    protected ones included, so the report shows the whole profile."""
+    """Perplexity with the block removed (the paper's PPL criterion). Protected blocks are
+    scored only with ``score_all_blocks`` (their score is None otherwise)."""
     all_blocks = list(range(ctx.num_layers))
-    scores, baseline = ppl_without_each(ctx, all_blocks, all_blocks)
-    block_scores = [scores[i] for i in all_blocks]
+    targets = all_blocks if ctx.score_all_blocks else ctx.candidates
+    scores, baseline = ppl_without_each(ctx, all_blocks, targets)
+    block_scores = [scores.get(i) for i in all_blocks]
     return CriterionResult(block_scores, _ascending(ctx.candidates, block_scores), {"baseline_ppl": baseline})
 
 

@@ -139,7 +139,7 @@ def prune_model(
     phase("calibration_s")
 
     progress(Progress("scoring", 0, 0, "blocks", message=spec.criterion))
-    context = ScoringContext(model, adapter, windows, candidates, num_blocks, spec.batch_size, progress)
+    context = ScoringContext(model, adapter, windows, candidates, num_blocks, spec.batch_size, progress, spec.score_all_blocks)
     result = CRITERIA[spec.criterion](context)
     phase("scoring_s")
 
