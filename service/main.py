@@ -1,0 +1,63 @@
+"""The FastAPI application: ``create_app(settings)`` builds one; ``app`` uses the environment.
+
+uvicorn service.main:app
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.routes import health, jobs
+from service.db import is_sqlite, make_engine, make_sessionmaker, upgrade_database
+from shortened.config import Settings, get_settings
+from worker.celery_app import make_celery
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Embedded mode (SQLite) migrates itself; with PostgreSQL migrations are a
+        # deploy step (`alembic upgrade head`), not something every API replica races to do.
+        if is_sqlite(settings.resolved_database_url):
+            upgrade_database(settings)
+        try:
+            yield
+        finally:
+            app.state.engine.dispose()
+
+    app = FastAPI(
+        title="shortened",
+        summary="Depth pruning of LLMs (Shortened LLaMA) as a job service",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.resolved_database_url)
+    app.state.sessionmaker = make_sessionmaker(app.state.engine)
+    # Used only to send task messages (by name): the API never imports the tasks or torch.
+    app.state.celery = make_celery(settings)
+    app.state.store = None  # opened on first use, see deps.get_store
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app
+
+
+app: FastAPI  # `uvicorn service.main:app`, see __getattr__
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn service.main:app`: built on first access, so importing create_app (tests,
+    # `shortened serve`) does not also build an app from the environment.
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

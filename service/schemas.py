@@ -1,0 +1,123 @@
+"""Response models of the API. Request bodies are the shared specs in ``shortened.specs``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from service.models import Job, JobEvent
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobKind = Literal["prune"]
+EventType = Literal["stage", "progress", "warning", "metric", "log", "status"]
+
+
+class ProgressOut(BaseModel):
+    fraction: float = Field(description="done / total of the current stage, 0 when unknown")
+    done: int
+    total: int
+    unit: str
+
+
+class ErrorOut(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. model_not_found")
+    message: str
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class ArtifactLink(ArtifactOut):
+    url: str = Field(description="Presigned object-store URL, or an API path that streams the file")
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: JobStatus
+    stage: str | None
+    progress: ProgressOut
+    cancel_requested: bool
+    attempts: int
+    parent_id: str | None
+    spec: dict[str, Any]
+    error: ErrorOut | None
+    result: dict[str, Any] | None
+    artifacts: list[ArtifactOut] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobOut:
+        total = job.progress_total or 0
+        done = job.progress_done or 0
+        error = (
+            ErrorOut(code=job.error_code, message=job.error_message or "")
+            if job.error_code
+            else None
+        )
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,  # type: ignore[arg-type]
+            stage=job.stage,
+            progress=ProgressOut(
+                fraction=min(done / total, 1.0) if total else 0.0,
+                done=done,
+                total=total,
+                unit=job.progress_unit or "",
+            ),
+            cancel_requested=job.cancel_requested,
+            attempts=job.attempts,
+            parent_id=job.parent_id,
+            spec=job.spec,
+            error=error,
+            result=job.result,
+            artifacts=[ArtifactOut(**a) for a in job.artifacts]
+            if job.artifacts is not None
+            else None,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            updated_at=job.updated_at,
+        )
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as ?after= to get the next (older) page")
+
+
+class EventOut(BaseModel):
+    seq: int
+    time: datetime
+    type: EventType
+    message: str
+    data: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, event: JobEvent) -> EventOut:
+        return cls(
+            seq=event.seq,
+            time=event.time,
+            type=event.type,  # type: ignore[arg-type]
+            message=event.message,
+            data=event.data,
+        )
+
+
+class ComponentOut(BaseModel):
+    ok: bool
+    error: str | None = None
+
+
+class ReadinessOut(BaseModel):
+    status: Literal["ready", "unavailable"]
+    components: dict[str, ComponentOut]

@@ -1,0 +1,151 @@
+"""``shortened serve``: migrations, one Celery worker subprocess and the API in one command.
+
+With the default settings this is the embedded mode (SQLite, filesystem broker, local
+artifacts under ./var) and needs no other service; with SHORTENED_DATABASE_URL /
+SHORTENED_BROKER_URL / SHORTENED_ARTIFACTS_URL it runs the same pieces against PostgreSQL,
+Redis and S3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from service.db import make_engine, make_sessionmaker, upgrade_database
+from shortened.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# How long a stopping worker may take to finish its current job before it is killed.
+WORKER_STOP_TIMEOUT_S = 10.0
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as SHORTENED_* variables, so the worker subprocess sees exactly what
+    this process was given (flags included), not just this process's environment."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if isinstance(value, Path):
+            value = value.resolve()
+        if value is not None:
+            env[f"SHORTENED_{name.upper()}"] = str(value)
+    return env
+
+
+def _die_with_parent() -> None:
+    # Linux: have the kernel SIGTERM the worker if this process dies without cleaning up
+    # (SIGKILL); elsewhere this is a no-op and the finally block below is all there is.
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def worker_command(settings: Settings) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "-Q", settings.queue,
+        "--concurrency", str(settings.worker_concurrency),
+        "--pool", "prefork",
+        "--loglevel", settings.log_level,
+        "--hostname", f"shortened-{uuid.uuid4().hex[:8]}@%h",
+        # Single-worker deployment: no cluster chatter to wait for at start-up.
+        "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings_env(settings)}
+    return subprocess.Popen(
+        worker_command(settings),
+        env=env,
+        # Own session: Ctrl-C in the terminal reaches only this process, which then stops
+        # the worker in order (warm shutdown first) instead of both racing to exit.
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+
+
+def stop_worker(
+    process: subprocess.Popen[bytes], timeout_s: float = WORKER_STOP_TIMEOUT_S
+) -> int | None:
+    """SIGTERM (warm shutdown: finish the current task), then SIGQUIT (cold), then SIGKILL
+    to the whole process group (the pool children too)."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            if sig == signal.SIGKILL:
+                os.killpg(process.pid, sig)
+            else:  # only the main process: it stops its pool children in order
+                os.kill(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=wait_s)
+    return process.poll()
+
+
+def recover_embedded_jobs(settings: Settings) -> None:
+    """With the filesystem broker this process's worker is the only one, and it has not
+    started yet: a job still 'running' died with a previous `serve` and cannot be
+    redelivered, so it is marked failed instead of staying 'running' forever."""
+    if not settings.resolved_broker_url.startswith("filesystem://"):
+        return
+    from service import crud
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            count = crud.fail_orphaned_running_jobs(
+                session, "the worker stopped while the job was running"
+            )
+        if count:
+            log.warning("marked %d orphaned running job(s) as failed", count)
+    finally:
+        engine.dispose()
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def serve(settings: Settings | None = None) -> None:
+    """Run migrations, start a worker subprocess and serve the API until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from service.main import create_app
+
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings)
+    recover_embedded_jobs(settings)
+    app = create_app(settings)
+    worker = start_worker(settings)
+    log.info("worker started (pid %d)", worker.pid)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal with the
+    # handler that was installed before it: with the default SIGTERM handler the process
+    # would die there and never stop the worker, so SIGTERM becomes SystemExit.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        uvicorn.run(
+            app,
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level=settings.log_level.lower(),
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        log.info("stopping worker (pid %d)", worker.pid)
+        stop_worker(worker)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    serve()

@@ -1,0 +1,94 @@
+"""The Celery app: Redis (or the embedded filesystem transport) as the broker only.
+
+Job state lives in the job store; the message carries nothing but a job id, and the
+result backend is not used. Run a worker with:
+
+    celery -A worker.celery_app worker -Q gpu --concurrency 1 --pool prefork
+
+No torch/CUDA is imported here or in the parent worker process: the engine is imported
+inside the task, in the forked child, so CUDA is initialised only where it is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from shortened.config import Settings, get_settings
+
+RUN_JOB_TASK = "shortened.run_job"
+
+
+def filesystem_broker_folders(settings: Settings) -> tuple[Path, Path]:
+    root = (settings.data_dir / "broker").resolve()
+    return root / "queue", root / "processed"
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    url = settings.resolved_broker_url
+    if url.startswith("filesystem://"):
+        queue_dir, processed_dir = filesystem_broker_folders(settings)
+        queue_dir.mkdir(parents=True, exist_ok=True)
+        processed_dir.mkdir(parents=True, exist_ok=True)
+        # One folder for in and out: producer (API) and consumer (worker) share it.
+        return {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "processed_folder": str(processed_dir),
+            "store_processed": False,
+        }
+    # Redis re-delivers a message that is not acknowledged within the visibility timeout.
+    # With late acks a job is acknowledged only when it finishes, so the timeout must be
+    # longer than the longest job, or a healthy hour-long job would be started again.
+    return {"visibility_timeout": settings.visibility_timeout_s}
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("shortened", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    app.conf.update(
+        broker_transport_options=broker_transport_options(settings),
+        # Keep retrying the broker at start-up instead of exiting (Redis may start later).
+        broker_connection_retry_on_startup=True,
+        # Redis is only the broker: job state is in the database, results are not stored.
+        task_ignore_result=True,
+        result_backend=None,
+        task_routes={RUN_JOB_TASK: {"queue": settings.queue}},
+        task_default_queue=settings.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        # Take one message at a time: with hour-long jobs a prefetched message would sit
+        # behind the running job while another worker is idle.
+        worker_prefetch_multiplier=1,
+        # Acknowledge after the job, not before, and give the message back if the worker
+        # process dies (OOM, node lost): the job is not silently dropped. The task is
+        # idempotent (it only runs a 'queued' job), so a redelivery never runs it twice.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A broker hiccup should not kill an hour of GPU work; the late ack still lands
+        # (or the redelivered message is a no-op because the job is no longer queued).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # One job per GPU, and a fresh child process per job: the only sure way to give
+        # all GPU memory (and the CUDA context) back between jobs.
+        worker_concurrency=settings.worker_concurrency,
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+    )
+    return app
+
+
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use rather than at import, so the API can import make_celery
+    # without also building an app (and broker folders) from the environment.
+    global _app
+    if name in ("app", "celery"):
+        if _app is None:
+            _app = make_celery()
+        return _app
+    raise AttributeError(name)
