@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Criterion = Literal["ppl", "taylor", "magnitude", "block_influence", "angular", "iterative_ppl"]
 CRITERIA: tuple[str, ...] = Criterion.__args__  # type: ignore[attr-defined]
@@ -95,4 +95,238 @@ class PruneSpec(_Strict):
     def _one_target(self) -> PruneSpec:
         if (self.num_blocks is None) == (self.target_ratio is None):
             raise ValueError("give exactly one of 'num_blocks' and 'target_ratio'")
+        return self
+
+
+# --- Retraining (issue 4) -------------------------------------------------------------------
+
+RetrainMethod = Literal["lora", "cpt", "cpt_lora"]
+RETRAIN_METHODS: tuple[str, ...] = RetrainMethod.__args__  # type: ignore[attr-defined]
+DataFormat = Literal["auto", "alpaca", "text"]
+
+# The paper's LoRA targets: every attention and MLP projection of a LLaMA-style block.
+LORA_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainDataSpec(_Strict):
+    """Training data: a local file / object-storage URI, or a Hugging Face dataset.
+
+    ``alpaca`` records have ``instruction``, ``input`` (may be empty) and ``output`` fields and
+    are rendered with the Alpaca prompt template; ``text`` records are raw text in ``field``
+    (.txt files: blank-line separated documents). ``auto`` picks alpaca when the first record
+    has ``instruction`` and ``output``. Validation data is a held-out fraction, a held-out
+    number of records, or a separate file -- at most one of the three.
+    """
+
+    source: str | None = Field(default=None, description="Local .txt/.jsonl/.json/.parquet file, s3:// or job:// URI")
+    dataset: str | None = Field(default=None, description="Hugging Face dataset id, e.g. yahma/alpaca-cleaned")
+    dataset_config: str | None = Field(default=None, description="HF dataset configuration name")
+    split: str = "train"
+    streaming: bool = Field(default=False, description="Stream the HF dataset (large corpora); needs a step budget")
+    format: DataFormat = "auto"
+    field: str = Field(default="text", description="Text field of text-format records")
+    train_on_inputs: bool = Field(default=False, description="Alpaca: also compute the loss on the prompt")
+    max_records: int | None = Field(default=None, ge=1, description="Use at most this many training records")
+    validation_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, description="Held-out fraction of the records")
+    validation_size: int | None = Field(default=None, ge=1, description="Held-out number of records")
+    validation_source: str | None = Field(default=None, description="Separate validation file or URI")
+
+    @field_validator("source", "validation_source")
+    @classmethod
+    def _source_ok(cls, value: str | None) -> str | None:
+        return None if value is None else _check_source(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainDataSpec:
+        if (self.source is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'source' (file or URI) and 'dataset' (HF dataset)")
+        if self.streaming and self.dataset is None:
+            raise ValueError("'streaming' applies to HF datasets ('dataset') only")
+        held_out = [self.validation_fraction > 0, self.validation_size is not None, self.validation_source is not None]
+        if sum(held_out) > 1:
+            raise ValueError("give at most one of 'validation_fraction', 'validation_size' and 'validation_source'")
+        if self.streaming and self.validation_fraction > 0:
+            raise ValueError("a streamed dataset has no known length: use 'validation_size' or 'validation_source'")
+        return self
+
+
+class LoraSpec(_Strict):
+    """LoRA hyper-parameters; the defaults are the paper's (from alpaca-lora)."""
+
+    r: int = Field(default=8, ge=1, le=4096, description="LoRA rank")
+    alpha: int = Field(default=16, ge=1, description="LoRA scaling numerator (lora_alpha)")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1)
+    merge: bool = Field(default=True, description="Also save the merged full model (merge_and_unload)")
+
+
+class CptSpec(_Strict):
+    """Continued pretraining: full-parameter training on packed raw text, cosine schedule.
+
+    The budget is ``max_steps`` or ``max_tokens`` (exactly one). ``data`` defaults to the
+    retrain spec's ``data`` (for ``cpt_lora`` give the corpus here and the instruction data there).
+    """
+
+    data: TrainDataSpec | None = None
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps")
+    max_tokens: int | None = Field(default=None, ge=1, description="Training tokens (steps = tokens / (batch_size * seq_len))")
+    learning_rate: float = Field(default=1e-4, gt=0.0)
+    warmup_steps: int = Field(default=100, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    seq_len: int | None = Field(default=None, ge=8, le=131_072, description="Packed sequence length (default: min(2048, model context))")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> CptSpec:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of 'max_steps' and 'max_tokens'")
+        return self
+
+
+class RetrainSpec(_Strict):
+    """Retrain a (pruned) model: LoRA, continued pretraining (CPT), or CPT followed by LoRA.
+
+    ``learning_rate``, ``epochs``, ``cutoff_len`` and ``warmup_steps`` are the LoRA stage's
+    (the paper's defaults); the CPT stage takes its own from ``cpt``. Batch sizes,
+    ``max_steps``, checkpointing and logging apply to every stage.
+    """
+
+    model: str = Field(description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>")
+    method: RetrainMethod = "lora"
+    data: TrainDataSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    cpt: CptSpec | None = Field(default=None, validate_default=True, description="Required for cpt and cpt_lora")
+    learning_rate: float = Field(default=1e-4, gt=0.0)
+    epochs: float = Field(default=2.0, gt=0.0)
+    micro_batch_size: int = Field(default=4, ge=1, le=4096)
+    batch_size: int = Field(default=64, ge=1, le=1_000_000, description="Effective batch: micro-batches x accumulation x devices")
+    cutoff_len: int = Field(default=256, ge=8, le=131_072, description="LoRA examples are truncated to this many tokens")
+    warmup_steps: int = Field(default=100, ge=0)
+    max_steps: int | None = Field(default=None, ge=1, description="Cap on optimizer steps of each stage")
+    save_steps: int = Field(default=200, ge=1, description="Checkpoint every N steps")
+    save_total_limit: int = Field(default=2, ge=1)
+    eval_steps: int | None = Field(default=None, ge=1, description="Validation loss every N steps (default: save_steps)")
+    logging_steps: int = Field(default=10, ge=1)
+    gradient_checkpointing: bool | None = Field(default=None, description="Default: on for CUDA, off on CPU")
+    seed: int = 1234
+    dtype: Dtype = "auto"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+    @field_validator("model")
+    @classmethod
+    def _model_ok(cls, value: str) -> str:
+        return _check_source(value)
+
+    @field_validator("cpt")
+    @classmethod
+    def _cpt_needed(cls, value: CptSpec | None, info: ValidationInfo) -> CptSpec | None:
+        if value is None and info.data.get("method") in ("cpt", "cpt_lora"):
+            raise ValueError("method cpt/cpt_lora needs a budget: give cpt.max_steps or cpt.max_tokens")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _whole_accumulation(cls, value: int, info: ValidationInfo) -> int:
+        micro = info.data.get("micro_batch_size")
+        if micro is not None and value % micro:
+            raise ValueError(f"must be a multiple of micro_batch_size ({micro})")
+        return value
+
+
+# --- Evaluation (issue 4) -------------------------------------------------------------------
+
+# The paper's zero-shot suite, and the metric it reports for each task (shortened-llm's
+# convert_json2csv_zeroshot): acc_norm for HellaSwag, ARC-challenge and OpenBookQA, acc otherwise.
+PAPER_TASK_METRICS: dict[str, str] = {
+    "boolq": "acc",
+    "piqa": "acc",
+    "hellaswag": "acc_norm",
+    "winogrande": "acc",
+    "arc_easy": "acc",
+    "arc_challenge": "acc_norm",
+    "openbookqa": "acc_norm",
+}
+PERPLEXITY_SETS: tuple[str, ...] = ("wikitext2", "ptb")
+
+
+class PerplexitySpec(_Strict):
+    """Perplexity with the paper's protocol: the text is concatenated and cut into
+    non-overlapping windows of ``seq_len`` tokens; BOS once at the start, or on every window."""
+
+    datasets: list[str] = Field(
+        default_factory=lambda: list(PERPLEXITY_SETS),
+        min_length=1,
+        description="Named sets (wikitext2, ptb) or .txt/.jsonl/.parquet files / s3:// or job:// URIs",
+    )
+    seq_len: int = Field(default=128, ge=2, le=131_072)
+    bos_every_window: bool = Field(default=False, description="BOS before every window (Gemma) instead of once")
+    field: str = Field(default="text", description="Text field of .jsonl/.parquet files")
+    batch_size: int = Field(default=4, ge=1, le=4096)
+    max_windows: int | None = Field(default=None, ge=1, description="Evaluate only the first N windows")
+
+    @field_validator("datasets")
+    @classmethod
+    def _sources_ok(cls, values: list[str]) -> list[str]:
+        return [_check_source(v) for v in values]
+
+
+class ZeroShotSpec(_Strict):
+    """Zero-shot accuracy through lm-evaluation-harness (the paper's seven tasks by default)."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(PAPER_TASK_METRICS), min_length=1)
+    task_include_path: str | None = Field(default=None, description="Directory of custom lm-eval task YAMLs")
+    limit: float | None = Field(default=None, gt=0, description="Examples per task (<1: a fraction); for testing only")
+    num_fewshot: int = Field(default=0, ge=0, le=64)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+
+    @field_validator("tasks")
+    @classmethod
+    def _names_ok(cls, values: list[str]) -> list[str]:
+        names = [v.strip() for v in values]
+        if any(not n for n in names):
+            raise ValueError("task names must not be empty")
+        return names
+
+
+class EfficiencySpec(_Strict):
+    """Generation latency/throughput as the paper's timing script: warm-up runs, timed repeats,
+    output length forced (min_new_tokens = max_new_tokens), sampling with top-k 50 / top-p 0.95."""
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    output_lengths: list[int] = Field(default_factory=lambda: [128], min_length=1)
+    input_length: int | None = Field(default=None, ge=1, le=131_072, description="Prompt tokens (default: the paper's prompt as is)")
+    prompt: str = "The Leaning Tower of Pisa is known for"
+    repeats: int = Field(default=20, ge=1, le=10_000, description="Timed runs per configuration")
+    warmup: int = Field(default=10, ge=0, le=10_000, description="Untimed runs first")
+    do_sample: bool = True
+    seed: int = 1234
+
+    @field_validator("batch_sizes", "output_lengths")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values):
+            raise ValueError("must all be >= 1")
+        return values
+
+
+class EvalSpec(_Strict):
+    """Evaluate a model (and optionally its parent, with deltas): perplexity, zero-shot
+    accuracy, efficiency. At least one section is given."""
+
+    model: str = Field(description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>")
+    compare_with: str | None = Field(default=None, description="Baseline (e.g. the unpruned parent) evaluated the same way")
+    perplexity: PerplexitySpec | None = None
+    zero_shot: ZeroShotSpec | None = None
+    efficiency: EfficiencySpec | None = None
+    dtype: Dtype = "auto"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+    @field_validator("model", "compare_with")
+    @classmethod
+    def _source_ok(cls, value: str | None) -> str | None:
+        return None if value is None else _check_source(value)
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> EvalSpec:
+        if self.perplexity is None and self.zero_shot is None and self.efficiency is None:
+            raise ValueError("give at least one of 'perplexity', 'zero_shot' and 'efficiency'")
         return self

@@ -47,3 +47,16 @@ class Cancelled(EngineError):
     """Raised from a progress callback to stop the engine at the next block or step."""
 
     code = "cancelled"
+
+
+class RetrainError(EngineError):
+    """Retraining cannot run as asked: LoRA target modules absent from the model, a checkpoint
+    directory that holds another run, a precision the method cannot train in."""
+
+    code = "retrain_error"
+
+
+class EvalTaskNotFound(EngineError):
+    """A zero-shot task name that lm-evaluation-harness (and the include path) does not know."""
+
+    code = "eval_task_not_found"
