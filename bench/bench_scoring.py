@@ -13,7 +13,14 @@ import time
 
 import torch
 
-from bench.common import bench_model, peak_rss_bytes, reset_peak_rss, rss_bytes, run_isolated, weight_bytes
+from bench.common import (
+    bench_model,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    run_isolated,
+    weight_bytes,
+)
 
 N_SAMPLES, SEQ_LEN = 10, 128
 
