@@ -3,6 +3,11 @@
 State transitions are compare-and-set UPDATEs (``... WHERE status = 'queued'``), so the
 API cancelling a job and a worker starting it cannot both win, and a redelivered task
 message finds the job no longer queued.
+
+Each claim starts a numbered attempt (``jobs.attempts`` and a ``job_attempts`` row) with a
+lease. Every write of the worker is fenced by its attempt number: once the reaper has
+re-queued a job whose lease expired, the old attempt can neither report progress nor finish
+it, so one job never has two live runs.
 """
 
 from __future__ import annotations
@@ -14,17 +19,22 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, cast
+from datetime import datetime, timedelta
+from typing import Any, Literal, cast
 
-from sqlalchemy import CursorResult, Result, and_, or_, select, update
+from sqlalchemy import CursorResult, Result, and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.models import FINISHED_STATUSES, Job, JobEvent, utcnow
+from service.models import FINISHED_STATUSES, Job, JobAttempt, JobEvent, utcnow
 
 
 class InvalidCursor(ValueError):
     pass
+
+
+class DuplicateIdempotencyKey(Exception):
+    """Another job of the tenant was created with the same Idempotency-Key."""
 
 
 class JobFinished(Exception):
@@ -102,8 +112,17 @@ def list_events(
 
 
 def create_job(
-    session: Session, kind: str, spec: dict[str, Any], parent_id: str | None = None
+    session: Session,
+    kind: str,
+    spec: dict[str, Any],
+    parent_id: str | None = None,
+    *,
+    tenant: str = "default",
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
 ) -> Job:
+    """Insert a queued job (the caller sends its message next). Raises
+    ``DuplicateIdempotencyKey`` when the tenant already used ``idempotency_key``."""
     now = utcnow()
     job = Job(
         id=new_job_id(),
@@ -117,14 +136,45 @@ def create_job(
         cancel_requested=False,
         attempts=0,
         event_seq=0,
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        dispatched_at=now,
+        dispatch_count=1,
         created_at=now,
         updated_at=now,
     )
     session.add(job)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        if idempotency_key is not None:
+            raise DuplicateIdempotencyKey(idempotency_key) from exc
+        raise
     append_event(session, job.id, "status", "queued", {"status": "queued"})
     session.commit()
     return reload(session, job.id)
+
+
+def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
+    return session.scalars(
+        select(Job)
+        .where(Job.tenant == tenant, Job.idempotency_key == key)
+        .execution_options(populate_existing=True)
+    ).first()
+
+
+def count_active_jobs(session: Session, tenant: str) -> int:
+    """Queued and running jobs of a tenant (its concurrency limit counts these)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant == tenant, Job.status.in_(("queued", "running")))
+        )
+        or 0
+    )
 
 
 def reload(session: Session, job_id: str) -> Job:
@@ -133,8 +183,12 @@ def reload(session: Session, job_id: str) -> Job:
     return job
 
 
-def get_job(session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id, populate_existing=True)
+def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
+    """The job, or None when unknown or (with ``tenant``) owned by another tenant."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        return None
+    return job
 
 
 def encode_cursor(job: Job) -> str:
@@ -162,9 +216,12 @@ def list_jobs(
     status: str | None = None,
     limit: int = 50,
     after: str | None = None,
+    tenant: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """Newest first, ordered by (created_at, id) so that pages never overlap or skip."""
     query = select(Job)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
     if kind is not None:
         query = query.where(Job.kind == kind)
     if status is not None:
@@ -186,11 +243,16 @@ class CancelOutcome:
     immediate: bool  # True: it was queued and is now cancelled; False: the worker will stop it
 
 
-def request_cancel(session: Session, job_id: str) -> CancelOutcome | None:
+def request_cancel(
+    session: Session, job_id: str, tenant: str | None = None
+) -> CancelOutcome | None:
     """Cancel a queued job at once, or flag a running one for its worker.
 
-    Returns None for an unknown id and raises ``JobFinished`` for a finished job.
+    Returns None for an unknown id (or another tenant's job) and raises ``JobFinished`` for
+    a finished job.
     """
+    if get_job(session, job_id, tenant) is None:
+        return None
     now = utcnow()
     cancelled = session.execute(
         update(Job)
@@ -222,13 +284,20 @@ def request_cancel(session: Session, job_id: str) -> CancelOutcome | None:
 
 
 def fail_queued_job(session: Session, job_id: str, code: str, message: str) -> None:
-    """Used when the task message could not be sent: the job would wait forever."""
+    """Used when the task message could not be sent at submission: the request fails, so
+    the job was never accepted. Its Idempotency-Key is released, so that retrying the same
+    request creates the job afresh instead of returning this failed one."""
     now = utcnow()
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "queued")
         .values(
-            status="failed", error_code=code, error_message=message, finished_at=now, updated_at=now
+            status="failed",
+            error_code=code,
+            error_message=message,
+            finished_at=now,
+            updated_at=now,
+            idempotency_key=None,
         )
         .execution_options(synchronize_session=False)
     )
@@ -240,29 +309,69 @@ def fail_queued_job(session: Session, job_id: str, code: str, message: str) -> N
 # ---------------------------------------------------------------------------- worker side
 
 
-def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
-    """queued -> running; None when the job is unknown or not queued (cancelled, already
-    running or finished: a redelivered message must not run it twice)."""
+def claim_job(
+    session: Session,
+    job_id: str,
+    worker: str,
+    *,
+    lease_ttl_s: float = 60.0,
+    time_limit_s: float | None = None,
+) -> Job | None:
+    """queued -> running as a new attempt with a lease; None when the job is unknown or not
+    queued (cancelled, already running or finished: a redelivered message must not run it
+    twice). The attempt number is ``job.attempts`` of the returned row."""
     now = utcnow()
-    claimed = session.execute(
+    attempt = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "queued")
         .values(
             status="running",
             started_at=now,
             heartbeat_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_ttl_s),
+            deadline_at=now + timedelta(seconds=time_limit_s) if time_limit_s else None,
             updated_at=now,
             attempts=Job.attempts + 1,
             worker=worker,
         )
+        .returning(Job.attempts)
         .execution_options(synchronize_session=False)
-    )
-    if not _rowcount(claimed):
+    ).scalar()
+    if attempt is None:
         session.rollback()
         return None
-    append_event(session, job_id, "status", "running", {"status": "running", "worker": worker})
+    session.add(JobAttempt(job_id=job_id, attempt=attempt, worker=worker, started_at=now))
+    append_event(
+        session,
+        job_id,
+        "status",
+        "running",
+        {"status": "running", "worker": worker, "attempt": attempt},
+    )
     session.commit()
     return reload(session, job_id)
+
+
+def _fenced(job_id: str, attempt: int | None) -> list[Any]:
+    """WHERE clauses of a worker's write: the job is running, and still as this attempt."""
+    clauses = [Job.id == job_id, Job.status == "running"]
+    if attempt is not None:
+        clauses.append(Job.attempts == attempt)
+    return clauses
+
+
+def renew_lease(session: Session, job_id: str, attempt: int, lease_ttl_s: float) -> bool:
+    """The heartbeat: extend the attempt's lease. False when the attempt no longer holds
+    the job (re-queued by the reaper, finished, or cancelled while queued)."""
+    now = utcnow()
+    renewed = session.execute(
+        update(Job)
+        .where(*_fenced(job_id, attempt))
+        .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_ttl_s))
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return bool(_rowcount(renewed))
 
 
 def record_progress(
@@ -274,13 +383,15 @@ def record_progress(
     total: int,
     unit: str,
     events: Sequence[tuple[str, str, dict[str, Any] | None]] = (),
+    attempt: int | None = None,
 ) -> bool:
     """Write the progress columns and heartbeat, append ``events`` (type, message, data),
-    and return whether the job should stop (cancel requested or no longer running)."""
+    and return whether the job should stop (cancel requested, no longer running, or no
+    longer this ``attempt``'s)."""
     now = utcnow()
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(*_fenced(job_id, attempt))
         .values(
             stage=stage,
             progress_done=done,
@@ -314,13 +425,20 @@ def finish_job(
     error_message: str | None = None,
     result: dict[str, Any] | None = None,
     artifacts: list[dict[str, Any]] | None = None,
+    attempt: int | None = None,
 ) -> bool:
-    """running -> succeeded | failed | cancelled, with its status event."""
+    """running -> succeeded | failed | cancelled, with its status event, ending the attempt.
+    With ``attempt``, only if the job is still that attempt's (a worker that lost its lease
+    cannot finish the job the next attempt is running)."""
     assert status in FINISHED_STATUSES
     now = utcnow()
+    current = session.scalar(select(Job.attempts).where(*_fenced(job_id, attempt)))
+    if current is None:
+        session.rollback()
+        return False
     finished = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(*_fenced(job_id, current))
         .values(
             status=status,
             error_code=error_code,
@@ -330,6 +448,7 @@ def finish_job(
             finished_at=now,
             updated_at=now,
             heartbeat_at=now,
+            lease_expires_at=None,
         )
         .execution_options(synchronize_session=False)
     )
@@ -338,15 +457,184 @@ def finish_job(
         if error_code:
             data["code"] = error_code
         append_event(session, job_id, "status", message, data)
+        outcome = error_code if error_code in ("timeout", "worker_lost") else status
+        _end_attempt(session, job_id, current, outcome, error_code, now)
     session.commit()
     return bool(_rowcount(finished))
+
+
+def _end_attempt(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    outcome: str,
+    error_code: str | None,
+    now: datetime,
+) -> None:
+    session.execute(
+        update(JobAttempt)
+        .where(
+            JobAttempt.job_id == job_id,
+            JobAttempt.attempt == attempt,
+            JobAttempt.ended_at.is_(None),
+        )
+        .values(ended_at=now, outcome=outcome, error_code=error_code)
+        .execution_options(synchronize_session=False)
+    )
+
+
+# ---------------------------------------------------------------------------- reaper side
+
+
+@dataclass(frozen=True)
+class ReapedJob:
+    job_id: str
+    attempt: int
+    action: Literal["requeued", "failed", "cancelled"]
+    code: str | None = None
+
+
+def reap_expired_leases(
+    session: Session, *, max_attempts: int, now: datetime | None = None, limit: int = 100
+) -> list[ReapedJob]:
+    """Running jobs whose lease has expired (their worker died or lost the database): back
+    to 'queued' for another attempt, or failed with ``worker_lost`` (``timeout`` past their
+    deadline) on the last one, or cancelled if a cancel was asked for.
+
+    Safe with several reapers: each change is a compare-and-set on (status, attempt, lease),
+    so exactly one of them acts on a given expired attempt; on PostgreSQL the candidate rows
+    are also locked with SKIP LOCKED so concurrent reapers do not wait on each other.
+    The caller sends the task messages of the re-queued jobs after this returns.
+    """
+    now = now or utcnow()
+    candidates = session.execute(
+        select(Job.id, Job.attempts, Job.cancel_requested, Job.deadline_at)
+        .where(Job.status == "running", Job.lease_expires_at < now)
+        .order_by(Job.lease_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    reaped: list[ReapedJob] = []
+    for job_id, attempt, cancel, deadline in candidates:
+        cas = [
+            Job.id == job_id,
+            Job.status == "running",
+            Job.attempts == attempt,
+            Job.lease_expires_at < now,
+        ]
+        if cancel:
+            action, code, status = "cancelled", None, "cancelled"
+            message = f"cancelled (the worker of attempt {attempt} was lost)"
+        elif deadline is not None and deadline <= now:
+            action, code, status = "failed", "timeout", "failed"
+            message = f"attempt {attempt} ran past its time limit and its worker was lost"
+        elif attempt >= max_attempts:
+            action, code, status = "failed", "worker_lost", "failed"
+            message = f"the worker was lost on attempt {attempt} of {max_attempts}"
+        else:
+            action, code, status = "requeued", None, "queued"
+            message = f"re-queued: the worker of attempt {attempt} was lost"
+        if status == "queued":
+            values: dict[str, Any] = dict(
+                status="queued",
+                worker=None,
+                lease_expires_at=None,
+                deadline_at=None,
+                dispatched_at=now,
+                dispatch_count=Job.dispatch_count + 1,
+                updated_at=now,
+            )
+        else:
+            values = dict(
+                status=status,
+                error_code=code,
+                error_message=message if code else None,
+                lease_expires_at=None,
+                finished_at=now,
+                updated_at=now,
+            )
+        changed = session.execute(
+            update(Job).where(*cas).values(**values).execution_options(synchronize_session=False)
+        )
+        if not _rowcount(changed):
+            continue
+        data: dict[str, Any] = {"status": status, "attempt": attempt, "reason": "worker_lost"}
+        if code:
+            data["code"] = code
+        append_event(session, job_id, "status", message, data)
+        _end_attempt(session, job_id, attempt, code or "worker_lost", code, now)
+        reaped.append(ReapedJob(job_id, attempt, action, code))  # type: ignore[arg-type]
+    session.commit()
+    return reaped
+
+
+def redispatch_backoff_s(after_s: float, dispatch_count: int) -> float:
+    """Wait before re-sending a job's message: after_s, then doubling, at most 8x."""
+    return after_s * 2 ** min(max(dispatch_count - 1, 0), 3)
+
+
+def due_for_redispatch(
+    session: Session, *, after_s: float, now: datetime | None = None, limit: int = 100
+) -> list[str]:
+    """Queued jobs nobody has claimed for a while, whose message may have been lost (broker
+    restarted without persistence, message dropped): marks them re-sent and returns their
+    ids; the caller sends the messages. A duplicate message is harmless (CAS claim)."""
+    now = now or utcnow()
+    candidates = session.execute(
+        select(Job.id, Job.dispatch_count, Job.dispatched_at)
+        .where(
+            Job.status == "queued",
+            or_(
+                Job.dispatched_at.is_(None),
+                Job.dispatched_at < now - timedelta(seconds=after_s),
+            ),
+        )
+        .order_by(Job.created_at)
+        .limit(limit)
+    ).all()
+    due: list[str] = []
+    for job_id, count, dispatched_at in candidates:
+        if dispatched_at is not None and (now - dispatched_at).total_seconds() < (
+            redispatch_backoff_s(after_s, count)
+        ):
+            continue
+        changed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued", Job.dispatch_count == count)
+            .values(dispatched_at=now, dispatch_count=count + 1)
+            .execution_options(synchronize_session=False)
+        )
+        if _rowcount(changed):
+            due.append(job_id)
+    session.commit()
+    return due
+
+
+def dispatch_failed(session: Session, job_id: str) -> None:
+    """The message could not be sent (broker down): retry at the next reaper round rather
+    than after the backoff meant for duplicates of a message that did go out."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(dispatched_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
+def list_attempts(session: Session, job_id: str) -> list[JobAttempt]:
+    return list(
+        session.scalars(
+            select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)
+        )
+    )
 
 
 def fail_orphaned_running_jobs(session: Session, message: str) -> int:
     """Embedded mode only: at start-up no worker can be running a job yet, so a job still
     'running' was lost with the previous process (the filesystem broker cannot redeliver)."""
     job_ids = list(session.scalars(select(Job.id).where(Job.status == "running")))
-    for job_id in job_ids:
+    for job_id in job_ids:  # finish_job also ends the attempt as worker_lost
         finish_job(
             session,
             job_id,

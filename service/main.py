@@ -13,6 +13,9 @@ from fastapi import FastAPI
 
 from service.api.routes import health, jobs
 from service.db import is_sqlite, make_engine, make_sessionmaker, upgrade_database
+from service.errors import APIError, api_error_handler
+from service.limits import BodySizeLimit
+from service.reaper import Reaper
 from shortened.config import Settings, get_settings
 from worker.celery_app import make_celery
 
@@ -21,6 +24,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # No API keys on a non-loopback address: refuse to start rather than serve everyone.
+    settings.check_auth_binding()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -28,9 +33,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # deploy step (`alembic upgrade head`), not something every API replica races to do.
         if is_sqlite(settings.resolved_database_url):
             upgrade_database(settings)
+        # Every replica may run the reaper: its changes are compare-and-set (see reaper.py).
+        reaper = Reaper(settings, app.state.sessionmaker, app.state.celery)
+        if settings.reaper_interval_s > 0:
+            reaper.start(settings.reaper_interval_s)
         try:
             yield
         finally:
+            reaper.stop()
             app.state.engine.dispose()
 
     app = FastAPI(
@@ -45,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Used only to send task messages (by name): the API never imports the tasks or torch.
     app.state.celery = make_celery(settings)
     app.state.store = None  # opened on first use, see deps.get_store
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(jobs.router)
     return app

@@ -1,4 +1,5 @@
-"""SQLAlchemy tables of the job store: ``jobs`` and their ``job_events``.
+"""SQLAlchemy tables of the job store: ``jobs``, their ``job_events`` and ``job_attempts``,
+and the hashed ``api_keys`` that map callers to tenants.
 
 The database is the source of truth for a job's state; the broker only carries job ids.
 """
@@ -23,12 +24,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 EVENT_TYPES = ("stage", "progress", "warning", "metric", "log", "status")
+# How an attempt ended: the job's final status, or requeued after its worker was lost.
+ATTEMPT_OUTCOMES = ("running", "succeeded", "failed", "cancelled", "worker_lost", "timeout")
+ROLES = ("admin", "member")
 
 
 def utcnow() -> datetime:
@@ -103,10 +107,27 @@ class Job(Base):
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The running attempt's lease: renewed by the worker's heartbeat; once it has passed, the
+    # reaper re-queues the job (or fails it with worker_lost on its last attempt).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The running attempt must end by then (job_time_limit_s), else it fails with timeout.
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When the task message was last sent, and how often: a queued job nobody claims is
+    # re-sent (its message may have been lost with the broker); the CAS claim makes that safe.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    tenant: Mapped[str] = mapped_column(String(64), default="default", server_default="default")
+    # Idempotency-Key of the submission and a hash of what was submitted with it.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    attempt_rows: Mapped[list[JobAttempt]] = relationship(
+        lazy="selectin", order_by="JobAttempt.attempt", viewonly=True
+    )
 
     __table_args__ = (
         # Newest-first listing and its cursor, optionally filtered by status or kind.
@@ -114,6 +135,9 @@ class Job(Base):
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_kind_created_at", "kind", "created_at"),
         Index("ix_jobs_parent_id", "parent_id"),
+        Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        # NULL keys are distinct on both backends: only keyed submissions are deduplicated.
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
 
 
@@ -129,3 +153,36 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
     __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_events_job_id_seq"),)
+
+
+class JobAttempt(Base):
+    """One run of a job by one worker: claimed, then ended (final status or worker lost)."""
+
+    __tablename__ = "job_attempts"
+
+    id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    outcome: Mapped[str] = mapped_column(String(32), default="running")
+    error_code: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_job_attempts_job_id_attempt"),)
+
+
+class ApiKey(Base):
+    """An API key, stored as its sha256 only; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_api_keys_tenant", "tenant"),)

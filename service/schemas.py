@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.models import Job, JobEvent
+from service.models import Job, JobAttempt, JobEvent
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["prune"]
+JobKind = Literal["prune", "retrain", "eval"]
 EventType = Literal["stage", "progress", "warning", "metric", "log", "status"]
 
 
@@ -36,15 +36,63 @@ class ArtifactLink(ArtifactOut):
     url: str = Field(description="Presigned object-store URL, or an API path that streams the file")
 
 
+class AttemptOut(BaseModel):
+    attempt: int
+    worker: str
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: str = Field(
+        description="running, succeeded, failed, cancelled, timeout, or worker_lost (re-queued)"
+    )
+    error_code: str | None
+
+    @classmethod
+    def from_row(cls, row: JobAttempt) -> AttemptOut:
+        return cls(
+            attempt=row.attempt,
+            worker=row.worker,
+            started_at=row.started_at,
+            ended_at=row.ended_at,
+            outcome=row.outcome,
+            error_code=row.error_code,
+        )
+
+
+class PipelineStepOut(BaseModel):
+    id: str
+    kind: str
+    status: JobStatus
+    parent_id: str | None
+
+
+class PipelineOut(BaseModel):
+    jobs: list[PipelineStepOut] = Field(description="The linked jobs, first (the prune job) first")
+    pending: list[str] = Field(description="Kinds of the steps not created yet")
+    status: JobStatus = Field(
+        description="succeeded when every step has; failed/cancelled when one has; else "
+        "running (or queued, before the first step starts)"
+    )
+    current: str | None = Field(description="Id of the step now queued or running, if any")
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
+    tenant: str
     status: JobStatus
     stage: str | None
     progress: ProgressOut
     cancel_requested: bool
     attempts: int
+    attempt_history: list[AttemptOut] = Field(
+        description="Every attempt: which worker, when, how it ended (never overlapping)"
+    )
+    heartbeat_at: datetime | None
+    lease_expires_at: datetime | None
     parent_id: str | None
+    pipeline: PipelineOut | None = Field(
+        default=None, description="A pipeline's linked jobs (GET /jobs/{id} only)"
+    )
     spec: dict[str, Any]
     error: ErrorOut | None
     result: dict[str, Any] | None
@@ -66,6 +114,7 @@ class JobOut(BaseModel):
         return cls(
             id=job.id,
             kind=job.kind,
+            tenant=job.tenant,
             status=job.status,  # type: ignore[arg-type]
             stage=job.stage,
             progress=ProgressOut(
@@ -76,6 +125,9 @@ class JobOut(BaseModel):
             ),
             cancel_requested=job.cancel_requested,
             attempts=job.attempts,
+            attempt_history=[AttemptOut.from_row(a) for a in job.attempt_rows],
+            heartbeat_at=job.heartbeat_at,
+            lease_expires_at=job.lease_expires_at,
             parent_id=job.parent_id,
             spec=job.spec,
             error=error,

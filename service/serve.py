@@ -9,6 +9,7 @@ Redis and S3.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -33,6 +34,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if isinstance(value, Path):
             value = value.resolve()
+        elif isinstance(value, list):  # list settings are read back as JSON
+            value = json.dumps([str(v.resolve()) if isinstance(v, Path) else v for v in value])
+        elif isinstance(value, dict):
+            value = json.dumps(value)
         if value is not None:
             env[f"SHORTENED_{name.upper()}"] = str(value)
     return env
@@ -121,6 +126,7 @@ def serve(settings: Settings | None = None) -> None:
     from service.main import create_app
 
     settings = settings or get_settings()
+    settings.check_auth_binding()  # before anything starts
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_database(settings)
     recover_embedded_jobs(settings)

@@ -6,11 +6,30 @@ filesystem broker transport under ``./var``, so ``shortened serve`` needs no oth
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class TenantLimits(BaseModel):
+    """Per-tenant caps on what one submission may ask for (overrides of the global defaults)."""
+
+    max_concurrent_jobs: int | None = Field(default=None, ge=0)
+    max_calibration_samples: int | None = Field(default=None, ge=1)
+    max_seq_len: int | None = Field(default=None, ge=2)
 
 
 class Settings(BaseSettings):
@@ -31,6 +50,49 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "INFO"
+
+    # --- reliability: leases, retries, re-dispatch, time limits ---------------------------
+    heartbeat_interval_s: float = Field(default=10.0, gt=0, description="How often a running job renews its lease")
+    lease_ttl_s: float = Field(default=60.0, gt=0, description="A running job whose lease is not renewed for this long is considered lost")
+    max_attempts: int = Field(default=3, ge=1, description="Attempts per job; a job lost on its last attempt fails with worker_lost")
+    reaper_interval_s: float = Field(default=15.0, ge=0, description="How often the API's reaper runs (0: not in the API; run `python -m service.reaper`)")
+    redispatch_after_s: float = Field(default=120.0, gt=0, description="Re-send the message of a job queued this long without being claimed (doubling each time)")
+    job_time_limit_s: float = Field(default=24 * 3600.0, gt=0, description="Wall-clock limit of one attempt; over it the job fails with code timeout")
+
+    # --- security: authentication, allowed sources, limits --------------------------------
+    auth_required: bool | None = Field(default=None, description="Require API keys; default: only when api_host is not loopback")
+    default_tenant: str = Field(default="default", description="Tenant of requests without a key when auth is not required")
+    allowed_local_roots: list[Path] = Field(default_factory=lambda: [Path(".")], description="Directories local model/data paths must lie under (JSON list)")
+    allowed_buckets: list[str] = Field(default_factory=list, description="Buckets s3:// sources may read (JSON list); none by default")
+    hub_allowed: bool = Field(default=True, description="Allow Hugging Face Hub models (hf://) and datasets")
+    max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 above)")
+    max_concurrent_jobs: int = Field(default=16, ge=0, description="Queued + running jobs per tenant (429 above)")
+    max_calibration_samples: int = Field(default=4096, ge=1, description="Largest calibration n_samples per job")
+    max_seq_len: int = Field(default=8192, ge=2, description="Largest seq_len / cutoff_len per job")
+    tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict, description="Per-tenant overrides, JSON: {tenant: {max_concurrent_jobs: ...}}")
+
+    @property
+    def resolved_auth_required(self) -> bool:
+        if self.auth_required is None:
+            return not is_loopback_host(self.api_host)
+        return self.auth_required
+
+    def check_auth_binding(self) -> None:
+        """Refuse to serve without API keys on anything but a loopback address."""
+        if not self.resolved_auth_required and not is_loopback_host(self.api_host):
+            raise RuntimeError(
+                f"auth_required is false but api_host is {self.api_host!r}: API keys are required on "
+                "any non-loopback address (create one with `python -m service.keys create`)"
+            )
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        """The effective limits of ``tenant``: its overrides, else the global defaults."""
+        override = self.tenant_limits.get(tenant) or TenantLimits()
+        return TenantLimits(
+            max_concurrent_jobs=override.max_concurrent_jobs if override.max_concurrent_jobs is not None else self.max_concurrent_jobs,
+            max_calibration_samples=override.max_calibration_samples or self.max_calibration_samples,
+            max_seq_len=override.max_seq_len or self.max_seq_len,
+        )
 
     @property
     def resolved_database_url(self) -> str:

@@ -85,6 +85,14 @@ class PruneSpec(_Strict):
     batch_size: int = Field(default=4, ge=1, le=1024, description="Calibration windows per forward")
     dtype: Dtype = "auto"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    retrain: PipelineRetrain | None = Field(
+        default=None,
+        description="Pipeline: retrain the pruned model when this job succeeds (a follow-up job)",
+    )
+    eval: PipelineEval | None = Field(
+        default=None,
+        description="Pipeline: evaluate the pruned (or, with 'retrain', the retrained) model",
+    )
 
     @field_validator("model")
     @classmethod
@@ -330,3 +338,44 @@ class EvalSpec(_Strict):
         if self.perplexity is None and self.zero_shot is None and self.efficiency is None:
             raise ValueError("give at least one of 'perplexity', 'zero_shot' and 'efficiency'")
         return self
+
+
+# --- Pipelines (issue 4) --------------------------------------------------------------------
+# Sections of a PruneSpec: the follow-up jobs' specs without ``model``, which the worker
+# fills in with ``job://<parent id>`` when the parent job succeeds.
+
+
+class PipelineRetrain(RetrainSpec):
+    """A RetrainSpec without ``model``: the pruned model (``job://<prune id>``) is retrained."""
+
+    model: None = Field(default=None, exclude=True, description="Not given: the parent job's model")
+
+    @field_validator("model")
+    @classmethod
+    def _model_ok(cls, value: None) -> None:  # type: ignore[override]
+        return value
+
+    def for_model(self, model: str) -> RetrainSpec:
+        return RetrainSpec.model_validate({**self.model_dump(mode="json"), "model": model})
+
+
+class PipelineEval(EvalSpec):
+    """An EvalSpec without ``model``: the pipeline's last model is evaluated. ``compare_with``
+    defaults to the pruned model (after a retrain) or the unpruned one (otherwise)."""
+
+    model: None = Field(default=None, exclude=True, description="Not given: the parent job's model")
+
+    @field_validator("model")
+    @classmethod
+    def _source_ok(cls, value: str | None) -> str | None:  # type: ignore[override]
+        return None if value is None else _check_source(value)
+
+    def for_model(self, model: str, compare_with: str | None) -> EvalSpec:
+        data = self.model_dump(mode="json")
+        data["model"] = model
+        if data.get("compare_with") is None:
+            data["compare_with"] = compare_with
+        return EvalSpec.model_validate(data)
+
+
+PruneSpec.model_rebuild()

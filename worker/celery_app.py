@@ -50,8 +50,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("shortened", broker=settings.resolved_broker_url, include=["worker.tasks"])
     app.conf.update(
         broker_transport_options=broker_transport_options(settings),
-        # Keep retrying the broker at start-up instead of exiting (Redis may start later).
+        # Keep retrying the broker at start-up instead of exiting (Redis may start later),
+        # and after a lost connection for as long as it takes (Redis restarted): a worker
+        # that gave up would leave its running job to the reaper for nothing.
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
         # Redis is only the broker: job state is in the database, results are not stored.
         task_ignore_result=True,
         result_backend=None,
@@ -70,6 +73,12 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # A broker hiccup should not kill an hour of GPU work; the late ack still lands
         # (or the redelivered message is a no-op because the job is no longer queued).
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Backstops of the job time limit, which the task enforces itself at every progress
+        # report: the soft limit interrupts a job stuck between reports (it fails with code
+        # timeout); the hard one kills the child, and the reaper then fails the job (timeout)
+        # once its lease expires.
+        task_soft_time_limit=settings.job_time_limit_s + 60,
+        task_time_limit=settings.job_time_limit_s + 300,
         # One job per GPU, and a fresh child process per job: the only sure way to give
         # all GPU memory (and the CUDA context) back between jobs.
         worker_concurrency=settings.worker_concurrency,

@@ -1,18 +1,26 @@
 """Celery tasks: thin wrappers that move a job through the job store around an engine call.
 
-The message carries only the job id. The task loads the row, refuses to run anything that
-is not 'queued' (so a redelivered message is a no-op), calls the engine with a progress
-callback that writes to the job store, publishes the output with a manifest and records the
-final status. The engine (torch) is imported inside the task, i.e. in the forked child.
+The message carries only the job id. The task claims the job with a compare-and-set
+(queued -> running as attempt n, so a redelivered or duplicate message is a no-op), keeps
+the attempt's lease alive from a heartbeat thread, calls the engine with a progress
+callback that writes to the job store, publishes the output with a manifest, checks the
+upload, and records the final status. Every write is fenced by the attempt number: a
+worker that lost its lease (the reaper gave the job to another attempt) stops at its next
+progress report and never finishes or publishes the job.
+
+The engine (torch) is imported inside the task, i.e. in the forked child.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -20,10 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
 from service.db import make_engine, make_sessionmaker
+from service.reaper import scratch_prefix
 from shortened.config import Settings, get_settings
 from worker.celery_app import RUN_JOB_TASK, app
 from worker.engine.errors import Cancelled, EngineError
@@ -57,21 +67,123 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
+class LeaseLost(Cancelled):
+    """This attempt no longer holds the job: stop, publish nothing, record nothing."""
+
+    code = "worker_lost"
+
+
+class TimeLimitExceeded(Cancelled):
+    code = "timeout"
+
+
+class PublishError(Exception):
+    """The store does not hold what was uploaded (missing object, wrong size)."""
+
+
+class Lease:
+    """Renews the attempt's lease every ``heartbeat_interval_s`` from a daemon thread.
+
+    ``held()`` turns False when the job store says the attempt lost the job (re-queued by
+    the reaper, finished elsewhere) and also, without asking, when the lease could not be
+    renewed for 90% of its TTL (database unreachable): by then the reaper may hand the job
+    to another worker, so this one must stop on its own (fencing).
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], job_id: str, attempt: int, settings: Settings
+    ) -> None:
+        self.sessions = sessions
+        self.job_id = job_id
+        self.attempt = attempt
+        self.ttl_s = settings.lease_ttl_s
+        self.interval_s = min(settings.heartbeat_interval_s, settings.lease_ttl_s / 3)
+        self.renewed_at = time.monotonic()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+        self._thread.join(timeout=self.interval_s + 5)
+
+    def stop(self) -> None:
+        """No more renewals: the attempt is about to record its end."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with self.sessions() as session:
+                    still_ours = crud.renew_lease(session, self.job_id, self.attempt, self.ttl_s)
+            except Exception as exc:  # transient: the local expiry check below decides
+                log.warning("job %s: could not renew the lease: %s", self.job_id, exc)
+            else:
+                if not still_ours:
+                    if self._stop.is_set():  # the job just ended: nothing was lost
+                        return
+                    log.warning("job %s attempt %d lost its lease", self.job_id, self.attempt)
+                    self.lost.set()
+                    return
+                self.renewed_at = time.monotonic()
+            if not self.held():
+                self.lost.set()
+                return
+
+    def held(self) -> bool:
+        return not self.lost.is_set() and time.monotonic() - self.renewed_at < 0.9 * self.ttl_s
+
+
 class JobReporter:
     """The engine's progress callback for one job: writes stage/progress columns, stage and
     metric events, captured Python warnings, a heartbeat, and raises ``Cancelled`` when the
-    job's cancel flag is set."""
+    job's cancel flag is set (``LeaseLost`` when the attempt lost the job,
+    ``TimeLimitExceeded`` past the deadline)."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        job_id: str,
+        *,
+        attempt: int | None = None,
+        lease: Lease | None = None,
+        deadline: float | None = None,
+        on_block: Callable[[], None] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.job_id = job_id
+        self.attempt = attempt
+        self.lease = lease
+        self.deadline = deadline  # time.monotonic() value
+        self.on_block = on_block  # after each block's progress is written
+        # Where the engine may keep state for a retry (block scores); synced to the store.
+        self.resume_dir: Path | None = None
         self.stage: str | None = None
         self.last_done = -1
         self.last_write = 0.0
         self.warnings: list[warnings.WarningMessage] = []
         self._seen_warnings: set[str] = set()
 
+    def check(self, where: str) -> None:
+        """Stop the engine if the attempt lost its lease or ran out of time."""
+        if self.lease is not None and not self.lease.held():
+            raise LeaseLost(
+                f"job {self.job_id} attempt {self.attempt} lost its lease during {where}"
+            )
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeLimitExceeded(f"job {self.job_id} ran past its time limit during {where}")
+
     def __call__(self, progress: Progress) -> None:
+        block_done = progress.unit == "blocks" and progress.done != self.last_done
+        if block_done and self.on_block is not None:
+            # First: the engine saved the block's state before reporting it, and that must
+            # reach the store even if this report stops the run (cancel, lease lost).
+            self.on_block()
+        self.check(progress.stage)
         events: list[tuple[str, str, dict[str, Any] | None]] = []
         stage_changed = progress.stage != self.stage
         if stage_changed:
@@ -86,7 +198,6 @@ class JobReporter:
                 )
             )
         events.extend(self._pending_warnings())
-        block_done = progress.unit == "blocks" and progress.done != self.last_done
         now = time.monotonic()
         if not (
             stage_changed
@@ -105,8 +216,14 @@ class JobReporter:
                 total=progress.total,
                 unit=progress.unit,
                 events=events,
+                attempt=self.attempt,
             )
         if stop:
+            if self.attempt is not None:
+                with self.sessions() as session:
+                    job = crud.get_job(session, self.job_id)
+                if job is None or job.status != "running" or job.attempts != self.attempt:
+                    raise LeaseLost(f"job {self.job_id} is no longer attempt {self.attempt}'s")
             raise Cancelled(f"job {self.job_id} cancelled during {progress.stage}")
 
     def stage_change(self, stage: str, message: str) -> None:
@@ -156,6 +273,61 @@ def _run_prune(
         progress=reporter,
         store=store,
         cache_dir=settings.resolved_model_cache_dir,
+        resume_dir=reporter.resume_dir,
+    )
+
+
+def _checkpoint_dir(settings: Settings, job_id: str) -> Path:
+    """Per-job Trainer checkpoints, outside the attempt's work dir so that a retried attempt
+    on the same machine resumes from them."""
+    return settings.data_dir.resolve() / "checkpoints" / job_id
+
+
+def _run_retrain(
+    spec: dict[str, Any],
+    output_dir: Path,
+    reporter: JobReporter,
+    store: ArtifactStore,
+    settings: Settings,
+) -> dict[str, Any]:
+    from shortened.specs import RetrainSpec
+
+    parsed = RetrainSpec.model_validate(spec)
+    from worker.engine.retrain import retrain_model  # torch: imported in the child only
+
+    checkpoint_dir = _checkpoint_dir(settings, reporter.job_id)
+    report = retrain_model(
+        parsed,
+        output_dir,
+        progress=reporter,
+        store=store,
+        cache_dir=settings.resolved_model_cache_dir,
+        checkpoint_dir=checkpoint_dir,
+        resume=True,
+    )
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: no resuming now
+    return report
+
+
+def _run_eval(
+    spec: dict[str, Any],
+    output_dir: Path,
+    reporter: JobReporter,
+    store: ArtifactStore,
+    settings: Settings,
+) -> dict[str, Any]:
+    from shortened.specs import EvalSpec
+
+    parsed = EvalSpec.model_validate(spec)
+    from worker.engine.evaluate import evaluate_model  # torch: imported in the child only
+
+    # The report is also written to output_dir/report.json: the job's artifact.
+    return evaluate_model(
+        parsed,
+        output_dir,
+        progress=reporter,
+        store=store,
+        cache_dir=settings.resolved_model_cache_dir,
     )
 
 
@@ -163,91 +335,298 @@ ENGINE_CALLS: dict[
     str, Callable[[dict[str, Any], Path, JobReporter, Any, Settings], dict[str, Any]]
 ] = {
     "prune": _run_prune,
+    "retrain": _run_retrain,
+    "eval": _run_eval,
 }
 
 
+def queue_followups(sessions: sessionmaker[Session], job_id: str) -> list[str]:
+    """Create and queue a pipeline's next job(s) now that ``job_id`` has succeeded. Each is
+    created at most once (an idempotency key per step); a follow-up that cannot be created
+    or queued is recorded, never failing the finished job."""
+    from service.pipeline import followup_specs
+
+    created: list[str] = []
+    try:
+        with sessions() as session:
+            job = crud.get_job(session, job_id)
+            if job is None:
+                return created
+            tenant = job.tenant
+            steps = followup_specs(session, job)
+        for kind, spec in steps:
+            with sessions() as session:
+                try:
+                    child = crud.create_job(
+                        session,
+                        kind,
+                        spec,
+                        parent_id=job_id,
+                        tenant=tenant,
+                        idempotency_key=f"pipeline:{job_id}:{kind}",
+                    )
+                except crud.DuplicateIdempotencyKey:
+                    continue  # already created (a redelivered message)
+                crud.append_event(
+                    session,
+                    job_id,
+                    "log",
+                    f"pipeline: queued {kind} job {child.id}",
+                    {"child_id": child.id, "kind": kind},
+                )
+                session.commit()
+                try:
+                    app.send_task(RUN_JOB_TASK, args=[child.id])
+                except Exception as exc:
+                    log.exception("could not queue follow-up job %s", child.id)
+                    crud.fail_queued_job(
+                        session, child.id, "enqueue_failed", f"could not queue the job: {exc}"
+                    )
+                    continue
+                created.append(child.id)
+    except Exception as exc:
+        log.exception("job %s: could not create its pipeline's next step", job_id)
+        with contextlib.suppress(Exception), sessions() as session:
+            crud.append_event(
+                session, job_id, "warning", f"pipeline: next step not created: {exc}", None
+            )
+            session.commit()
+    return created
+
+
+_WORK_DIR = re.compile(r"^job-[0-9a-zA-Z]+-p(\d+)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_work_dirs(work_root: Path) -> int:
+    """Remove the work directories of dead processes (a worker SIGKILLed mid-job never ran
+    its cleanup); live ones, this process's included, are left alone."""
+    removed = 0
+    for entry in work_root.iterdir() if work_root.is_dir() else ():
+        match = _WORK_DIR.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+class ScratchSync:
+    """Keeps the attempt's resume directory (block scores) in the artifact store, so the
+    next attempt resumes from it even on another machine."""
+
+    def __init__(self, store: ArtifactStore, job_id: str, local_dir: Path) -> None:
+        self.store = store
+        self.prefix = scratch_prefix(job_id)
+        self.local_dir = local_dir
+        self._pushed: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) in the store
+
+    def pull(self) -> int:
+        from shortened.storage import ArtifactNotFound
+
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            objects = self.store.list(self.prefix)
+        except Exception as exc:
+            log.warning("could not list %s: %s", self.prefix, exc)
+            return 0
+        count = 0
+        for obj in objects:
+            name = obj.key[len(self.prefix) + 1 :]
+            if "/" in name:
+                continue
+            with contextlib.suppress(ArtifactNotFound):
+                self.store.get_file(obj.key, self.local_dir / name)
+                stat = (self.local_dir / name).stat()
+                self._pushed[name] = (stat.st_mtime_ns, stat.st_size)
+                count += 1
+        return count
+
+    def push(self) -> None:
+        for path in sorted(self.local_dir.glob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            stat = path.stat()
+            version = (stat.st_mtime_ns, stat.st_size)
+            if self._pushed.get(path.name) == version:
+                continue
+            try:
+                self.store.put_file(f"{self.prefix}/{path.name}", path)
+                self._pushed[path.name] = version
+            except Exception as exc:  # resuming is an optimisation: never fail the job for it
+                log.warning("could not save %s to the store: %s", path.name, exc)
+
+    def drop(self) -> None:
+        try:
+            self.store.delete_prefix(self.prefix)
+        except Exception as exc:
+            log.warning("could not remove %s: %s", self.prefix, exc)
+
+
+def verify_published(store: ArtifactStore, prefix: str, manifest: dict[str, Any]) -> None:
+    """Every file of the manifest is in the store with its size, and so is the manifest."""
+    from shortened.storage import MANIFEST_NAME, read_manifest
+
+    present = {obj.key: obj.size for obj in store.list(prefix)}
+    for entry in manifest["files"]:
+        key = f"{prefix}/{entry['name']}"
+        if present.get(key) != entry["size"]:
+            raise PublishError(
+                f"{entry['name']}: expected {entry['size']} bytes in the store, "
+                f"found {present.get(key, 'nothing')}"
+            )
+    stored = read_manifest(store, prefix)
+    if stored is None or stored.get("files") != manifest["files"]:
+        raise PublishError(f"{MANIFEST_NAME} in the store does not match what was uploaded")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def execute_job(job_id: str, settings: Settings | None = None) -> str | None:
-    """Run one queued job to a final status; return that status, or None if the job was
-    not queued (unknown, cancelled before it started, or already taken by a worker)."""
+    """Run one queued job to a final status; return that status, None if the job was not
+    queued (unknown, cancelled before it started, or already taken by a worker), or
+    ``"lost"`` if this attempt lost the job to another one part-way."""
     from shortened.storage import publish_directory, store_from_settings
 
     settings = settings or get_settings()
     sessions = session_factory(settings)
-    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    worker_name = worker_id()
     with sessions() as session:
-        job = crud.claim_job(session, job_id, worker_name)
+        job = crud.claim_job(
+            session,
+            job_id,
+            worker_name,
+            lease_ttl_s=settings.lease_ttl_s,
+            time_limit_s=settings.job_time_limit_s,
+        )
     if job is None:
         log.info("job %s is not queued; nothing to do", job_id)
         return None
+    attempt = job.attempts
+    deadline = time.monotonic() + settings.job_time_limit_s
 
-    reporter = JobReporter(sessions, job_id)
     work_root = settings.data_dir.resolve() / "tmp"
     work_root.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=work_root))
+    if swept := sweep_stale_work_dirs(work_root):
+        log.info("removed %d work directories left by dead workers", swept)
+    work_dir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-p{os.getpid()}-", dir=work_root))
     prefix = job_prefix(job_id)
     store: ArtifactStore | None = None
+    scratch: ScratchSync | None = None
     published = False
+    lost = False
 
-    def finish(status: str, message: str, **fields: Any) -> str:
-        reporter.flush_warnings()
-        with sessions() as session:
-            crud.finish_job(session, job_id, status, message=message, **fields)
-        return status
+    with Lease(sessions, job_id, attempt, settings) as lease:
+        reporter = JobReporter(sessions, job_id, attempt=attempt, lease=lease, deadline=deadline)
 
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
-            reporter.warnings = caught
-            run = ENGINE_CALLS.get(job.kind)
-            if run is None:
-                return finish(
-                    "failed",
-                    f"unsupported job kind {job.kind!r}",
-                    error_code="unsupported_kind",
-                    error_message=f"unsupported job kind {job.kind!r}",
+        def finish(status: str, message: str, **fields: Any) -> str:
+            nonlocal lost
+            lease.stop()
+            reporter.flush_warnings()
+            with sessions() as session:
+                done = crud.finish_job(
+                    session, job_id, status, message=message, attempt=attempt, **fields
                 )
-            store = store_from_settings(settings)
-            output_dir = work_dir / "output"
-            report = run(job.spec, output_dir, reporter, store, settings)
-            # A cancel that arrives while the checkpoint is being saved is still honoured.
-            reporter.stage_change("publishing", f"publishing to {prefix}/")
-            published = True
-            manifest = publish_directory(
-                store, output_dir, prefix, extra={"job_id": job_id, "kind": job.kind}
+            if not done:  # the job is no longer ours (reaped and re-queued meanwhile)
+                lost = True
+                return "lost"
+            if scratch is not None:
+                scratch.drop()
+            return status
+
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                reporter.warnings = caught
+                run = ENGINE_CALLS.get(job.kind)
+                if run is None:
+                    return finish(
+                        "failed",
+                        f"unsupported job kind {job.kind!r}",
+                        error_code="unsupported_kind",
+                        error_message=f"unsupported job kind {job.kind!r}",
+                    )
+                store = store_from_settings(settings)
+                scratch = ScratchSync(store, job_id, work_dir / "resume")
+                if attempt > 1 and (restored := scratch.pull()):
+                    log.info(
+                        "job %s attempt %d: restored %d scratch files", job_id, attempt, restored
+                    )
+                reporter.resume_dir = scratch.local_dir
+                reporter.on_block = scratch.push
+                output_dir = work_dir / "output"
+                report = run(job.spec, output_dir, reporter, store, settings)
+                # A cancel that arrives while the checkpoint is being saved is still honoured.
+                reporter.stage_change("publishing", f"publishing to {prefix}/")
+                published = True
+                manifest = publish_directory(
+                    store, output_dir, prefix, extra={"job_id": job_id, "kind": job.kind}
+                )
+                verify_published(store, prefix, manifest)
+                reporter.check("publishing")  # lost the lease while uploading: not ours to finish
+            artifacts = [
+                {"name": f["name"], "size": f["size"], "sha256": f["sha256"]}
+                for f in manifest["files"]
+            ]
+            with sessions() as session:
+                crud.append_event(
+                    session,
+                    job_id,
+                    "log",
+                    f"published {len(artifacts)} files to {prefix}/",
+                    {"files": len(artifacts)},
+                )
+                session.commit()
+            status = finish("succeeded", "succeeded", result=report, artifacts=artifacts)
+            if status == "succeeded":
+                queue_followups(sessions, job_id)
+            return status
+        except LeaseLost:
+            # Another attempt owns the job now: record nothing, delete nothing it may use.
+            lost = True
+            log.warning("job %s attempt %d stopped: lease lost", job_id, attempt)
+            return "lost"
+        except (TimeLimitExceeded, SoftTimeLimitExceeded):
+            message = f"the job ran past its time limit of {settings.job_time_limit_s:g} s"
+            return finish("failed", message, error_code="timeout", error_message=message)
+        except Cancelled:
+            return finish("cancelled", "cancelled")
+        except EngineError as exc:
+            return finish("failed", str(exc), error_code=exc.code, error_message=str(exc))
+        except PublishError as exc:
+            message = f"publishing failed: {exc}"
+            return finish(
+                "failed", message, error_code="artifact_upload_failed", error_message=message
             )
-        artifacts = [
-            {"name": f["name"], "size": f["size"], "sha256": f["sha256"]} for f in manifest["files"]
-        ]
-        with sessions() as session:
-            crud.append_event(
-                session,
-                job_id,
-                "log",
-                f"published {len(artifacts)} files to {prefix}/",
-                {"files": len(artifacts)},
-            )
-            session.commit()
-        return finish("succeeded", "succeeded", result=report, artifacts=artifacts)
-    except Cancelled:
-        return finish("cancelled", "cancelled")
-    except EngineError as exc:
-        return finish("failed", str(exc), error_code=exc.code, error_message=str(exc))
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
-        message = f"{type(exc).__name__}: {exc}"
-        with sessions() as session:
-            crud.append_event(
-                session, job_id, "log", "traceback", {"traceback": traceback.format_exc()}
-            )
-            session.commit()
-        if published and store is not None:
-            try:  # the manifest is written last, so without it nothing looks published
-                store.delete_prefix(prefix)
-            except Exception:
-                log.exception("could not clean up %s", prefix)
-        return finish("failed", message, error_code="internal_error", error_message=message)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            message = f"{type(exc).__name__}: {exc}"
+            with sessions() as session:
+                crud.append_event(
+                    session, job_id, "log", "traceback", {"traceback": traceback.format_exc()}
+                )
+                session.commit()
+            return finish("failed", message, error_code="internal_error", error_message=message)
+        finally:
+            if published and store is not None and not lost:
+                with sessions() as session:
+                    current = crud.get_job(session, job_id)
+                if current is None or current.status != "succeeded":
+                    try:  # the manifest is written last, so without it nothing looks published
+                        store.delete_prefix(prefix)
+                    except Exception:
+                        log.exception("could not clean up %s", prefix)
+            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 @app.task(name=RUN_JOB_TASK, ignore_result=True)

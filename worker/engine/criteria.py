@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .architectures import FamilyAdapter, block_view, keep_blocks
+from .checkpoint import ScoreCheckpoint
 from .progress import Progress, ProgressCallback, no_progress
 
 
@@ -32,6 +33,8 @@ class ScoringContext:
     # ppl: also score protected blocks (the full profile, as in the paper's figures). The
     # first protected blocks are the most expensive to score, so this is off by default.
     score_all_blocks: bool = False
+    # Perplexity criteria save each block's score here and skip blocks already saved.
+    checkpoint: ScoreCheckpoint | None = None
 
     @property
     def num_layers(self) -> int:
@@ -127,27 +130,45 @@ def ppl_without_each(
 
     The hidden states entering each block are computed once; removing block i then costs
     only blocks i+1..N, about half the work of rebuilding the model per block.
+
+    With ``ctx.checkpoint``, each score is saved as soon as it is computed (before progress
+    is reported, which may stop the run) and scores saved by an earlier run are reused.
     """
     active = list(active)
+    scope = ScoreCheckpoint.scope_of(active)
+    saved = ctx.checkpoint.scores(scope) if ctx.checkpoint else {}
+    baseline = ctx.checkpoint.baseline(scope) if ctx.checkpoint else None
     batches = ctx.batches()
-    captures, baseline_nll = [], 0.0
-    for batch in batches:
-        hidden_states, nll = capture_block_inputs(ctx.model, ctx.adapter, batch, active)
-        captures.append(hidden_states)
-        baseline_nll += nll.item()
     tokens = _token_count(ctx.windows)
+    captures: list[list[torch.Tensor]] = []
+    if baseline is None or any(block not in saved for block in targets):
+        baseline_nll = 0.0
+        for batch in batches:
+            hidden_states, nll = capture_block_inputs(ctx.model, ctx.adapter, batch, active)
+            captures.append(hidden_states)
+            baseline_nll += nll.item()
+        baseline = math.exp(baseline_nll / tokens)
+        if ctx.checkpoint:
+            ctx.checkpoint.save_baseline(scope, baseline)
     total = total if total is not None else len(targets)
     scores: dict[int, float] = {}
     for count, block in enumerate(targets, 1):
-        position = active.index(block)
-        remaining = active[position + 1 :]
-        nll = sum(
-            nll_continuing_from(ctx.model, ctx.adapter, batch, hidden_states[position], remaining).item()
-            for batch, hidden_states in zip(batches, captures, strict=True)
-        )
-        scores[block] = math.exp(nll / tokens)
-        ctx.progress(Progress("scoring", done_offset + count, total, "blocks", metrics={"block": block, "ppl": scores[block]}))
-    return scores, math.exp(baseline_nll / tokens)
+        metrics: dict[str, Any] = {"block": block}
+        if block in saved:
+            scores[block] = saved[block]
+            metrics["resumed"] = True
+        else:
+            position = active.index(block)
+            remaining = active[position + 1 :]
+            nll = sum(
+                nll_continuing_from(ctx.model, ctx.adapter, batch, hidden_states[position], remaining).item()
+                for batch, hidden_states in zip(batches, captures, strict=True)
+            )
+            scores[block] = math.exp(nll / tokens)
+            if ctx.checkpoint:
+                ctx.checkpoint.save_score(scope, block, scores[block])
+        ctx.progress(Progress("scoring", done_offset + count, total, "blocks", metrics={**metrics, "ppl": scores[block]}))
+    return scores, baseline
 
 
 def _ascending(candidates: Sequence[int], scores: Sequence[float | None]) -> list[int]:

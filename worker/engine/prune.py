@@ -26,6 +26,7 @@ from shortened.specs import PruneSpec
 
 from .architectures import keep_blocks
 from .calibration import calibration_windows, fingerprint
+from .checkpoint import CHECKPOINT_NAME, ScoreCheckpoint, checkpoint_key
 from .criteria import CRITERIA, ScoringContext
 from .errors import NothingToPrune, OutputExists
 from .models import count_parameters, load_model
@@ -93,12 +94,17 @@ def prune_model(
     progress: ProgressCallback = no_progress,
     store: ArtifactStore | None = None,
     cache_dir: Path | None = None,
+    resume_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Depth-prune ``spec.model`` and save the result to ``output_dir``.
 
     Writes a Hugging Face checkpoint (safetensors + tokenizer), ``report.json`` and
     ``block_scores.csv``; returns the report. Raises an ``EngineError`` subclass for bad
     input; the progress callback may raise ``Cancelled`` to stop between blocks.
+
+    ``resume_dir``: the perplexity criteria save every block score there as it is computed
+    (keyed by model, calibration fingerprint and criterion) and a later call with the same
+    directory skips the blocks already scored; ``report["resumed_scores"]`` counts them.
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir)  # fail before loading anything
@@ -138,8 +144,17 @@ def prune_model(
     windows = calibration_windows(spec.calibration, loaded.tokenizer, store=store, cache_dir=cache_dir)
     phase("calibration_s")
 
-    progress(Progress("scoring", 0, 0, "blocks", message=spec.criterion))
-    context = ScoringContext(model, adapter, windows, candidates, num_blocks, spec.batch_size, progress, spec.score_all_blocks)
+    checkpoint = None
+    if resume_dir is not None:
+        key = checkpoint_key(
+            model=spec.model, criterion=spec.criterion, calibration=fingerprint(windows), num_layers=num_layers,
+            candidates=candidates, num_blocks=num_blocks, dtype=str(loaded.dtype), device=loaded.device.type,
+        )  # fmt: skip
+        checkpoint = ScoreCheckpoint(Path(resume_dir) / CHECKPOINT_NAME, key)
+    resumed = checkpoint.resumed if checkpoint else 0
+    message = f"{spec.criterion} (resuming {resumed} saved block scores)" if resumed else spec.criterion
+    progress(Progress("scoring", 0, 0, "blocks", message=message))
+    context = ScoringContext(model, adapter, windows, candidates, num_blocks, spec.batch_size, progress, spec.score_all_blocks, checkpoint)
     result = CRITERIA[spec.criterion](context)
     phase("scoring_s")
 
@@ -169,6 +184,7 @@ def prune_model(
         "params_after": params_after,
         "params_removed_ratio": round(1 - params_after / params_before, 6),
         "criterion_details": result.details,
+        "resumed_scores": resumed,
         "calibration": {
             **spec.calibration.model_dump(),
             "windows": list(windows.shape),

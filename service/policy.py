@@ -1,0 +1,180 @@
+"""What a tenant may ask for: where models and data may come from, and how much work.
+
+Checked at submission, before a job exists, on the validated spec of any job kind: the
+spec is walked and every field that names a source (``model``, ``source``,
+``validation_source``, ``compare_with``, ``task_include_path``, ``datasets[]``) or a Hub
+dataset (``dataset``) is checked, as is every size field (``n_samples``, ``seq_len``,
+``cutoff_len``, ``input_length``). Problems are reported like FastAPI's own validation
+errors: a 422 whose ``detail`` names each offending field.
+
+Sources:
+* local paths (plain or ``file://``): no ``..``, and the resolved path (symlinks followed)
+  must lie under one of ``allowed_local_roots`` (the API and the workers must see the same
+  paths there);
+* ``s3://bucket/...``: ``bucket`` must be in ``allowed_buckets`` (none by default; the
+  artifact bucket is *not* implied, other tenants' outputs live there: use ``job://``);
+* ``job://<id>[/file]``: a job of the caller's tenant (any tenant for an admin);
+* ``hf://org/name[@rev]`` and Hub datasets: only with ``hub_allowed``, and well-formed ids.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service import crud
+from service.auth import Principal
+from shortened.config import Settings
+
+SOURCE_FIELDS = frozenset(
+    {"model", "source", "validation_source", "compare_with", "task_include_path"}
+)
+SOURCE_LIST_FIELDS = frozenset({"datasets"})
+HUB_DATASET_FIELDS = frozenset({"dataset"})
+SAMPLE_FIELDS = frozenset({"n_samples"})
+LENGTH_FIELDS = frozenset({"seq_len", "cutoff_len", "input_length"})
+# Named perplexity sets, fetched from the Hub by the engine.
+NAMED_HUB_SETS = frozenset({"wikitext2", "ptb"})
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+Loc = tuple[str | int, ...]
+
+
+class PolicyViolation(Exception):
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+def _walk(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, str, Any]]:
+    """(location, field name, value) of every field of a nested spec."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield (*loc, key), str(key), child
+            yield from _walk(child, (*loc, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            yield from _walk(child, (*loc, index))
+
+
+def _has_dot_dot(path: str) -> bool:
+    return any(part == ".." for part in re.split(r"[/\\]", path))
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    real = os.path.realpath(path)
+    for root in roots:
+        base = os.path.realpath(root)
+        if real == base or os.path.commonpath([base, real]) == base:
+            return True
+    return False
+
+
+class SourcePolicy:
+    def __init__(self, settings: Settings, session: Session, principal: Principal) -> None:
+        self.settings = settings
+        self.session = session
+        self.principal = principal
+
+    def check_hub_id(self, value: str, what: str) -> str | None:
+        if not self.settings.hub_allowed:
+            return f"{what} from the Hugging Face Hub are not allowed on this server"
+        name, _, revision = value.partition("@")
+        if not _HUB_ID.match(name) or ".." in name:
+            return f"invalid Hub id {name!r}: expected org/name"
+        if revision and (not _REVISION.match(revision) or ".." in revision):
+            return f"invalid revision {revision!r}"
+        return None
+
+    def check_source(self, value: str) -> str | None:
+        """An error message for a disallowed source, or None."""
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            return "must not contain control characters"
+        if value.startswith("hf://"):
+            return self.check_hub_id(value[len("hf://") :], "models")
+        if value.startswith("s3://"):
+            bucket, _, key = value[len("s3://") :].partition("/")
+            if not _BUCKET.match(bucket):
+                return f"invalid bucket name {bucket!r}"
+            if _has_dot_dot(key):
+                return "must not contain '..'"
+            if bucket not in self.settings.allowed_buckets:
+                return f"bucket {bucket!r} is not an allowed source on this server"
+            return None
+        if value.startswith("job://"):
+            job_id, _, rest = value[len("job://") :].partition("/")
+            if _has_dot_dot(rest):
+                return "must not contain '..'"
+            # The same answer for unknown ids and other tenants' jobs: no existence oracle.
+            if (
+                not _JOB_ID.match(job_id)
+                or crud.get_job(self.session, job_id, self.principal.scope) is None
+            ):
+                return f"no job {job_id!r}"
+            return None
+        path = value[len("file://") :] if value.startswith("file://") else value
+        if _has_dot_dot(path):
+            return "must not contain '..'"
+        roots = self.settings.allowed_local_roots
+        if not roots or not _under(Path(path), roots):
+            allowed = ", ".join(str(Path(root).resolve()) for root in roots) or "none"
+            return f"local path outside the allowed directories ({allowed})"
+        return None
+
+    def errors(self, spec: dict[str, Any]) -> list[dict[str, Any]]:
+        limits = self.settings.limits_for(self.principal.tenant)
+        errors: list[dict[str, Any]] = []
+
+        def error(loc: Loc, msg: str, value: Any) -> None:
+            errors.append(
+                {"loc": ["body", *loc], "msg": msg, "type": "value_error", "input": value}
+            )
+
+        for loc, field, value in _walk(spec):
+            if field in SOURCE_FIELDS and isinstance(value, str):
+                if (message := self.check_source(value)) is not None:
+                    error(loc, message, value)
+            elif field in SOURCE_LIST_FIELDS and isinstance(value, list):
+                for index, item in enumerate(value):
+                    if not isinstance(item, str):
+                        continue
+                    if item in NAMED_HUB_SETS:
+                        message = (
+                            None
+                            if self.settings.hub_allowed
+                            else "datasets from the Hugging Face Hub are not allowed on this server"
+                        )
+                    else:
+                        message = self.check_source(item)
+                    if message is not None:
+                        error((*loc, index), message, item)
+            elif field in HUB_DATASET_FIELDS and isinstance(value, str):
+                if (message := self.check_hub_id(value, "datasets")) is not None:
+                    error(loc, message, value)
+            elif field in SAMPLE_FIELDS and isinstance(value, int):
+                assert limits.max_calibration_samples is not None
+                if value > limits.max_calibration_samples:
+                    error(loc, f"at most {limits.max_calibration_samples} for this tenant", value)
+            elif field in LENGTH_FIELDS and isinstance(value, int):
+                assert limits.max_seq_len is not None
+                if value > limits.max_seq_len:
+                    error(loc, f"at most {limits.max_seq_len} tokens for this tenant", value)
+        return errors
+
+
+def check_submission(
+    settings: Settings, session: Session, principal: Principal, spec: dict[str, Any]
+) -> None:
+    """Raise ``PolicyViolation`` listing every disallowed source or over-limit size."""
+    errors = SourcePolicy(settings, session, principal).errors(spec)
+    if errors:
+        raise PolicyViolation(errors)

@@ -1,0 +1,151 @@
+"""The reaper: no accepted job is left behind by a lost worker or a lost message.
+
+Each round it
+
+1. finds running jobs whose lease expired (their worker was SIGKILLed, OOM-killed, lost its
+   node or its database connection): re-queues them for another attempt and re-sends their
+   message, or fails them with ``worker_lost`` (``timeout`` past their deadline) when that
+   was the last attempt (``max_attempts``), or cancels them if a cancel was asked for;
+2. re-sends the message of queued jobs nobody claimed within ``redispatch_after_s``
+   (doubling each time): the message may have been lost with a broker restart.
+
+Every change is a compare-and-set in the job store and a duplicate message is a no-op for
+the worker (it claims only 'queued' jobs), so any number of reapers may run: one thread in
+each API replica (``reaper_interval_s``) and/or ``python -m service.reaper``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from service import crud
+from service.db import make_engine, make_sessionmaker
+from shortened.config import Settings, get_settings
+from worker.celery_app import RUN_JOB_TASK, make_celery
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+
+def scratch_prefix(job_id: str) -> str:
+    """Where a job's attempts keep state for the next attempt (block scores): never served,
+    removed when the job ends."""
+    return f"scratch/{job_id}"
+
+
+@dataclass
+class ReapReport:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+    send_errors: int = 0
+
+
+class Reaper:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.celery = celery
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._store: Any = None
+
+    def _send(self, job_id: str, report: ReapReport) -> None:
+        try:
+            self.celery.send_task(RUN_JOB_TASK, args=[job_id])
+        except Exception as exc:  # broker down: the next round tries again
+            report.send_errors += 1
+            log.warning("could not send job %s: %s", job_id, exc)
+            try:
+                with self.sessions() as session:
+                    crud.dispatch_failed(session, job_id)
+            except Exception:
+                log.exception("could not mark job %s for re-sending", job_id)
+
+    def _drop_scratch(self, job_id: str) -> None:
+        try:
+            if self._store is None:
+                from shortened.storage import store_from_settings
+
+                self._store = store_from_settings(self.settings)
+            self._store.delete_prefix(scratch_prefix(job_id))
+        except Exception as exc:
+            log.warning("could not remove the scratch data of job %s: %s", job_id, exc)
+
+    def run_once(self) -> ReapReport:
+        report = ReapReport()
+        with self.sessions() as session:
+            reaped = crud.reap_expired_leases(session, max_attempts=self.settings.max_attempts)
+        for job in reaped:
+            log.warning("job %s attempt %d: worker lost, %s", job.job_id, job.attempt, job.action)
+            if job.action == "requeued":
+                report.requeued.append(job.job_id)
+                self._send(job.job_id, report)
+            else:
+                (report.failed if job.action == "failed" else report.cancelled).append(job.job_id)
+                self._drop_scratch(job.job_id)
+        with self.sessions() as session:
+            due = crud.due_for_redispatch(session, after_s=self.settings.redispatch_after_s)
+        for job_id in due:
+            log.info("job %s still queued: re-sending its message", job_id)
+            report.redispatched.append(job_id)
+            self._send(job_id, report)
+        return report
+
+    def run_forever(self, interval_s: float) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # database down: try again next round
+                log.exception("reaper round failed")
+            self._stop.wait(interval_s)
+
+    def start(self, interval_s: float) -> None:
+        self._thread = threading.Thread(
+            target=self.run_forever, args=(interval_s,), name="reaper", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.reaper",
+        description="Re-queue jobs of lost workers, re-send lost messages.",
+    )
+    parser.add_argument("--once", action="store_true", help="one round, then exit")
+    parser.add_argument("--interval", type=float, help="seconds between rounds (default: settings)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    reaper = Reaper(settings, make_sessionmaker(engine), make_celery(settings))
+    try:
+        if args.once:
+            report = reaper.run_once()
+            log.info("reaper: %s", report)
+        else:
+            reaper.run_forever(args.interval or settings.reaper_interval_s or 15.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
