@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -843,14 +844,18 @@ def download_published(store: ArtifactStore, prefix: str, dest: Path) -> dict:
     dest = Path(dest)
     for e in entries:
         _safe_dest(dest, e["name"])
-    with _staged_dir(dest) as staged:
+    with _staged_dir(dest) as staged, ThreadPoolExecutor(1, thread_name_prefix="verify") as verifier:
+        verifications = []
         for e in entries:
             target = _safe_dest(staged, e["name"])
             try:
                 store.get_file(_join(prefix, e["name"]), target)
             except ArtifactNotFound as err:
                 raise IntegrityError(e["name"], "listed in the manifest but missing") from err
-            _verify_file(e["name"], target, e["size"], e["sha256"])
+            # Hash file i while file i+1 downloads (hashlib releases the GIL on large reads).
+            verifications.append(verifier.submit(_verify_file, e["name"], target, e["size"], e["sha256"]))
+        for verification in verifications:
+            verification.result()  # raises IntegrityError before the staged dir is moved into place
     return manifest
 
 
