@@ -70,3 +70,27 @@ def s3_server(tmp_path_factory):
             except _subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@_pytest.fixture(scope="module")
+def postgres_url():
+    """A fresh PostgreSQL database for the module, migrated to head, dropped afterwards."""
+    from e2e_service import postgres_database
+
+    from service.db import upgrade_database
+
+    with postgres_database() as url:
+        upgrade_database(url)
+        yield url
+
+
+@_pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they
+    lose a lot (threads spin waiting for each other): one thread for the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import FAMILY_CONFIGS, save_tiny, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import FAMILY_CONFIGS, save_tiny, tiny_model
 from worker.engine.architectures import adapter_for, adapter_for_model_type, block_view, keep_blocks
 from worker.engine.errors import UnsupportedArchitecture
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import tiny_model
+
 from worker.engine.architectures import adapter_for, keep_blocks
 from worker.engine.criteria import CRITERIA, ScoringContext, ppl_scores_naive
 from worker.engine.errors import Cancelled

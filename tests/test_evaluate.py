@@ -26,19 +26,7 @@ TASK_RECORDS = [
     if line.strip()
 ]
 
-needs_tiny_model = pytest.mark.skipif(
-    not (TINY_MODEL / "config.json").is_file(), reason="models/tiny-llama not built yet"
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they
-    lose a lot (threads spin waiting for each other): one thread for this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +67,6 @@ def direct_perplexity(model, tokenizer, text: str, seq_len: int) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-@needs_tiny_model
 def test_perplexity_equals_direct_computation(tiny, tmp_path):
     model, tokenizer = tiny
     text = "\n\n".join(HELDOUT.read_text().split("\n\n")[:30])  # ~20 windows: enough, and quick
@@ -104,7 +91,6 @@ def test_perplexity_equals_direct_computation(tiny, tmp_path):
     assert windows[-1].done == windows[-1].total == result["windows"]
 
 
-@needs_tiny_model
 def test_bos_on_every_window(tiny):
     model, tokenizer = tiny
     text = HELDOUT.read_text()[:6000]
@@ -161,7 +147,6 @@ def direct_multiple_choice(model, tokenizer) -> tuple[float, float]:
     return correct / len(TASK_RECORDS), correct_norm / len(TASK_RECORDS)
 
 
-@needs_tiny_model
 def test_custom_lm_eval_task_matches_direct_loglikelihoods(tiny):
     model, tokenizer = tiny
     spec = EvalSpec(

@@ -9,11 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
-from helpers import save_tiny, tiny_model
 from shortened.specs import CalibrationSpec, PruneSpec
-from worker.engine.errors import CalibrationError, Cancelled, ModelNotFound, NothingToPrune, OutputExists, UnsupportedArchitecture
+from worker.engine.errors import (
+    CalibrationError,
+    Cancelled,
+    ModelNotFound,
+    NothingToPrune,
+    OutputExists,
+    UnsupportedArchitecture,
+)
 from worker.engine.prune import blocks_for_ratio, prune_model
 
 REPORT_KEYS = {

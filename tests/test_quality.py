@@ -15,9 +15,9 @@ import statistics
 
 import pytest
 import torch
+from helpers import CALIBRATION, TINY_MODEL, heldout_windows, perplexity
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import CALIBRATION, TINY_MODEL, heldout_windows, perplexity
 from shortened.specs import CRITERIA, CalibrationSpec
 from worker.engine.architectures import adapter_for, keep_blocks
 from worker.engine.calibration import calibration_windows

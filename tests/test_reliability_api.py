@@ -46,15 +46,6 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    from e2e_service import postgres_database
-
-    with postgres_database() as url:
-        upgrade_database(url)
-        yield url
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":

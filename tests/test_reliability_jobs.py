@@ -33,15 +33,6 @@ from worker.engine.errors import Cancelled
 from worker.engine.progress import Progress
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    from e2e_service import postgres_database
-
-    with postgres_database() as url:
-        upgrade_database(url)
-        yield url
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def settings(request, tmp_path: Path) -> Settings:
     common = dict(

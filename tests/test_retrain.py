@@ -29,19 +29,7 @@ DATA = HELDOUT.parent
 ALPACA = DATA / "alpaca_tiny.jsonl"
 TRAIN_TEXT = DATA / "stdlib_docs_train.jsonl"
 
-needs_tiny_model = pytest.mark.skipif(
-    not (TINY_MODEL / "config.json").is_file(), reason="models/tiny-llama not built yet"
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they
-    lose a lot (threads spin waiting for each other): one thread for this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +88,6 @@ def lora_spec(model, data, **overrides) -> RetrainSpec:
     return RetrainSpec.model_validate({**settings, **overrides})
 
 
-@needs_tiny_model
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft's probe
 def test_lora_lowers_heldout_perplexity_and_outputs_load(pruned):
     # Raw-text LoRA on the training documents: the held-out text is the same kind of text.
@@ -138,7 +125,6 @@ def test_lora_lowers_heldout_perplexity_and_outputs_load(pruned):
     assert merged.config.num_hidden_layers == 9
 
 
-@needs_tiny_model
 def test_lora_on_alpaca_records_lowers_their_validation_loss(pruned, tmp_path):
     # The paper's setting: Alpaca prompt template, loss on the responses only.
     spec = lora_spec(pruned / "pruned", ALPACA, max_steps=12, eval_steps=100, learning_rate=5e-4)
@@ -152,7 +138,6 @@ def test_lora_on_alpaca_records_lowers_their_validation_loss(pruned, tmp_path):
     assert stage["train_items"] + stage["dropped_examples"] == stage["train_records"]
 
 
-@needs_tiny_model
 def test_cpt_lowers_heldout_perplexity(pruned):
     spec = RetrainSpec(
         model=str(pruned / "pruned"),

@@ -34,15 +34,6 @@ def spec(**overrides):
     return {**json.loads(json.dumps(SPEC)), **overrides}
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    from e2e_service import postgres_database
-
-    with postgres_database() as url:
-        upgrade_database(url)
-        yield url
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def settings(request, tmp_path: Path) -> Settings:
     """The same tests on the embedded SQLite store and on PostgreSQL."""

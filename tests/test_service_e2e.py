@@ -36,13 +36,7 @@ from e2e_service import (
     wait_until,
 )
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not (TINY_MODEL / "config.json").exists() or not CALIBRATION.exists(),
-        reason="needs models/tiny-llama and data/calibration.jsonl",
-    ),
-]
+pytestmark = pytest.mark.e2e
 
 ENGINE_STAGES = ["loading", "calibration", "scoring", "pruning", "saving"]
 

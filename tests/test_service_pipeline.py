@@ -10,7 +10,6 @@ import math
 import httpx
 import pytest
 from e2e_service import (
-    CALIBRATION,
     REPO,
     TINY_MODEL,
     base_env,
@@ -29,13 +28,7 @@ from e2e_service import (
 TRAIN = REPO / "data" / "stdlib_docs_train.jsonl"
 HELDOUT = REPO / "data" / "stdlib_docs_heldout.txt"
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not all(p.exists() for p in (TINY_MODEL / "config.json", CALIBRATION, TRAIN, HELDOUT)),
-        reason="needs models/tiny-llama and the data/ files",
-    ),
-]
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
