@@ -1,5 +1,7 @@
 """SQLAlchemy tables of the job store: ``jobs``, their ``job_events`` and ``job_attempts``,
-and the hashed ``api_keys`` that map callers to tenants.
+the hashed ``api_keys`` that map callers to tenants, ``batches`` (grids of jobs),
+``schedules`` and their ``schedule_runs`` (one per cron slot), and webhook
+``webhook_endpoints`` with their ``webhook_deliveries`` and ``webhook_attempts``.
 
 The database is the source of truth for a job's state; the broker only carries job ids.
 """
@@ -14,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -102,6 +105,11 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    # The grid this job belongs to (POST /jobs/batch), and the schedule slot that created it.
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"))
+    schedule_id: Mapped[str | None] = mapped_column(
+        ForeignKey("schedules.id", ondelete="SET NULL")
+    )
     # Number of the job's last event. Incremented with an UPDATE on the job row, which
     # locks the row, so concurrent writers (API and worker) get distinct, ordered numbers.
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
@@ -136,6 +144,8 @@ class Job(Base):
         Index("ix_jobs_kind_created_at", "kind", "created_at"),
         Index("ix_jobs_parent_id", "parent_id"),
         Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        Index("ix_jobs_batch_id", "batch_id"),
+        Index("ix_jobs_schedule_id", "schedule_id"),
         # NULL keys are distinct on both backends: only keyed submissions are deduplicated.
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
@@ -186,3 +196,141 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_api_keys_tenant", "tenant"),)
+
+
+class Batch(Base):
+    """A grid of jobs submitted together (``POST /jobs/batch``): the base spec and the axes
+    as submitted; the jobs point back with ``jobs.batch_id``."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(32))
+    request: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    job_count: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_batches_tenant_created_at", "tenant", "created_at"),
+        UniqueConstraint("tenant", "idempotency_key", name="uq_batches_tenant_idempotency_key"),
+    )
+
+
+class Schedule(Base):
+    """A cron expression and a job template; every slot creates at most one job, enforced by
+    the unique (schedule_id, slot_at) of ``schedule_runs``, whichever scheduler gets there."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(255))
+    cron: Mapped[str] = mapped_column(String(255))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    kind: Mapped[str] = mapped_column(String(32))
+    template: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The next slot not yet handled; a scheduler advances it after creating that slot's run.
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_schedules_tenant_created_at", "tenant", "created_at"),
+        Index("ix_schedules_enabled_next_run_at", "enabled", "next_run_at"),
+    )
+
+
+class ScheduleRun(Base):
+    """One cron slot of a schedule: the job it created, or why it created none."""
+
+    __tablename__ = "schedule_runs"
+
+    id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    schedule_id: Mapped[str] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
+    slot_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    outcome: Mapped[str] = mapped_column(String(32), default="created")
+    message: Mapped[str | None] = mapped_column(Text)
+    scheduler: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("schedule_id", "slot_at", name="uq_schedule_runs_schedule_id_slot_at"),
+    )
+
+
+class WebhookEndpoint(Base):
+    """A tenant's callback URL, notified of its jobs' state changes."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    # Standard Webhooks signing secret, ``whsec_`` + base64.
+    secret: Mapped[str] = mapped_column(String(255))
+    # Event types to send (e.g. ["job.succeeded", "job.failed"]); null = all.
+    event_types: Mapped[list[str] | None] = mapped_column(JSONType)
+    description: Mapped[str | None] = mapped_column(String(255))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (Index("ix_webhook_endpoints_tenant", "tenant"),)
+
+
+class WebhookDelivery(Base):
+    """One message to one URL (the outbox): written in the transaction of the state change,
+    sent and retried with backoff by a dispatcher, every try logged in ``webhook_attempts``."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the webhook-id, msg_...
+    tenant: Mapped[str] = mapped_column(String(64))
+    endpoint_id: Mapped[str | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="SET NULL")
+    )
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # pending -> succeeded | failed (gave up); in flight while claimed_until is in the future.
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_job_id", "job_id"),
+        Index("ix_webhook_deliveries_tenant_created_at", "tenant", "created_at"),
+    )
+
+
+class WebhookAttempt(Base):
+    """One HTTP try of a delivery: when, the response code or the error, how long it took."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE")
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    time: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (
+        UniqueConstraint("delivery_id", "attempt", name="uq_webhook_attempts_delivery_id_attempt"),
+    )
