@@ -5,7 +5,8 @@ One JSON file holds the scores of one run identity (model, calibration fingerpri
 criterion, ...); a file written for another identity is ignored and replaced. Within it,
 scores are grouped by *scope*: the set of active blocks they were measured on (one scope for
 ``ppl``, one per round for ``iterative_ppl``). The file is rewritten atomically after every
-block, so a crash leaves either the previous or the new version.
+block, so a crash leaves either the previous or the new version. Without a path the
+checkpoint lives in memory only (it still collects scores for the score cache).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def checkpoint_key(**identity: Any) -> str:
 
 
 class ScoreCheckpoint:
-    def __init__(self, path: Path, key: str) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | None, key: str) -> None:
+        self.path = Path(path) if path is not None else None
         self.key = key
         self._data: dict[str, Any] = {"key": key, "scopes": {}}
         try:
-            loaded = json.loads(self.path.read_text())
+            loaded = json.loads(self.path.read_text()) if self.path is not None else None
         except (OSError, ValueError):
             loaded = None
         if (
@@ -43,6 +44,25 @@ class ScoreCheckpoint:
             self._data = loaded
         #: how many block scores were loaded from a previous run
         self.resumed = sum(len(scope.get("scores", {})) for scope in self._data["scopes"].values())
+
+    @property
+    def scopes(self) -> dict[str, Any]:
+        return self._data["scopes"]
+
+    def merge(self, scopes: dict[str, Any]) -> int:
+        """Add scores (and baselines) this checkpoint lacks; returns how many scores."""
+        added = 0
+        for scope, entry in scopes.items():
+            target = self._scope(scope)
+            for block, score in entry.get("scores", {}).items():
+                if block not in target["scores"]:
+                    target["scores"][block] = float(score)
+                    added += 1
+            if target["baseline"] is None and entry.get("baseline") is not None:
+                target["baseline"] = float(entry["baseline"])
+        if added:
+            self._write()
+        return added
 
     @staticmethod
     def scope_of(active: list[int]) -> str:
@@ -68,6 +88,8 @@ class ScoreCheckpoint:
         self._write()
 
     def _write(self) -> None:
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:

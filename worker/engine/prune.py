@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +27,18 @@ from shortened.specs import PruneSpec
 from .architectures import keep_blocks
 from .calibration import calibration_windows, fingerprint
 from .checkpoint import CHECKPOINT_NAME, ScoreCheckpoint, checkpoint_key
-from .criteria import CRITERIA, ScoringContext
+from .criteria import CRITERIA, CriterionResult, ScoringContext
 from .errors import NothingToPrune, OutputExists
 from .models import count_parameters, load_model
 from .progress import Progress, ProgressCallback, no_progress
+from .score_cache import (
+    CACHE_VERSION,
+    ORDER_FROM_SCORES,
+    PER_SCOPE,
+    ScoreCache,
+    cache_key,
+    model_fingerprint,
+)
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -95,6 +103,7 @@ def prune_model(
     store: ArtifactStore | None = None,
     cache_dir: Path | None = None,
     resume_dir: Path | None = None,
+    score_cache: ScoreCache | None = None,
 ) -> dict[str, Any]:
     """Depth-prune ``spec.model`` and save the result to ``output_dir``.
 
@@ -105,6 +114,10 @@ def prune_model(
     ``resume_dir``: the perplexity criteria save every block score there as it is computed
     (keyed by model, calibration fingerprint and criterion) and a later call with the same
     directory skips the blocks already scored; ``report["resumed_scores"]`` counts them.
+
+    ``score_cache``: block scores are looked up by model content, criterion and calibration
+    (see ``score_cache.py``) and saved after scoring, so a grid over block counts or
+    protection scores once; ``report["score_cache"]`` says what was reused and computed.
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir)  # fail before loading anything
@@ -144,18 +157,70 @@ def prune_model(
     windows = calibration_windows(spec.calibration, loaded.tokenizer, store=store, cache_dir=cache_dir)
     phase("calibration_s")
 
+    calibration_fp = fingerprint(windows)
     checkpoint = None
     if resume_dir is not None:
         key = checkpoint_key(
-            model=spec.model, criterion=spec.criterion, calibration=fingerprint(windows), num_layers=num_layers,
+            model=spec.model, criterion=spec.criterion, calibration=calibration_fp, num_layers=num_layers,
             candidates=candidates, num_blocks=num_blocks, dtype=str(loaded.dtype), device=loaded.device.type,
         )  # fmt: skip
         checkpoint = ScoreCheckpoint(Path(resume_dir) / CHECKPOINT_NAME, key)
     resumed = checkpoint.resumed if checkpoint else 0
-    message = f"{spec.criterion} (resuming {resumed} saved block scores)" if resumed else spec.criterion
-    progress(Progress("scoring", 0, 0, "blocks", message=message))
-    context = ScoringContext(model, adapter, windows, candidates, num_blocks, spec.batch_size, progress, spec.score_all_blocks, checkpoint)
-    result = CRITERIA[spec.criterion](context)
+    cache_info: dict[str, Any] | None = None
+    cache_key_ = None
+    if score_cache is not None:
+        model_fp = model_fingerprint(
+            loaded.resolved.path_or_id, loaded.resolved.revision, model.config,
+            memo_path=Path(cache_dir) / "fingerprints.json" if cache_dir else None,
+        )  # fmt: skip
+        cache_key_ = cache_key(
+            model=model_fp, criterion=spec.criterion, calibration=calibration_fp, dtype=str(loaded.dtype),
+            device_type=loaded.device.type, num_layers=num_layers, candidates=candidates, num_blocks=num_blocks,
+        )  # fmt: skip
+        cache_info = {"key": cache_key_, "model_fingerprint": model_fp, "location": score_cache.location(cache_key_)}
+        phase("fingerprint_s")
+
+    def waiting() -> None:
+        progress(Progress("scoring", 0, 0, "blocks", message="waiting for another job scoring the same model, criterion and calibration"))
+
+    lock = score_cache.lock(cache_key_, waiting) if score_cache is not None and cache_key_ else nullcontext()
+    with lock:
+        cached = score_cache.load(cache_key_) if score_cache is not None and cache_key_ else None
+        result = None
+        reused = 0
+        if spec.criterion in PER_SCOPE:
+            if cached is not None:
+                checkpoint = checkpoint or ScoreCheckpoint(None, "score-cache")
+                reused = checkpoint.merge(cached.get("scopes", {}))
+            elif score_cache is not None and checkpoint is None:
+                checkpoint = ScoreCheckpoint(None, "score-cache")  # collects scores to cache
+        elif cached is not None and "block_scores" in cached:
+            scores = cached["block_scores"]
+            order = sorted(candidates, key=lambda b: (scores[b], b)) if spec.criterion in ORDER_FROM_SCORES else cached["removal_order"]
+            result = CriterionResult(scores, order, cached.get("details", {}))
+            reused = sum(score is not None for score in scores)
+        message = spec.criterion
+        if reused:
+            message = f"{spec.criterion} (reusing {reused} cached block scores)"
+        elif resumed:
+            message = f"{spec.criterion} (resuming {resumed} saved block scores)"
+        progress(Progress("scoring", 0, 0, "blocks", message=message))
+        if result is None:
+            context = ScoringContext(model, adapter, windows, candidates, num_blocks, spec.batch_size, progress, spec.score_all_blocks, checkpoint)
+            result = CRITERIA[spec.criterion](context)
+            if score_cache is not None and cache_key_:
+                entry: dict[str, Any] = {"version": CACHE_VERSION, "criterion": spec.criterion, "model_fingerprint": cache_info and cache_info["model_fingerprint"]}
+                if spec.criterion in PER_SCOPE and checkpoint is not None:
+                    entry["scopes"] = checkpoint.scopes
+                else:
+                    entry.update(block_scores=result.block_scores, removal_order=result.removal_order, details=result.details)
+                try:
+                    score_cache.save(cache_key_, entry)
+                except Exception as exc:  # the scores are still good for this run
+                    log.warning("could not save block scores to the cache: %s", exc)
+    if cache_info is not None:
+        computed = sum(score is not None for score in result.block_scores) - reused
+        cache_info.update(reused_scores=reused, computed_scores=max(computed, 0), hit=reused > 0)
     phase("scoring_s")
 
     progress(Progress("pruning", message=f"removing {num_blocks} blocks"))
@@ -185,10 +250,13 @@ def prune_model(
         "params_removed_ratio": round(1 - params_after / params_before, 6),
         "criterion_details": result.details,
         "resumed_scores": resumed,
+        # Block scores taken from the score cache instead of computed (0: none).
+        "scores_reused": cache_info["reused_scores"] if cache_info else 0,
+        "score_cache": cache_info,
         "calibration": {
             **spec.calibration.model_dump(),
             "windows": list(windows.shape),
-            "fingerprint": fingerprint(windows),
+            "fingerprint": calibration_fp,
         },
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
