@@ -20,9 +20,11 @@ serve: install
 	$(VENV)/bin/shortened serve
 
 test: install
+	bash scripts/test-services.sh
 	$(PY) -m pytest
 
 test-fast: install
+	bash scripts/test-services.sh
 	$(PY) -m pytest -m "not e2e"
 
 bench: install
