@@ -55,7 +55,7 @@ def database_url(request, tmp_path: Path) -> str:
     url = request.getfixturevalue("postgres_url")
     engine = make_engine(url)
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE job_events, job_attempts, jobs, api_keys"))
+        connection.execute(text("TRUNCATE job_events, job_attempts, jobs, api_keys CASCADE"))
     engine.dispose()
     return url
 

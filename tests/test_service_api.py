@@ -44,7 +44,7 @@ def settings(request, tmp_path: Path) -> Settings:
     url = request.getfixturevalue("postgres_url")
     engine = make_engine(url)
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE job_events, job_attempts, jobs, api_keys"))
+        connection.execute(text("TRUNCATE job_events, job_attempts, jobs, api_keys CASCADE"))
     engine.dispose()
     return Settings(data_dir=tmp_path / "var", database_url=url)
 
