@@ -92,6 +92,11 @@ def append_event(
     session.add(
         JobEvent(job_id=job_id, seq=seq, time=now, type=type, message=message, data=json_safe(data))
     )
+    if type == "status":
+        # Webhook outbox: the notifications commit (or roll back) with the state change.
+        from service.webhooks import enqueue_status_change
+
+        enqueue_status_change(session, job_id, seq, data, now)
     return seq
 
 
@@ -120,9 +125,13 @@ def create_job(
     tenant: str = "default",
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    schedule_id: str | None = None,
+    batch_id: str | None = None,
+    commit: bool = True,
 ) -> Job:
     """Insert a queued job (the caller sends its message next). Raises
-    ``DuplicateIdempotencyKey`` when the tenant already used ``idempotency_key``."""
+    ``DuplicateIdempotencyKey`` when the tenant already used ``idempotency_key``.
+    With ``commit=False`` the job is only flushed, in the caller's transaction."""
     now = utcnow()
     job = Job(
         id=new_job_id(),
@@ -139,6 +148,8 @@ def create_job(
         tenant=tenant,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        schedule_id=schedule_id,
+        batch_id=batch_id,
         dispatched_at=now,
         dispatch_count=1,
         created_at=now,
@@ -153,6 +164,8 @@ def create_job(
             raise DuplicateIdempotencyKey(idempotency_key) from exc
         raise
     append_event(session, job.id, "status", "queued", {"status": "queued"})
+    if not commit:
+        return job
     session.commit()
     return reload(session, job.id)
 

@@ -334,3 +334,15 @@ class WebhookAttempt(Base):
     __table_args__ = (
         UniqueConstraint("delivery_id", "attempt", name="uq_webhook_attempts_delivery_id_attempt"),
     )
+
+
+class WebhookSigningSecret(Base):
+    """A tenant's signing secret for per-job callback URLs (``spec.webhook``), which have no
+    endpoint row of their own: created on first use, shown once by
+    ``POST /webhooks/signing-secret`` (which also rotates it)."""
+
+    __tablename__ = "webhook_signing_secrets"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -73,7 +73,18 @@ def pipeline_of(session: Session, job: Job) -> PipelineOut | None:
 
 
 def followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any]]]:
-    """The jobs to create now that ``job`` has succeeded: ``[(kind, spec)]``."""
+    """The jobs to create now that ``job`` has succeeded: ``[(kind, spec)]``. A follow-up
+    without a ``webhook`` of its own inherits its parent's callback URL."""
+    steps = _followup_specs(session, job)
+    hook = job.spec.get("webhook") if isinstance(job.spec, dict) else None
+    if hook:
+        for _kind, spec in steps:
+            if not spec.get("webhook"):
+                spec["webhook"] = hook
+    return steps
+
+
+def _followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any]]]:
     from shortened.specs import PruneSpec
 
     if job.kind == "prune":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,11 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "INFO"
+    score_cache: bool = Field(default=True, description="Reuse block scores across prune jobs (same model content, criterion, calibration); kept under score-cache/ in the artifact store")
+    # --- observability: logs and worker metrics --------------------------------------------
+    log_format: Literal["json", "text"] | None = Field(default=None, description="json or text; default json for the API and worker, text for the CLI and `shortened serve`")
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: off)")
+    worker_metrics_host: str = Field(default="127.0.0.1", description="Address the worker's /metrics binds (0.0.0.0 in containers)")
 
     # --- reliability: leases, retries, re-dispatch, time limits ---------------------------
     heartbeat_interval_s: float = Field(default=10.0, gt=0, description="How often a running job renews its lease")
@@ -59,6 +65,10 @@ class Settings(BaseSettings):
     redispatch_after_s: float = Field(default=120.0, gt=0, description="Re-send the message of a job queued this long without being claimed (doubling each time)")
     job_time_limit_s: float = Field(default=24 * 3600.0, gt=0, description="Wall-clock limit of one attempt; over it the job fails with code timeout")
 
+    # --- schedules (cron) ------------------------------------------------------------------
+    scheduler_interval_s: float = Field(default=5.0, ge=0, description="How often the API's scheduler thread looks for due schedule slots (0: not in the API; run `python -m service.scheduler`)")
+    schedule_misfire_grace_s: float = Field(default=60.0, ge=0, description="A slot later than this (scheduler down) is missed: only the latest missed slot of a schedule gets a job")
+
     # --- security: authentication, allowed sources, limits --------------------------------
     auth_required: bool | None = Field(default=None, description="Require API keys; default: only when api_host is not loopback")
     default_tenant: str = Field(default="default", description="Tenant of requests without a key when auth is not required")
@@ -67,9 +77,26 @@ class Settings(BaseSettings):
     hub_allowed: bool = Field(default=True, description="Allow Hugging Face Hub models (hf://) and datasets")
     max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 above)")
     max_concurrent_jobs: int = Field(default=16, ge=0, description="Queued + running jobs per tenant (429 above)")
+    max_batch_jobs: int = Field(default=64, ge=1, description="Most jobs one POST /jobs/batch grid may expand to (422 above)")
     max_calibration_samples: int = Field(default=4096, ge=1, description="Largest calibration n_samples per job")
     max_seq_len: int = Field(default=8192, ge=2, description="Largest seq_len / cutoff_len per job")
     tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict, description="Per-tenant overrides, JSON: {tenant: {max_concurrent_jobs: ...}}")
+
+    # --- webhooks: signed notifications of job state changes --------------------------------
+    webhook_interval_s: float = Field(default=1.0, ge=0, description="How often the API's webhook dispatcher looks for due deliveries (0: not in the API; run `python -m service.webhooks`)")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one webhook POST (connect + response)")
+    webhook_retry_schedule_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0], description="Waits before each retry of a failed delivery (JSON list); gives up after the last")
+    webhook_retry_jitter: float = Field(default=0.2, ge=0, lt=1, description="Each wait is scaled by a random factor in [1 - jitter, 1 + jitter]")
+    webhook_concurrency: int = Field(default=4, ge=1, le=64, description="Deliveries one dispatcher sends at the same time")
+    webhook_batch_size: int = Field(default=50, ge=1, le=1000, description="Deliveries one dispatcher claims per round")
+    webhook_allow_private_targets: bool | None = Field(default=None, description="Allow webhook URLs on loopback/private/link-local addresses; default: only in the keyless local mode (auth not required)")
+    webhook_links_base_url: str | None = Field(default=None, description="Public base URL of the API, prefixed to the links in webhook payloads (default: relative links)")
+
+    @property
+    def resolved_webhook_allow_private_targets(self) -> bool:
+        if self.webhook_allow_private_targets is None:
+            return not self.resolved_auth_required
+        return self.webhook_allow_private_targets
 
     @property
     def resolved_auth_required(self) -> bool:

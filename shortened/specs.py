@@ -34,6 +34,65 @@ def _check_source(value: str) -> str:
     return value
 
 
+# --- Webhooks (issue 6) ---------------------------------------------------------------------
+
+WebhookEventType = Literal[
+    "job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled", "job.requeued"
+]
+WEBHOOK_EVENT_TYPES: tuple[str, ...] = WebhookEventType.__args__  # type: ignore[attr-defined]
+
+
+def check_webhook_url(value: str) -> str:
+    """A callback URL's syntax: http(s), a host, no user:password (the spec is readable
+    through the API). Whether the host may be reached is the server's call (private
+    targets), checked at submission and again at every send."""
+    from urllib.parse import urlsplit
+
+    value = value.strip()
+    if len(value) > 2048:
+        raise ValueError("at most 2048 characters")
+    if any(ord(c) < 33 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain credentials (user:password@)")
+    if parts.fragment:
+        raise ValueError("must not contain a #fragment")
+    return value
+
+
+class WebhookSpec(_Strict):
+    """A per-job callback: ``url`` is POSTed the job's state changes, signed the Standard
+    Webhooks way with the tenant's signing secret (``POST /webhooks/signing-secret``)."""
+
+    url: str = Field(description="http(s) URL notified of this job's state changes")
+    event_types: list[WebhookEventType] | None = Field(
+        default=None, min_length=1, description="Only these events (default: all)"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_ok(cls, value: str) -> str:
+        return check_webhook_url(value)
+
+
+class _JobSpec(_Strict):
+    """What every job kind's spec has."""
+
+    webhook: WebhookSpec | None = Field(
+        default=None,
+        description="Callback URL for this job's state changes (pipeline follow-ups inherit it)",
+    )
+
+
 class CalibrationSpec(_Strict):
     """Where calibration text comes from and how windows are drawn from it.
 
@@ -67,7 +126,7 @@ class CalibrationSpec(_Strict):
         return self
 
 
-class PruneSpec(_Strict):
+class PruneSpec(_JobSpec):
     """One-shot depth pruning: score blocks, remove the least important, save a checkpoint."""
 
     model: str = Field(description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>")
@@ -190,7 +249,7 @@ class CptSpec(_Strict):
         return self
 
 
-class RetrainSpec(_Strict):
+class RetrainSpec(_JobSpec):
     """Retrain a (pruned) model: LoRA, continued pretraining (CPT), or CPT followed by LoRA.
 
     ``learning_rate``, ``epochs``, ``cutoff_len`` and ``warmup_steps`` are the LoRA stage's
@@ -316,7 +375,7 @@ class EfficiencySpec(_Strict):
         return values
 
 
-class EvalSpec(_Strict):
+class EvalSpec(_JobSpec):
     """Evaluate a model (and optionally its parent, with deltas): perplexity, zero-shot
     accuracy, efficiency. At least one section is given."""
 

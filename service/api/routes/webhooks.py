@@ -1,0 +1,386 @@
+"""Webhook routes: register callback URLs, the tenant's signing secret for per-job
+callbacks, and the delivery log (every message and every try).
+
+Authenticated and tenant-scoped like the job routes: another tenant's endpoint, delivery or
+job answers 404, exactly like an unknown id; an admin sees every tenant's. A secret is shown
+once only, when it is created (endpoint) or rotated (signing secret).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from service import crud
+from service.api.deps import SessionDep
+from service.auth import Principal, PrincipalDep, get_principal
+from service.errors import coded
+from service.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from service.webhooks import (
+    is_job_callback,
+    new_endpoint_id,
+    new_secret,
+    rotate_signing_secret,
+    target_error,
+)
+from shortened.specs import WebhookEventType, check_webhook_url
+
+router = APIRouter(
+    tags=["webhooks"],
+    dependencies=[Depends(get_principal)],
+    responses={401: coded("Missing, invalid or revoked API key")},
+)
+
+Id = Annotated[str, Path(max_length=64)]
+DeliveryStatus = Literal["pending", "succeeded", "failed"]
+
+
+# ---------------------------------------------------------------------------- schemas
+
+
+class WebhookEndpointIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="http(s) URL notified of the tenant's job state changes")
+    event_types: list[WebhookEventType] | None = Field(
+        default=None, min_length=1, description="Only these events (default: all)"
+    )
+    description: str | None = Field(default=None, max_length=255)
+
+    @field_validator("url")
+    @classmethod
+    def _url_ok(cls, value: str) -> str:
+        return check_webhook_url(value)
+
+
+class WebhookEndpointOut(BaseModel):
+    id: str
+    tenant: str
+    url: str
+    event_types: list[str] | None
+    description: str | None
+    enabled: bool
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: WebhookEndpoint) -> WebhookEndpointOut:
+        return cls(
+            id=row.id,
+            tenant=row.tenant,
+            url=row.url,
+            event_types=row.event_types,
+            description=row.description,
+            enabled=row.enabled,
+            created_at=row.created_at,
+        )
+
+
+class WebhookEndpointCreated(WebhookEndpointOut):
+    secret: str = Field(
+        description="Signing secret (whsec_...), shown this once: verify each message with it"
+    )
+
+
+class SigningSecretOut(BaseModel):
+    tenant: str
+    secret: str = Field(description="whsec_..., shown this once")
+    created_at: datetime
+
+
+class WebhookAttemptOut(BaseModel):
+    attempt: int = Field(description="1, 2, ... across manual retries too")
+    time: datetime
+    status_code: int | None = Field(description="HTTP status, None when no response")
+    error: str | None
+    duration_ms: float | None
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str = Field(description="The message's webhook-id (the same on every try)")
+    tenant: str
+    endpoint_id: str | None = Field(description="None: the job's own callback (spec.webhook)")
+    job_id: str | None
+    url: str
+    event_type: str
+    status: DeliveryStatus
+    attempts: int = Field(description="Tries in the current round (reset by a manual retry)")
+    next_attempt_at: datetime | None = Field(description="When a pending one is tried next")
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+    payload: dict[str, Any]
+    attempt_log: list[WebhookAttemptOut] = Field(description="Every try, oldest first")
+
+    @classmethod
+    def from_row(cls, row: WebhookDelivery, attempts: list[WebhookAttempt]) -> WebhookDeliveryOut:
+        return cls(
+            id=row.id,
+            tenant=row.tenant,
+            endpoint_id=row.endpoint_id,
+            job_id=row.job_id,
+            url=row.url,
+            event_type=row.event_type,
+            status=row.status,  # type: ignore[arg-type]
+            attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at if row.status == "pending" else None,
+            last_status_code=row.last_status_code,
+            last_error=row.last_error,
+            created_at=row.created_at,
+            delivered_at=row.delivered_at,
+            payload=row.payload,
+            attempt_log=[
+                WebhookAttemptOut(
+                    attempt=a.attempt,
+                    time=a.time,
+                    status_code=a.status_code,
+                    error=a.error,
+                    duration_ms=a.duration_ms,
+                )
+                for a in attempts
+            ],
+        )
+
+
+class DeliveryPage(BaseModel):
+    items: list[WebhookDeliveryOut]
+    next_cursor: str | None = Field(description="Pass as ?after= to get the next (older) page")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _url_error(message: str, value: str) -> RequestValidationError:
+    return RequestValidationError(
+        [{"loc": ("body", "url"), "msg": message, "type": "value_error", "input": value}]
+    )
+
+
+def _endpoint_or_404(session: Session, endpoint_id: str, principal: Principal) -> WebhookEndpoint:
+    row = session.get(WebhookEndpoint, endpoint_id, populate_existing=True)
+    if row is None or (principal.scope is not None and row.tenant != principal.scope):
+        raise HTTPException(404, detail=f"webhook endpoint {endpoint_id} not found")
+    return row
+
+
+def _with_attempts(session: Session, rows: list[WebhookDelivery]) -> list[WebhookDeliveryOut]:
+    by_delivery: dict[str, list[WebhookAttempt]] = {row.id: [] for row in rows}
+    if rows:
+        for attempt in session.scalars(
+            select(WebhookAttempt)
+            .where(WebhookAttempt.delivery_id.in_(list(by_delivery)))
+            .order_by(WebhookAttempt.delivery_id, WebhookAttempt.attempt)
+        ):
+            by_delivery[attempt.delivery_id].append(attempt)
+    return [WebhookDeliveryOut.from_row(row, by_delivery[row.id]) for row in rows]
+
+
+def _encode_cursor(row: WebhookDelivery) -> str:
+    raw = json.dumps({"t": row.created_at.isoformat(), "id": row.id}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        created_at = datetime.fromisoformat(data["t"])
+        delivery_id = str(data["id"])
+    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
+        raise HTTPException(
+            422,
+            detail=[{"loc": ["query", "after"], "msg": "invalid cursor", "type": "value_error"}],
+        ) from exc
+    if created_at.tzinfo is None:
+        raise HTTPException(
+            422,
+            detail=[{"loc": ["query", "after"], "msg": "invalid cursor", "type": "value_error"}],
+        )
+    return created_at, delivery_id
+
+
+# ---------------------------------------------------------------------------- endpoints
+
+
+@router.post(
+    "/webhooks",
+    status_code=201,
+    response_model=WebhookEndpointCreated,
+    responses={422: {"description": "Bad or disallowed URL (private targets), bad event type"}},
+)
+def create_endpoint(
+    body: WebhookEndpointIn,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> WebhookEndpointCreated:
+    """Register a callback URL for the caller's tenant; the response holds its signing
+    secret, shown this once."""
+    settings = request.app.state.settings
+    if (
+        message := target_error(body.url, settings.resolved_webhook_allow_private_targets)
+    ) is not None:
+        raise _url_error(message, body.url)
+    row = WebhookEndpoint(
+        id=new_endpoint_id(),
+        tenant=principal.tenant,
+        url=body.url,
+        secret=new_secret(),
+        event_types=list(body.event_types) if body.event_types else None,
+        description=body.description,
+        enabled=True,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.commit()
+    response.headers["Location"] = f"/webhooks/{row.id}"
+    return WebhookEndpointCreated(
+        **WebhookEndpointOut.from_row(row).model_dump(), secret=row.secret
+    )
+
+
+@router.get("/webhooks", response_model=list[WebhookEndpointOut])
+def list_endpoints(session: SessionDep, principal: PrincipalDep) -> list[WebhookEndpointOut]:
+    """The tenant's endpoints, oldest first (an admin's: every tenant's). No secrets."""
+    query = select(WebhookEndpoint).order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
+    if principal.scope is not None:
+        query = query.where(WebhookEndpoint.tenant == principal.scope)
+    return [WebhookEndpointOut.from_row(row) for row in session.scalars(query)]
+
+
+@router.post("/webhooks/signing-secret", status_code=201, response_model=SigningSecretOut)
+def rotate_secret(session: SessionDep, principal: PrincipalDep) -> SigningSecretOut:
+    """Create or rotate the tenant's signing secret for per-job callbacks (``spec.webhook``)
+    and show it, this once. Messages sent from now on, retries included, are signed with it."""
+    row = rotate_signing_secret(session, principal.tenant)
+    return SigningSecretOut(tenant=row.tenant, secret=row.secret, created_at=row.created_at)
+
+
+@router.get("/webhooks/deliveries", response_model=DeliveryPage)
+def list_deliveries(
+    session: SessionDep,
+    principal: PrincipalDep,
+    job_id: Annotated[str | None, Query(max_length=64)] = None,
+    status: DeliveryStatus | None = None,
+    endpoint_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    after: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> DeliveryPage:
+    """Messages, newest first, each with every try: the tenant's (an admin's: all)."""
+    d = WebhookDelivery
+    query = select(d)
+    if principal.scope is not None:
+        query = query.where(d.tenant == principal.scope)
+    if job_id is not None:
+        query = query.where(d.job_id == job_id)
+    if status is not None:
+        query = query.where(d.status == status)
+    if endpoint_id is not None:
+        query = query.where(d.endpoint_id == endpoint_id)
+    if after:
+        created_at, last_id = _decode_cursor(after)
+        query = query.where(
+            or_(d.created_at < created_at, and_(d.created_at == created_at, d.id < last_id))
+        )
+    rows = list(session.scalars(query.order_by(d.created_at.desc(), d.id.desc()).limit(limit + 1)))
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return DeliveryPage(items=_with_attempts(session, rows[:limit]), next_cursor=next_cursor)
+
+
+@router.post(
+    "/webhooks/deliveries/{delivery_id}/retry",
+    response_model=WebhookDeliveryOut,
+    status_code=202,
+    responses={404: {"description": "No such delivery"}, 409: {"description": "Not failed"}},
+)
+def retry_delivery(
+    delivery_id: Id, session: SessionDep, principal: PrincipalDep
+) -> WebhookDeliveryOut:
+    """Send a failed message again (same webhook-id), with a fresh round of retries."""
+    row = session.get(WebhookDelivery, delivery_id)
+    if row is None or (principal.scope is not None and row.tenant != principal.scope):
+        raise HTTPException(404, detail=f"delivery {delivery_id} not found")
+    if row.endpoint_id is None and not is_job_callback(session, row):
+        raise HTTPException(409, detail=f"delivery {delivery_id}: its endpoint was deleted")
+    requeued = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "failed")
+        .values(
+            status="pending",
+            attempts=0,
+            next_attempt_at=utcnow(),
+            claimed_until=None,
+            delivered_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    if not getattr(requeued, "rowcount", 0):
+        raise HTTPException(
+            409, detail=f"delivery {delivery_id} is {row.status}; only failed ones are retried"
+        )
+    row = session.get(WebhookDelivery, delivery_id, populate_existing=True)
+    assert row is not None
+    return _with_attempts(session, [row])[0]
+
+
+@router.get(
+    "/webhooks/{endpoint_id}",
+    response_model=WebhookEndpointOut,
+    responses={404: {"description": "No such endpoint"}},
+)
+def get_endpoint(
+    endpoint_id: Id, session: SessionDep, principal: PrincipalDep
+) -> WebhookEndpointOut:
+    return WebhookEndpointOut.from_row(_endpoint_or_404(session, endpoint_id, principal))
+
+
+@router.delete(
+    "/webhooks/{endpoint_id}",
+    status_code=204,
+    responses={404: {"description": "No such endpoint"}},
+)
+def delete_endpoint(endpoint_id: Id, session: SessionDep, principal: PrincipalDep) -> Response:
+    """Remove an endpoint. Its messages not yet delivered are marked failed; its delivery
+    log stays (with ``endpoint_id`` null)."""
+    row = _endpoint_or_404(session, endpoint_id, principal)
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.endpoint_id == row.id, WebhookDelivery.status == "pending")
+        .values(status="failed", claimed_until=None, last_error="the endpoint was deleted")
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(delete(WebhookEndpoint).where(WebhookEndpoint.id == row.id))
+    session.commit()
+    return Response(status_code=204)
+
+
+@router.get(
+    "/jobs/{job_id}/webhooks",
+    response_model=list[WebhookDeliveryOut],
+    responses={404: {"description": "No job with this id"}},
+)
+def job_deliveries(
+    job_id: Id, session: SessionDep, principal: PrincipalDep
+) -> list[WebhookDeliveryOut]:
+    """The job's messages in the order they were created (the job's own order), each
+    with every try."""
+    if crud.get_job(session, job_id, principal.scope) is None:
+        raise HTTPException(404, detail=f"job {job_id} not found")
+    rows = list(
+        session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.job_id == job_id)
+            .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+        )
+    )
+    return _with_attempts(session, rows)
