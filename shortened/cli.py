@@ -4,6 +4,7 @@
     shortened retrain --model DIR --method lora --data FILE --output OUT [--max-steps N]
     shortened eval --model DIR [--compare-with PARENT] --ppl FILE --tasks T1,T2 --efficiency [--output OUT]
     shortened serve
+    shortened jobs submit|get|list|cancel|wait|download ...   (a remote service, see jobs_cli.py)
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--output", required=True, type=Path, help="new or empty directory")
+    p.add_argument("--score-cache", type=Path, metavar="DIR", help="reuse block scores kept in DIR (same model content, criterion, calibration) and add new ones")
     p.set_defaults(handler=_prune)
 
 
@@ -110,10 +112,12 @@ def _prune(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     from worker.engine.prune import prune_model
+    from worker.engine.score_cache import DirectoryScoreCache
 
+    cache = DirectoryScoreCache(args.score_cache) if args.score_cache else None
     progress = TerminalProgress()
     try:
-        report = prune_model(spec, args.output, progress=progress)
+        report = prune_model(spec, args.output, progress=progress, score_cache=cache)
     finally:
         progress.close()
     print(_prune_summary(report))
@@ -131,6 +135,11 @@ def _prune_summary(report: dict[str, Any]) -> str:
         f"-{100 * report['params_removed_ratio']:.1f}%)",
         block_score_chart(report),
     ]
+    if cache := report.get("score_cache"):
+        lines.append(
+            f"score cache: {cache['reused_scores']} block scores reused, "
+            f"{cache['computed_scores']} computed ({cache['location']})"
+        )
     return "\n".join(lines)
 
 
@@ -405,7 +414,13 @@ def _eval_summary(report: dict[str, Any]) -> str:
     return "\n\n".join(sections)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_prune, _add_serve, _add_retrain, _add_eval]
+def _add_jobs(sub: argparse._SubParsersAction) -> None:
+    from .jobs_cli import add_parser  # `shortened jobs ...`: a client of a remote service
+
+    add_parser(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_prune, _add_serve, _add_retrain, _add_eval, _add_jobs]
 
 
 def build_parser() -> argparse.ArgumentParser:
