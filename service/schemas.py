@@ -90,6 +90,8 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None
     lease_expires_at: datetime | None
     parent_id: str | None
+    batch_id: str | None = Field(default=None, description="The grid it was submitted in (POST /jobs/batch)")
+    schedule_id: str | None = Field(default=None, description="The schedule that created it")
     pipeline: PipelineOut | None = Field(
         default=None, description="A pipeline's linked jobs (GET /jobs/{id} only)"
     )
@@ -129,6 +131,8 @@ class JobOut(BaseModel):
             heartbeat_at=job.heartbeat_at,
             lease_expires_at=job.lease_expires_at,
             parent_id=job.parent_id,
+            batch_id=job.batch_id,
+            schedule_id=job.schedule_id,
             spec=job.spec,
             error=error,
             result=job.result,

@@ -25,7 +25,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from .client_models import (
     FINISHED_STATUSES,
     Artifact,
     ArtifactInfo,
+    Batch,
+    BatchSummary,
     Event,
     Job,
     JobError,
@@ -48,6 +50,8 @@ from .client_models import (
 __all__ = [
     "FINISHED_STATUSES",
     "Artifact",
+    "Batch",
+    "BatchSummary",
     "ArtifactInfo",
     "Event",
     "Job",
@@ -315,6 +319,35 @@ class ShortenedClient:
 
     def get(self, job_id: str) -> Job:
         return Job.model_validate(self._get(f"jobs/{job_id}"))
+
+    # ------------------------------------------------------------------ batches
+
+    def submit_batch(
+        self,
+        base: BaseModel | Mapping[str, Any],
+        grid: Mapping[str, Sequence[Any]],
+        *,
+        kind: str = "prune",
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Batch:
+        """Queue one job per combination of ``grid`` (dotted spec field -> values) on top
+        of ``base``, e.g. ``grid={"num_blocks": [2, 4], "criterion": ["ppl", "taylor"]}``."""
+        key = idempotency_key or f"shortened-client-{uuid.uuid4().hex}"
+        body = {
+            "kind": kind,
+            "name": name,
+            "base": _spec_body(base),
+            "grid": {k: list(v) for k, v in grid.items()},
+        }
+        response = self._send(
+            "POST", "jobs/batch", retry=True, json=body, headers={"Idempotency-Key": key}
+        )
+        return Batch.model_validate(response.json())
+
+    def batch(self, batch_id: str) -> BatchSummary:
+        """The batch's status counts and comparison table."""
+        return BatchSummary.model_validate(self._get(f"batches/{batch_id}"))
 
     def list(
         self,

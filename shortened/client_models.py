@@ -82,6 +82,8 @@ class Job(_Model):
     heartbeat_at: datetime | None = None
     lease_expires_at: datetime | None = None
     parent_id: str | None = None
+    batch_id: str | None = None
+    schedule_id: str | None = None
     pipeline: Pipeline | None = None
     spec: dict[str, Any] = Field(default_factory=dict)
     error: JobError | None = None
@@ -127,3 +129,34 @@ __all__ = [
     "PipelineStep",
     "Progress",
 ]
+
+
+class Batch(_Model):
+    """A submitted grid (``POST /jobs/batch``): its jobs and each one's axis values."""
+
+    id: str
+    name: str | None = None
+    kind: str
+    job_count: int
+    job_ids: list[str] = Field(default_factory=list)
+    points: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class BatchSummary(_Model):
+    """``GET /batches/{id}``: status counts and the comparison table (``columns``, ``rows``)."""
+
+    id: str
+    name: str | None = None
+    kind: str
+    status: str
+    counts: dict[str, int] = Field(default_factory=dict)
+    job_count: int
+    axes: list[str] = Field(default_factory=list)
+    columns: list[str] = Field(default_factory=list)
+    rows: list[dict[str, Any]] = Field(default_factory=list)
+    baseline: dict[str, Any] | None = None
+    best_by_ppl: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(row.get("status") in FINISHED_STATUSES for row in self.rows)

@@ -237,3 +237,22 @@ def test_idempotent_batch_replay(stack):
     assert other.status_code == 422
     wait_for_batch(stack, first.json()["id"])
     assert api.get("/batches/nope").status_code == 404
+
+
+def test_python_client_submits_and_reads_a_batch(stack):
+    from shortened.client import ShortenedClient
+
+    with ShortenedClient(str(stack["api"].base_url)) as client:
+        batch = client.submit_batch(
+            base_spec(eval=None), {"criterion": ["block_influence", "magnitude"]}, name="criteria"
+        )
+        assert batch.job_count == 2 and batch.name == "criteria"
+        job = client.get(batch.job_ids[0])
+        assert job.batch_id == batch.id and job.spec["criterion"] == "block_influence"
+        summary = wait_until(
+            lambda: (s := client.batch(batch.id)).finished and s, 300, "batch", stack["worker"]
+        )
+    assert summary.status == "succeeded"
+    assert [row["criterion"] for row in summary.rows] == ["block_influence", "magnitude"]
+    assert all(len(row["removed_blocks"]) == 2 for row in summary.rows)
+    assert "ppl" not in summary.columns  # no eval step in these pipelines
