@@ -11,12 +11,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.routes import health, jobs
+from service.api.routes import batches, health, jobs, report, schedules, webhooks
 from service.db import is_sqlite, make_engine, make_sessionmaker, upgrade_database
 from service.errors import APIError, api_error_handler
 from service.limits import BodySizeLimit
+from service.metrics import setup_metrics
 from service.reaper import Reaper
+from service.scheduler import Scheduler
+from service.webhooks import WebhookDispatcher
 from shortened.config import Settings, get_settings
+from shortened.logs import configure_logging
 from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
@@ -37,9 +41,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reaper = Reaper(settings, app.state.sessionmaker, app.state.celery)
         if settings.reaper_interval_s > 0:
             reaper.start(settings.reaper_interval_s)
+        # Every replica may run the scheduler too: one job per cron slot (see scheduler.py).
+        if settings.scheduler_interval_s > 0:
+            app.state.scheduler.start(settings.scheduler_interval_s)
+        # And the webhook dispatcher: its claims are compare-and-set (see webhooks.py).
+        dispatcher = WebhookDispatcher(settings, app.state.sessionmaker)
+        if settings.webhook_interval_s > 0:
+            dispatcher.start(settings.webhook_interval_s)
         try:
             yield
         finally:
+            app.state.scheduler.stop()
+            dispatcher.stop()
             reaper.stop()
             app.state.engine.dispose()
 
@@ -55,10 +68,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Used only to send task messages (by name): the API never imports the tasks or torch.
     app.state.celery = make_celery(settings)
     app.state.store = None  # opened on first use, see deps.get_store
+    app.state.scheduler = Scheduler(settings, app.state.sessionmaker, app.state.celery)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.include_router(health.router)
+    app.include_router(batches.router)
     app.include_router(jobs.router)
+    app.include_router(schedules.router)
+    app.include_router(report.router)
+    app.include_router(webhooks.router)
+    setup_metrics(app)  # request metrics and GET /metrics
     return app
 
 
@@ -70,6 +89,9 @@ def __getattr__(name: str) -> FastAPI:
     # `shortened serve`) does not also build an app from the environment.
     if name == "app":
         global app
-        app = create_app()
+        settings = get_settings()
+        # The production entry point: JSON logs by default (uvicorn's loggers included).
+        configure_logging(settings.log_format, settings.log_level)
+        app = create_app(settings)
         return app
     raise AttributeError(name)

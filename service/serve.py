@@ -20,6 +20,7 @@ from pathlib import Path
 
 from service.db import make_engine, make_sessionmaker, upgrade_database
 from shortened.config import Settings, get_settings
+from shortened.logs import configure_logging, resolve_format
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,12 @@ def serve(settings: Settings | None = None) -> None:
 
     settings = settings or get_settings()
     settings.check_auth_binding()  # before anything starts
+    # A terminal command: text logs unless SHORTENED_LOG_FORMAT says otherwise; the worker
+    # subprocess is given the same format (through settings_env) so the two read alike.
+    settings = settings.model_copy(
+        update={"log_format": resolve_format(settings.log_format, "text")}
+    )
+    configure_logging(settings.log_format, settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_database(settings)
     recover_embedded_jobs(settings)
@@ -143,6 +150,7 @@ def serve(settings: Settings | None = None) -> None:
             host=settings.api_host,
             port=settings.api_port,
             log_level=settings.log_level.lower(),
+            log_config=None,  # configured above (configure_logging), uvicorn's loggers included
         )
     except KeyboardInterrupt:
         pass

@@ -89,6 +89,20 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
+def connect_observability() -> None:
+    """Worker-side logging (JSON by default, with the job id) and Prometheus /metrics.
+    Signal receivers only: nothing happens in processes that never start a worker (the API)."""
+    from celery import signals
+
+    from shortened.logs import setup_celery_logging
+    from worker.metrics import connect_signals
+
+    signals.setup_logging.connect(setup_celery_logging, weak=False)
+    connect_signals()
+
+
+connect_observability()
+
 _app: Celery | None = None
 
 

@@ -14,6 +14,7 @@ The engine (torch) is imported inside the task, i.e. in the forked child.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -35,6 +36,8 @@ from service import crud
 from service.db import make_engine, make_sessionmaker
 from service.reaper import scratch_prefix
 from shortened.config import Settings, get_settings
+from shortened.logs import job_context
+from worker import metrics as worker_metrics
 from worker.celery_app import RUN_JOB_TASK, app
 from worker.engine.errors import Cancelled, EngineError
 from worker.engine.progress import Progress
@@ -101,7 +104,13 @@ class Lease:
         self.renewed_at = time.monotonic()
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        self._thread = threading.Thread(
+            # In a copy of the job's context: its log lines carry the job id too.
+            target=contextvars.copy_context().run,
+            args=(self._run,),
+            name=f"lease-{job_id}",
+            daemon=True,
+        )
 
     def __enter__(self) -> Lease:
         self._thread.start()
@@ -187,6 +196,7 @@ class JobReporter:
         events: list[tuple[str, str, dict[str, Any] | None]] = []
         stage_changed = progress.stage != self.stage
         if stage_changed:
+            worker_metrics.stage_started(progress.stage)
             text = f"{progress.stage}: {progress.message}" if progress.message else progress.stage
             events.append(("stage", text, {"stage": progress.stage}))
         if progress.metrics:
@@ -266,6 +276,7 @@ def _run_prune(
 
     parsed = PruneSpec.model_validate(spec)
     from worker.engine.prune import prune_model  # torch: imported in the child only
+    from worker.engine.score_cache import StoreScoreCache
 
     return prune_model(
         parsed,
@@ -274,7 +285,43 @@ def _run_prune(
         store=store,
         cache_dir=settings.resolved_model_cache_dir,
         resume_dir=reporter.resume_dir,
+        score_cache=StoreScoreCache(store, lock=score_lock_factory(settings))
+        if settings.score_cache
+        else None,
     )
+
+
+def score_lock_factory(settings: Settings) -> Callable[[str, Callable[[], None]], Any]:
+    """A lock per score-cache key that spans workers: a PostgreSQL session advisory lock
+    (released by the server if the worker dies), or a file lock next to the embedded
+    SQLite database (one machine)."""
+    from worker.engine.score_cache import file_lock
+
+    url = settings.resolved_database_url
+    if not url.startswith("postgresql"):
+        return lambda key, on_wait: file_lock(settings.data_dir / "locks" / f"{key}.lock", on_wait)
+
+    @contextlib.contextmanager
+    def pg_lock(key: str, on_wait: Callable[[], None]) -> Any:
+        from sqlalchemy import text
+
+        engine = session_factory(settings).kw["bind"]
+        with engine.connect() as conn:
+            params = {"key": f"score-cache:{key}"}
+            while not conn.execute(
+                text("SELECT pg_try_advisory_lock(hashtext(:key))"), params
+            ).scalar():
+                conn.rollback()
+                on_wait()  # reports progress; raises Cancelled when the job is cancelled
+                time.sleep(1.0)
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), params)
+                conn.commit()
+
+    return pg_lock
 
 
 def _checkpoint_dir(settings: Settings, job_id: str) -> Path:
@@ -493,6 +540,14 @@ def worker_id() -> str:
 
 
 def execute_job(job_id: str, settings: Settings | None = None) -> str | None:
+    """``_execute_job`` with the job id on every log line and the worker's job metrics
+    (duration by outcome, stage durations; see worker.metrics)."""
+    with job_context(job_id), worker_metrics.job_run() as run:
+        run.outcome = _execute_job(job_id, settings)
+        return run.outcome
+
+
+def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
     """Run one queued job to a final status; return that status, None if the job was not
     queued (unknown, cancelled before it started, or already taken by a worker), or
     ``"lost"`` if this attempt lost the job to another one part-way."""
@@ -513,6 +568,7 @@ def execute_job(job_id: str, settings: Settings | None = None) -> str | None:
         log.info("job %s is not queued; nothing to do", job_id)
         return None
     attempt = job.attempts
+    worker_metrics.job_claimed(job.kind)
     deadline = time.monotonic() + settings.job_time_limit_s
 
     work_root = settings.data_dir.resolve() / "tmp"

@@ -149,6 +149,37 @@ def nll_continuing_from(
     return nll_from_hidden(model, hidden, input_ids)
 
 
+def _run_from(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    input_ids: torch.Tensor,
+    hidden: torch.Tensor | None,
+    blocks: Sequence[int],
+) -> torch.Tensor:
+    """The hidden state entering the final norm after ``blocks`` run on ``hidden`` (on the
+    embeddings when ``hidden`` is None): a decoder forward through those blocks only."""
+    layers = adapter.layers(model)
+    captured: list[torch.Tensor] = []
+
+    def inject(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _with_hidden(args, kwargs, hidden)
+
+    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(_hidden_of(args, kwargs).detach())
+
+    hooks = [adapter.final_norm(model).register_forward_pre_hook(grab, with_kwargs=True)]
+    if hidden is not None:
+        entry = layers[blocks[0]] if blocks else adapter.final_norm(model)
+        hooks.insert(0, entry.register_forward_pre_hook(inject, with_kwargs=True))
+    try:
+        with block_view(model, blocks):
+            model.get_decoder()(input_ids=input_ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured[-1]
+
+
 @torch.no_grad()
 def ppl_without_each(
     ctx: ScoringContext, active: Sequence[int], targets: Sequence[int], done_offset: int = 0, total: int | None = None
@@ -156,8 +187,12 @@ def ppl_without_each(
     """Calibration perplexity of the model made of ``active`` blocks with each of ``targets``
     removed in turn, and the perplexity with none removed.
 
-    The hidden states entering each block are computed once; removing block i then costs
-    only blocks i+1..N, about half the work of rebuilding the model per block.
+    One pass walks the blocks in order, keeping only the hidden state entering the current
+    block: removing block i is scored by continuing from that state through blocks
+    i+1..N, then the state is advanced through block i. Every block before i is computed
+    once in all, so the cost is about half of rebuilding the model per block, and the only
+    activations held besides one forward's are a single hidden state per calibration batch
+    (not one per block).
 
     With ``ctx.checkpoint``, each score is saved as soon as it is computed (before progress
     is reported, which may stop the run) and scores saved by an earlier run are reused.
@@ -166,36 +201,60 @@ def ppl_without_each(
     scope = ScoreCheckpoint.scope_of(active)
     saved = ctx.checkpoint.scores(scope) if ctx.checkpoint else {}
     baseline = ctx.checkpoint.baseline(scope) if ctx.checkpoint else None
+    model, adapter = ctx.model, ctx.adapter
     batches = ctx.batches()
     tokens = _token_count(ctx.windows)
-    captures: list[list[torch.Tensor]] = []
-    if baseline is None or any(block not in saved for block in targets):
-        baseline_nll = 0.0
-        for batch in batches:
-            hidden_states, nll = capture_block_inputs(ctx.model, ctx.adapter, batch, active)
-            captures.append(hidden_states)
-            baseline_nll += nll.item()
-        baseline = math.exp(baseline_nll / tokens)
-        if ctx.checkpoint:
-            ctx.checkpoint.save_baseline(scope, baseline)
+    wanted = set(targets)
+    missing = [block for block in active if block in wanted and block not in saved]
     total = total if total is not None else len(targets)
     scores: dict[int, float] = {}
-    for count, block in enumerate(targets, 1):
-        metrics: dict[str, Any] = {"block": block}
-        if block in saved:
-            scores[block] = saved[block]
+    count = 0
+
+    def report(block: int, resumed: bool) -> None:
+        nonlocal count
+        count += 1
+        metrics: dict[str, Any] = {"block": block, "ppl": scores[block]}
+        if resumed:
             metrics["resumed"] = True
-        else:
-            position = active.index(block)
+        ctx.progress(Progress("scoring", done_offset + count, total, "blocks", metrics=metrics))
+
+    states: list[torch.Tensor | None] = [None] * len(batches)  # None: the embeddings
+    needs_pass = baseline is None or bool(missing)
+    for position, block in enumerate(active):
+        if block in wanted and block not in saved:
             remaining = active[position + 1 :]
-            nll = sum(
-                nll_continuing_from(ctx.model, ctx.adapter, batch, hidden_states[position], remaining).item()
-                for batch, hidden_states in zip(batches, captures, strict=True)
-            )
+            nll = 0.0
+            for index, batch in enumerate(batches):
+                hidden = states[index]
+                if hidden is None:  # the first block: start from the embeddings
+                    hidden = states[index] = _run_from(model, adapter, batch, None, [])
+                nll += nll_continuing_from(model, adapter, batch, hidden, remaining).item()
             scores[block] = math.exp(nll / tokens)
             if ctx.checkpoint:
                 ctx.checkpoint.save_score(scope, block, scores[block])
-        ctx.progress(Progress("scoring", done_offset + count, total, "blocks", metrics={**metrics, "ppl": scores[block]}))
+            report(block, resumed=False)
+        elif block in wanted:
+            scores[block] = saved[block]
+            report(block, resumed=True)
+        later_missing = any(b in wanted and b not in saved for b in active[position + 1 :])
+        if needs_pass and (baseline is None or later_missing):
+            states = [
+                _run_from(model, adapter, batch, state, [block])
+                for batch, state in zip(batches, states, strict=True)
+            ]
+    for block in targets:  # targets not among the active blocks keep their saved scores
+        if block not in scores and block in saved:
+            scores[block] = saved[block]
+            report(block, resumed=True)
+    if baseline is None:
+        nll = 0.0
+        for batch, state in zip(batches, states, strict=True):
+            if state is None:  # no active blocks at all
+                state = _run_from(model, adapter, batch, None, [])
+            nll += nll_continuing_from(model, adapter, batch, state, []).item()
+        baseline = math.exp(nll / tokens)
+        if ctx.checkpoint:
+            ctx.checkpoint.save_baseline(scope, baseline)
     return scores, baseline
 
 
