@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from service import crud
 from service.api.deps import SessionDep
-from service.api.routes.jobs import NOT_FOUND, JobId
+from service.api.routes.jobs import JobId
 from service.auth import PrincipalDep, get_principal
 from service.errors import coded
 from service.models import FINISHED_STATUSES, Job
@@ -280,7 +280,13 @@ def prune_context(session: Session, job: Job, scope: str | None) -> dict[str, An
 @router.get(
     "/{job_id}/report",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}}, **NOT_FOUND},
+    responses={
+        200: {"content": {"text/html": {}}},
+        # Errors are JSON like every other route's, not HTML.
+        401: {**coded("Missing, invalid or revoked API key"), "content": {"application/json": {}}},
+        404: {"description": "No job with this id", "content": {"application/json": {}}},
+        422: {"description": "Validation error", "content": {"application/json": {}}},
+    },
 )
 def job_report(
     job_id: JobId, request: Request, session: SessionDep, principal: PrincipalDep

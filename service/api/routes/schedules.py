@@ -41,7 +41,10 @@ router = APIRouter(
     prefix="/schedules",
     tags=["schedules"],
     dependencies=[Depends(get_principal)],
-    responses={401: coded("Missing, invalid or revoked API key")},
+    responses={
+        400: {"description": "The body is not JSON"},
+        401: coded("Missing, invalid or revoked API key"),
+    },
 )
 
 ScheduleId = Annotated[str, Path(max_length=64, description="Schedule id")]

@@ -37,7 +37,10 @@ from shortened.specs import WebhookEventType, check_webhook_url
 router = APIRouter(
     tags=["webhooks"],
     dependencies=[Depends(get_principal)],
-    responses={401: coded("Missing, invalid or revoked API key")},
+    responses={
+        400: {"description": "The body is not JSON"},
+        401: coded("Missing, invalid or revoked API key"),
+    },
 )
 
 Id = Annotated[str, Path(max_length=64)]
