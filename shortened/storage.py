@@ -286,6 +286,37 @@ class ArtifactStore(abc.ABC):
     def get_bytes(self, key: str) -> bytes:
         """Raises ArtifactNotFound."""
 
+    def streams_verified(self, size: int) -> bool:
+        """Whether ``get_file_verified`` hashes while it downloads an object of ``size``
+        bytes (one sequential stream) rather than after (a parallel ranged download)."""
+        return True
+
+    def get_file_verified(self, key: str, dest: Path, name: str, size: int, sha256: str) -> None:
+        """Download to ``dest`` hashing the bytes as they arrive; ``dest`` appears only if
+        size and sha256 match (else IntegrityError naming ``name``)."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_path_next_to(dest)
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in self.open_stream(key, _CHUNK):
+                    digest.update(chunk)
+                    f.write(chunk)
+                    written += len(chunk)
+            if written != size:
+                raise IntegrityError(name, f"size mismatch: expected {size} bytes, got {written}")
+            if digest.hexdigest() != sha256:
+                raise IntegrityError(
+                    name, f"sha256 mismatch: expected {sha256}, got {digest.hexdigest()}"
+                )
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
     @abc.abstractmethod
     def open_stream(self, key: str, chunk_size: int = _CHUNK) -> Iterator[bytes]:
         """Iterator over the object's bytes.
@@ -614,6 +645,11 @@ class S3Store(ArtifactStore):
                 os.unlink(tmp)
             raise
 
+    def streams_verified(self, size: int) -> bool:
+        # Below the multipart threshold boto3 would use one GET too: stream it and hash on
+        # the way. Above it, its parallel ranged GETs are faster and the hash comes after.
+        return size < getattr(self.transfer_config, "multipart_threshold", 8 * _MiB)
+
     def _get_object(self, key: str) -> Any:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -848,11 +884,16 @@ def download_published(store: ArtifactStore, prefix: str, dest: Path) -> dict:
         verifications = []
         for e in entries:
             target = _safe_dest(staged, e["name"])
+            key = _join(prefix, e["name"])
             try:
-                store.get_file(_join(prefix, e["name"]), target)
+                if store.streams_verified(e["size"]):  # hashed as it arrives
+                    store.get_file_verified(key, target, e["name"], e["size"], e["sha256"])
+                    continue
+                store.get_file(key, target)
             except ArtifactNotFound as err:
                 raise IntegrityError(e["name"], "listed in the manifest but missing") from err
-            # Hash file i while file i+1 downloads (hashlib releases the GIL on large reads).
+            # A large object (parallel ranged download): hash file i while file i+1
+            # downloads (hashlib releases the GIL on large reads).
             verifications.append(verifier.submit(_verify_file, e["name"], target, e["size"], e["sha256"]))
         for verification in verifications:
             verification.result()  # raises IntegrityError before the staged dir is moved into place

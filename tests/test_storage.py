@@ -498,3 +498,33 @@ def test_exceptions_pickle() -> None:
     assert isinstance(e, ArtifactNotFound) and e.key == "jobs/x/manifest.json"
     i = pickle.loads(pickle.dumps(IntegrityError("model.safetensors", "sha256 mismatch")))
     assert i.name == "model.safetensors" and str(i) == "model.safetensors: sha256 mismatch"
+
+
+@pytest.mark.parametrize("threshold", [64 << 20, 1024])
+def test_download_published_verifies_streamed_and_ranged_downloads(
+    s3_server: str, model_dir: Path, tmp_path: Path, threshold: int
+) -> None:
+    """Objects below the multipart threshold are hashed while they stream; larger ones are
+    fetched with parallel ranged GETs and hashed after. Both refuse a damaged object."""
+    from boto3.s3.transfer import TransferConfig
+
+    bucket = _new_bucket(s3_server)
+    config = TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold)
+    store = S3Store(bucket, endpoint_url=s3_server, transfer_config=config)
+    manifest = publish_directory(store, model_dir, "pub")
+    sizes = {e["name"]: e["size"] for e in manifest["files"]}
+    streamed = {name for name, size in sizes.items() if store.streams_verified(size)}
+    if threshold == 1024:
+        assert streamed != set(sizes)  # at least one ranged download
+    else:
+        assert streamed == set(sizes)
+    download_published(store, "pub", tmp_path / "ok")
+    assert _tree(tmp_path / "ok") == _tree(model_dir)
+
+    largest = max(sizes, key=sizes.__getitem__)
+    data = bytearray(store.get_bytes(f"pub/{largest}"))
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    store.put_bytes(f"pub/{largest}", bytes(data))
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        download_published(store, "pub", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -377,7 +377,7 @@ def download_artifact(
     """Stream one published file, verified first: the object is fetched and its size and
     sha256 checked against the job's record; a mismatch is a 502 ``artifact_corrupted``,
     never a download. Only names listed for the job are served."""
-    from shortened.storage import ArtifactNotFound, sha256_file
+    from shortened.storage import ArtifactNotFound, IntegrityError
 
     job, files = _published_files(request, session, job_id, principal)
     entry = next((f for f in files if f["name"] == name), None)
@@ -390,20 +390,23 @@ def download_artifact(
     tmp = PathLib(tmp_name)
     try:
         try:
-            get_store(request).get_file(f"jobs/{job.id}/{entry['name']}", tmp)
+            # Hashed while it downloads; the file appears only if size and sha256 match.
+            get_store(request).get_file_verified(
+                f"jobs/{job.id}/{entry['name']}", tmp, entry["name"], entry["size"], entry["sha256"]
+            )
         except ArtifactNotFound as exc:
             raise APIError(
                 502, "artifact_corrupted", f"artifact {name!r} is listed but missing from the store"
             ) from exc
-        except Exception as exc:
-            raise APIError(503, "storage_unavailable", f"artifact store error: {exc}") from exc
-        if tmp.stat().st_size != entry["size"] or sha256_file(tmp) != entry["sha256"]:
-            log.error("job %s artifact %s does not match its sha256/size", job.id, name)
+        except IntegrityError as exc:
+            log.error("job %s artifact %s does not match its sha256/size: %s", job.id, name, exc)
             raise APIError(
                 502,
                 "artifact_corrupted",
                 f"artifact {name!r} of job {job_id} does not match its recorded sha256 and size",
-            )
+            ) from exc
+        except Exception as exc:
+            raise APIError(503, "storage_unavailable", f"artifact store error: {exc}") from exc
         handle = tmp.open("rb")
     finally:
         # Unlinked at once: the open handle keeps the data until the stream is closed.
