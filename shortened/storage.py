@@ -831,12 +831,17 @@ def publish_directory(
     store.delete(manifest_key)
     store.delete_prefix(prefix)
 
-    entries = []
-    for name, path in files:
-        size = path.stat().st_size
-        digest = sha256_file(path)
-        store.put_file(_join(prefix, name), path)
-        entries.append({"name": name, "size": size, "sha256": digest})
+    # Hash on a thread while the uploads run (hashlib and the socket writes both release
+    # the GIL): the manifest needs the digests only at the end.
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+        digests = [hasher.submit(sha256_file, path) for _, path in files]
+        sizes = [path.stat().st_size for _, path in files]
+        for name, path in files:
+            store.put_file(_join(prefix, name), path)
+        entries = [
+            {"name": name, "size": size, "sha256": digest.result()}
+            for (name, _), size, digest in zip(files, sizes, digests, strict=True)
+        ]
 
     manifest = {
         "files": entries,
