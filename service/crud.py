@@ -25,6 +25,7 @@ from typing import Any, Literal, cast
 from sqlalchemy import CursorResult, Result, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.models import FINISHED_STATUSES, Job, JobAttempt, JobEvent, utcnow
 
@@ -144,7 +145,7 @@ def create_job(
         progress_unit="",
         cancel_requested=False,
         attempts=0,
-        event_seq=0,
+        event_seq=1,  # its "queued" event, inserted below
         tenant=tenant,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
@@ -163,11 +164,18 @@ def create_job(
         if idempotency_key is not None:
             raise DuplicateIdempotencyKey(idempotency_key) from exc
         raise
-    append_event(session, job.id, "status", "queued", {"status": "queued"})
+    # The job's first event, numbered 1 directly: the row is new, nobody else can be
+    # numbering its events yet (append_event's UPDATE is for existing jobs).
+    data = {"status": "queued"}
+    session.add(JobEvent(job_id=job.id, seq=1, time=now, type="status", message="queued", data=data))
+    from service.webhooks import enqueue_status_change
+
+    enqueue_status_change(session, job.id, 1, data, now, job=job)
+    set_committed_value(job, "attempt_rows", [])  # a new job has none: no query for them
     if not commit:
         return job
-    session.commit()
-    return reload(session, job.id)
+    session.commit()  # expire_on_commit=False: the object is the row as inserted
+    return job
 
 
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:

@@ -36,6 +36,8 @@ def root_of(session: Session, job: Job) -> Job:
 def pipeline_of(session: Session, job: Job) -> PipelineOut | None:
     """The pipeline ``job`` belongs to, or None when it is a plain job (no links)."""
     root = root_of(session, job)
+    if root is job and len(planned_kinds(root)) == 1:
+        return None  # a plain job: no parent, and its spec plans no follow-ups
     chain = [root]
     frontier = [root.id]
     while frontier:

@@ -267,18 +267,21 @@ def enqueue_status_change(
     now: datetime | None = None,
     *,
     links_base_url: str | None = None,
+    job: Job | None = None,
 ) -> list[str]:
     """Add the deliveries of a job's status change to the session (the caller commits, with
-    the change itself) and return their ids. Called by ``crud.append_event``."""
+    the change itself) and return their ids. Called by ``crud.append_event`` (and by
+    ``crud.create_job`` with the new ``job`` itself, which saves reading it back)."""
     event_type = event_type_for(data)
     if event_type is None:
         return []
-    job = session.execute(
-        select(
-            Job.id, Job.kind, Job.status, Job.stage, Job.tenant, Job.parent_id, Job.batch_id,
-            Job.error_code, Job.error_message, Job.result, Job.spec, Job.attempts,
-        ).where(Job.id == job_id)
-    ).one_or_none()  # fmt: skip
+    if job is None:
+        job = session.execute(
+            select(
+                Job.id, Job.kind, Job.status, Job.stage, Job.tenant, Job.parent_id, Job.batch_id,
+                Job.error_code, Job.error_message, Job.result, Job.spec, Job.attempts,
+            ).where(Job.id == job_id)
+        ).one_or_none()  # fmt: skip
     if job is None:
         return []
     targets: list[tuple[str | None, str]] = [
