@@ -46,6 +46,15 @@ Row = dict[str, Any]
 # ---------------------------------------------------------------------------- formatting
 
 
+STAGE_ORDER = ("load", "calibration", "fingerprint", "scoring", "pruning", "saving")
+
+
+def _in_stage_order(timings: dict[str, Any]) -> dict[str, Any]:
+    """The engine's timings in the order the stages ran (PostgreSQL's JSONB reorders keys)."""
+    rank = {f"{name}_s": i for i, name in enumerate(STAGE_ORDER)}
+    return dict(sorted(timings.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
 def fmt_number(value: Any, digits: int = 4) -> str:
     if value is None:
         return "n/a"
@@ -56,7 +65,8 @@ def fmt_number(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        return f"{value:.{digits}g}"
+        # "#": keep trailing zeros, so a column of figures has the same precision.
+        return f"{value:#.{digits}g}".rstrip(".")
     return str(value)
 
 
@@ -273,7 +283,7 @@ def prune_context(session: Session, job: Job, scope: str | None) -> dict[str, An
         "protected": report.get("protected_blocks", []),
         "scores_reused": report.get("scores_reused") or 0,
         "resumed_scores": report.get("resumed_scores") or 0,
-        "timings": report.get("timings") or {},
+        "timings": _in_stage_order(report.get("timings") or {}),
     }
 
 
