@@ -276,7 +276,7 @@ def enqueue_status_change(
     if event_type is None:
         return []
     if job is None:
-        job = session.execute(
+        job = session.execute(  # type: ignore[assignment]  # a Row with the same attributes
             select(
                 Job.id, Job.kind, Job.status, Job.stage, Job.tenant, Job.parent_id, Job.batch_id,
                 Job.error_code, Job.error_message, Job.result, Job.spec, Job.attempts,

@@ -407,7 +407,7 @@ class EvalSpec(_JobSpec):
 class PipelineRetrain(RetrainSpec):
     """A RetrainSpec without ``model``: the pruned model (``job://<prune id>``) is retrained."""
 
-    model: None = Field(default=None, exclude=True, description="Not given: the parent job's model")
+    model: None = Field(default=None, exclude=True, description="Not given: the parent job's model")  # type: ignore[assignment]  # torch/transformers stubs
 
     @field_validator("model")
     @classmethod
@@ -422,7 +422,7 @@ class PipelineEval(EvalSpec):
     """An EvalSpec without ``model``: the pipeline's last model is evaluated. ``compare_with``
     defaults to the pruned model (after a retrain) or the unpruned one (otherwise)."""
 
-    model: None = Field(default=None, exclude=True, description="Not given: the parent job's model")
+    model: None = Field(default=None, exclude=True, description="Not given: the parent job's model")  # type: ignore[assignment]  # torch/transformers stubs
 
     @field_validator("model")
     @classmethod

@@ -126,7 +126,7 @@ def _renumber(blocks: Sequence[nn.Module]) -> None:
     for new_index, block in enumerate(blocks):
         for module in block.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
+                module.layer_idx = new_index  # type: ignore[assignment]  # torch/transformers stubs
 
 
 def keep_blocks(model: nn.Module, kept: Sequence[int]) -> None:

@@ -41,7 +41,7 @@ class ScoringContext:
         return self.adapter.num_layers(self.model)
 
     def batches(self) -> list[torch.Tensor]:
-        device = self.model.get_input_embeddings().weight.device
+        device = self.model.get_input_embeddings().weight.device  # type: ignore[operator]  # torch/transformers stubs
         return [chunk.to(device) for chunk in self.windows.split(self.batch_size)]
 
 
@@ -83,7 +83,7 @@ def nll_from_hidden(
 ) -> torch.Tensor:
     """Summed next-token NLL from the final (normed) hidden states, applying the LM head
     (and Gemma 2's logit soft-capping) a few hundred tokens at a time."""
-    head = model.get_output_embeddings()
+    head: Any = model.get_output_embeddings()  # type: ignore[operator]
     cap = getattr(model.config, "final_logit_softcapping", None)
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
@@ -97,7 +97,8 @@ def nll_from_hidden(
 
 
 def _final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    decoder: Any = model.get_decoder()  # type: ignore[operator]
+    return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 def _token_count(windows: torch.Tensor) -> int:
@@ -162,6 +163,7 @@ def _run_from(
     captured: list[torch.Tensor] = []
 
     def inject(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        assert hidden is not None  # only registered when there is a state to inject
         return _with_hidden(args, kwargs, hidden)
 
     def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -173,7 +175,7 @@ def _run_from(
         hooks.insert(0, entry.register_forward_pre_hook(inject, with_kwargs=True))
     try:
         with block_view(model, blocks):
-            model.get_decoder()(input_ids=input_ids, use_cache=False)
+            model.get_decoder()(input_ids=input_ids, use_cache=False)  # type: ignore[operator]  # torch/transformers stubs
     finally:
         for hook in hooks:
             hook.remove()
@@ -322,7 +324,7 @@ def taylor(ctx: ScoringContext) -> CriterionResult:
 
     def fold(param: torch.Tensor) -> None:
         _, accumulator = accumulators[id(param)]
-        accumulator += _weight_rows(param.detach() * param.grad).sum(dim=1, dtype=torch.float64)
+        accumulator += _weight_rows(param.detach() * param.grad).sum(dim=1, dtype=torch.float64)  # type: ignore[operator]  # torch/transformers stubs
         param.grad = None
 
     for block_index, block in enumerate(layers):
@@ -430,8 +432,8 @@ CRITERIA: dict[str, Callable[[ScoringContext], CriterionResult]] = {
 def ppl_scores_naive(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
     """The structure of the paper's code: deep-copy the model without block i and run a full
     forward, for every i. Quadratic compute and a second model in memory."""
-    num_layers = len(model.model.layers)
-    device = model.get_input_embeddings().weight.device
+    num_layers = len(model.model.layers)  # type: ignore[union-attr, arg-type]  # torch/transformers stubs
+    device = model.get_input_embeddings().weight.device  # type: ignore[operator]  # torch/transformers stubs
     tokens = _token_count(windows)
     scores = []
     for block in range(num_layers):

@@ -146,7 +146,7 @@ def load_model(
             load_kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, **load_kwargs)
     if "device_map" not in load_kwargs:
-        model.to(target)
+        model.to(target)  # type: ignore[arg-type]  # torch/transformers stubs
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **hub_kwargs)
     source_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -162,4 +162,4 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return model.get_input_embeddings().weight.device  # type: ignore[operator]  # torch/transformers stubs

@@ -199,7 +199,7 @@ def prune_model(
             order = sorted(candidates, key=lambda b: (scores[b], b)) if spec.criterion in ORDER_FROM_SCORES else cached["removal_order"]
             result = CriterionResult(scores, order, cached.get("details", {}))
             reused = sum(score is not None for score in scores)
-        message = spec.criterion
+        message: str = spec.criterion
         if reused:
             message = f"{spec.criterion} (reusing {reused} cached block scores)"
         elif resumed:

@@ -161,7 +161,7 @@ def submit_batch(
         raise APIError(
             409, "conflict", "a batch with this Idempotency-Key is being created; retry"
         ) from exc
-    recorded = []
+    recorded: list[dict[str, Any]] = []
     for values, spec in points:
         job = crud.create_job(
             session, body.kind, spec, tenant=principal.tenant, batch_id=batch.id, commit=False
