@@ -6,6 +6,8 @@
     shortened jobs cancel ID
     shortened jobs wait ID [--timeout S]                # exit 0 succeeded, 1 failed/cancelled
     shortened jobs download ID DEST
+    shortened jobs batch BATCH.json [--wait]           # a grid; --wait prints its table
+    shortened jobs batch-get ID [--json]                # the comparison table
 
 ``--url`` (env ``SHORTENED_URL``, default http://127.0.0.1:8000) and ``--api-key`` (env
 ``SHORTENED_API_KEY``) go before or after the sub-command. Errors are one line on stderr;
@@ -19,12 +21,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from types import SimpleNamespace
 from typing import Any
 
 from pydantic import ValidationError
 
-from .client import DEFAULT_URL, Job, ShortenedAPIError, ShortenedClient
+from .client import DEFAULT_URL, BatchSummary, Job, ShortenedAPIError, ShortenedClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 KINDS = ("prune", "retrain", "eval")
@@ -98,6 +101,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "dest", metavar="DEST", help="directory to write the files to (created if needed)"
     )
     d.set_defaults(jobs_handler=_download)
+
+    b = jobs.add_parser(
+        "batch",
+        parents=[common],
+        help="queue a grid of jobs from a JSON batch request; prints the batch id",
+        description='BATCH.json: {"kind": "prune", "name": ..., "base": {...spec...}, '
+        '"grid": {"num_blocks": [2, 4], "criterion": ["ppl", "taylor"]}}',
+    )
+    b.add_argument("spec", metavar="BATCH.json", help="the batch request ('-': standard input)")
+    b.add_argument(
+        "--idempotency-key", help="resubmitting with the same key returns the same batch"
+    )
+    b.add_argument(
+        "--wait", action="store_true", help="then wait for every job and print the table"
+    )
+    _wait_options(b)
+    b.set_defaults(jobs_handler=_batch)
+
+    bg = jobs.add_parser(
+        "batch-get", parents=[common], help="a batch's comparison table (one row per job)"
+    )
+    bg.add_argument("batch_id", metavar="ID")
+    bg.add_argument("--json", action="store_true", help="the full summary as JSON")
+    bg.set_defaults(jobs_handler=_batch_get)
 
     p.set_defaults(handler=run)
 
@@ -294,7 +321,98 @@ def _follow(client: ShortenedClient, job_id: str, args: argparse.Namespace) -> i
     return EXIT_FAILED
 
 
+def _batch(client: ShortenedClient, args: argparse.Namespace) -> int:
+    body = _read_spec(args.spec)
+    unknown = set(body) - {"kind", "name", "base", "grid"}
+    if unknown or "base" not in body or "grid" not in body:
+        raise UsageError(
+            "a batch request is {kind?, name?, base, grid}"
+            + (f"; unexpected: {', '.join(sorted(unknown))}" if unknown else "")
+        )
+    batch = client.submit_batch(
+        body["base"],
+        body["grid"],
+        kind=body.get("kind", "prune"),
+        name=body.get("name"),
+        idempotency_key=args.idempotency_key,
+    )
+    print(batch.id, flush=True)
+    if not args.wait:
+        return EXIT_OK
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    last = ""
+    while True:
+        summary = client.batch(batch.id)
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()))
+        if counts != last:
+            print(f"[batch {batch.id}] {counts}", file=sys.stderr, flush=True)
+            last = counts
+        if summary.finished:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            _error(args, f"batch {batch.id} still running after {args.timeout:g} s")
+            return EXIT_FAILED
+        time.sleep(args.poll_interval)
+    _print_batch_table(summary)
+    return EXIT_OK if summary.status == "succeeded" else EXIT_FAILED
+
+
+def _batch_get(client: ShortenedClient, args: argparse.Namespace) -> int:
+    summary = client.batch(args.batch_id)
+    if args.json:
+        print(summary.model_dump_json(indent=2))
+    else:
+        _print_batch_table(summary)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- rendering
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _print_batch_table(summary: BatchSummary) -> None:
+    """The comparison table: one row per job, the grid values first, then the figures."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console() if sys.stdout.isatty() else Console(width=200, no_color=True)
+    title = f"batch {summary.id}" + (f" ({summary.name})" if summary.name else "")
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
+    numeric = {
+        "params",
+        "params_removed_ratio",
+        "scores_reused",
+        "ppl",
+        "accuracy",
+        "latency_s",
+        "throughput_tok_s",
+    }
+    for column in summary.columns:
+        table.add_column(
+            column, justify="right" if column in numeric else "left", no_wrap=column == "job_id"
+        )
+    for row in summary.rows:
+        table.add_row(*(_cell(row.get(column)) for column in summary.columns))
+    if summary.baseline:
+        table.add_row(
+            "baseline", "", *(_cell(summary.baseline.get(c)) for c in summary.columns[2:])
+        )
+    console.print(table)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()))
+    best = f"; best by perplexity: {summary.best_by_ppl}" if summary.best_by_ppl else ""
+    console.print(f"{summary.status}: {counts}{best}")
 
 
 def _progress_text(job: Job) -> str:

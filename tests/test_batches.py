@@ -256,3 +256,48 @@ def test_python_client_submits_and_reads_a_batch(stack):
     assert [row["criterion"] for row in summary.rows] == ["block_influence", "magnitude"]
     assert all(len(row["removed_blocks"]) == 2 for row in summary.rows)
     assert "ppl" not in summary.columns  # no eval step in these pipelines
+
+
+def test_cli_submits_a_batch_waits_and_prints_the_table(stack, tmp_path):
+    import subprocess
+    import sys
+
+    request = tmp_path / "grid.json"
+    request.write_text(
+        json.dumps(
+            {"name": "cli grid", "base": base_spec(eval=None), "grid": {"num_blocks": [1, 3]}}
+        )
+    )
+    url = str(stack["api"].base_url)
+    command = [sys.executable, "-m", "shortened.cli", "jobs", "--url", url]
+    done = subprocess.run(
+        [*command, "batch", str(request), "--wait", "--poll-interval", "0.5", "--timeout", "300"],
+        capture_output=True, text=True, timeout=360,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    batch_id = lines[0].strip()
+    assert "batch " + batch_id in done.stdout and "(cli grid)" in done.stdout
+    header = next(line for line in lines if "job_id" in line)
+    assert "num_blocks" in header and "removed_blocks" in header and "scores_reused" in header
+    rows = [
+        line
+        for line in lines
+        if line.strip().startswith(tuple("0123456789abcdef")) and "succeeded" in line
+    ]
+    assert len(rows) == 2, done.stdout
+    assert "succeeded: 2 succeeded" in done.stdout
+    assert "[batch" in done.stderr  # progress lines go to stderr
+
+    again = subprocess.run(
+        [*command, "batch-get", batch_id, "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 0 and json.loads(again.stdout)["counts"] == {"succeeded": 2}
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"base": base_spec(), "grid": {"num_blocks": [0]}}))
+    refused = subprocess.run(
+        [*command, "batch", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2
+    assert "grid.num_blocks" in refused.stderr or "num_blocks" in refused.stderr, refused.stderr
