@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from service import crud
 from service.db import make_engine, make_sessionmaker
+from service.loop import BackgroundLoop
 from shortened.config import Settings, get_settings
 from worker.celery_app import RUN_JOB_TASK, make_celery
 
@@ -49,13 +49,14 @@ class ReapReport:
     send_errors: int = 0
 
 
-class Reaper:
+class Reaper(BackgroundLoop):
+    loop_name = "reaper"
+
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> None:
+        super().__init__()
         self.settings = settings
         self.sessions = sessions
         self.celery = celery
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._store: Any = None
 
     def _send(self, job_id: str, report: ReapReport) -> None:
@@ -99,25 +100,6 @@ class Reaper:
             report.redispatched.append(job_id)
             self._send(job_id, report)
         return report
-
-    def run_forever(self, interval_s: float) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # database down: try again next round
-                log.exception("reaper round failed")
-            self._stop.wait(interval_s)
-
-    def start(self, interval_s: float) -> None:
-        self._thread = threading.Thread(
-            target=self.run_forever, args=(interval_s,), name="reaper", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,6 @@ import os
 import random
 import signal
 import socket
-import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +55,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service import crud
 from service.db import make_engine, make_sessionmaker
+from service.loop import BackgroundLoop
 from service.models import Schedule, ScheduleRun, utcnow
 from shortened.config import Settings, get_settings
 from worker.celery_app import RUN_JOB_TASK, make_celery
@@ -242,7 +242,9 @@ class SlotTaken(Exception):
     """Another scheduler created this slot's run first."""
 
 
-class Scheduler:
+class Scheduler(BackgroundLoop):
+    loop_name = "scheduler"
+
     def __init__(
         self,
         settings: Settings,
@@ -250,12 +252,11 @@ class Scheduler:
         celery: Celery,
         name: str | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.sessions = sessions
         self.celery = celery
         self.name = name or default_name()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         # Touched after every successful round: a liveness probe checks its age.
         self.heartbeat_file: Path | None = None
 
@@ -435,28 +436,14 @@ class Scheduler:
                 handled += 1
         return report
 
-    def run_forever(self, interval_s: float) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                if self.heartbeat_file is not None:
-                    self.heartbeat_file.touch()
-            except Exception:  # database down: try again next round
-                log.exception("scheduler round failed")
-            # Jitter: replicas started together do not poll in lock-step.
-            self._stop.wait(interval_s * random.uniform(0.5, 1.5))
+    def after_round(self, report: Any) -> bool:
+        if self.heartbeat_file is not None:
+            self.heartbeat_file.touch()
+        return False
 
-    def start(self, interval_s: float) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self.run_forever, args=(interval_s,), name="scheduler", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def wait_s(self, interval_s: float) -> float:
+        # Jitter: replicas started together do not poll in lock-step.
+        return interval_s * random.uniform(0.5, 1.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,10 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler.heartbeat_file = args.heartbeat_file
     interval = args.interval or settings.scheduler_interval_s or 5.0
 
-    def _stop(signum: int, _frame: Any) -> None:
-        scheduler._stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: scheduler.stop())
     try:
         if args.once:
             log.info("scheduler %s: %s", scheduler.name, scheduler.run_once())

@@ -40,7 +40,6 @@ import logging
 import random
 import secrets
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -55,6 +54,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from service.crud import json_safe
+from service.loop import BackgroundLoop
 from service.models import (
     Job,
     WebhookAttempt,
@@ -395,14 +395,15 @@ class SendResult:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-class WebhookDispatcher:
+class WebhookDispatcher(BackgroundLoop):
     """Sends due deliveries; one per API replica and/or ``python -m service.webhooks``."""
 
+    loop_name = "webhooks"
+
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__()
         self.settings = settings
         self.sessions = sessions
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._client: httpx.Client | None = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -677,27 +678,12 @@ class WebhookDispatcher:
             ).append(claim.delivery_id)
         return report
 
-    def run_forever(self, interval_s: float) -> None:
-        while not self._stop.is_set():
-            try:
-                report = self.run_once()
-                busy = bool(report.succeeded or report.retrying or report.failed)
-            except Exception:  # database down: try again next round
-                log.exception("webhook dispatch round failed")
-                busy = False
-            if not busy:  # a full round may have left more due: go again at once
-                self._stop.wait(interval_s)
-
-    def start(self, interval_s: float) -> None:
-        self._thread = threading.Thread(
-            target=self.run_forever, args=(interval_s,), name="webhooks", daemon=True
-        )
-        self._thread.start()
+    def after_round(self, report: DispatchReport) -> bool:
+        # A busy round may have left more due: go again at once.
+        return bool(report.succeeded or report.retrying or report.failed)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:

@@ -44,6 +44,8 @@ from e2e_service import (
     wait_until,
 )
 
+from worker.processes import pid_alive
+
 pytestmark = pytest.mark.e2e
 
 TESTS = Path(__file__).resolve().parent
@@ -130,14 +132,6 @@ def stop_all(processes: list[Process]) -> None:
     for process in processes:
         if process.popen.poll() is None:
             process.stop(timeout=30)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def attempt_pid(job: dict, index: int = -1) -> int:

@@ -43,6 +43,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from worker.processes import pid_alive
+
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -198,16 +200,6 @@ _serving: _Serving | None = None
 _DIR_NAME = re.compile(r"^worker-(\d+)-")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _fresh_directory(data_dir: Path) -> tuple[Path, bool]:
     """``PROMETHEUS_MULTIPROC_DIR`` if set (emptied of old files: a restarted worker must not
     add its predecessor's counts), else a new directory under ``<data_dir>/metrics``."""
@@ -222,7 +214,7 @@ def _fresh_directory(data_dir: Path) -> tuple[Path, bool]:
     root.mkdir(parents=True, exist_ok=True)
     for entry in root.iterdir():  # left by workers that were killed
         match = _DIR_NAME.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"worker-{os.getpid()}-", dir=root)), True
 

@@ -41,6 +41,7 @@ from worker import metrics as worker_metrics
 from worker.celery_app import RUN_JOB_TASK, app
 from worker.engine.errors import Cancelled, EngineError
 from worker.engine.progress import Progress
+from worker.processes import pid_alive
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -444,23 +445,13 @@ def queue_followups(sessions: sessionmaker[Session], job_id: str) -> list[str]:
 _WORK_DIR = re.compile(r"^job-[0-9a-zA-Z]+-p(\d+)-")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_work_dirs(work_root: Path) -> int:
     """Remove the work directories of dead processes (a worker SIGKILLed mid-job never ran
     its cleanup); live ones, this process's included, are left alone."""
     removed = 0
     for entry in work_root.iterdir() if work_root.is_dir() else ():
         match = _WORK_DIR.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
             removed += 1
     return removed
