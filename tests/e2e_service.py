@@ -190,6 +190,28 @@ def start_api(env: dict[str, str], port: int, log_path: Path) -> tuple[Process, 
     return process, url
 
 
+@contextmanager
+def worker_and_api(common: dict[str, str], queue: str, root: Path) -> Iterator[tuple[Process, str]]:
+    """A Celery worker on ``queue`` and the API under uvicorn, both with the settings
+    ``common`` but each its own data directory under ``root`` (they share only the database,
+    broker and artifact store). Yields ``(worker, url)``; both are stopped on exit."""
+    worker = start_worker(
+        base_env({**common, "SHORTENED_DATA_DIR": str(root / "worker")}), queue, root / "worker.log"
+    )
+    try:
+        api_process, url = start_api(
+            base_env({**common, "SHORTENED_DATA_DIR": str(root / "api")}),
+            free_port(),
+            root / "api.log",
+        )
+        try:
+            yield worker, url
+        finally:
+            api_process.stop()
+    finally:
+        worker.stop(timeout=60)
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200

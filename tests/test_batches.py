@@ -13,13 +13,10 @@ from e2e_service import (
     FINISHED,
     REPO,
     TINY_MODEL,
-    base_env,
-    free_port,
     postgres_database,
     redis_namespace,
-    start_api,
-    start_worker,
     wait_until,
+    worker_and_api,
 )
 
 HELDOUT = REPO / "data" / "stdlib_docs_heldout.txt"
@@ -63,24 +60,9 @@ def stack(tmp_path_factory):
             "SHORTENED_MAX_BATCH_JOBS": "8",
         }
         upgrade_database(database_url)
-        worker = start_worker(
-            base_env({**common, "SHORTENED_DATA_DIR": str(root / "worker")}),
-            queue,
-            root / "worker.log",
-        )
-        try:
-            api_process, url = start_api(
-                base_env({**common, "SHORTENED_DATA_DIR": str(root / "api")}),
-                free_port(),
-                root / "api.log",
-            )
-            try:
-                with httpx.Client(base_url=url, timeout=30) as api:
-                    yield {"api": api, "worker": worker}
-            finally:
-                api_process.stop()
-        finally:
-            worker.stop(timeout=60)
+        with worker_and_api(common, queue, root) as (worker, url):
+            with httpx.Client(base_url=url, timeout=30) as api:
+                yield {"api": api, "worker": worker}
 
 
 def wait_for_batch(stack, batch_id: str, timeout: float = 400) -> dict:

@@ -34,8 +34,8 @@ from e2e_service import (
     redis_namespace,
     s3_bucket,
     start_api,
-    start_worker,
     wait_until,
+    worker_and_api,
 )
 
 from shortened.client import ShortenedAPIError, ShortenedClient
@@ -83,30 +83,15 @@ def stack(tmp_path_factory):
             "SHORTENED_AUTH_REQUIRED": "true",
             "SHORTENED_TENANT_LIMITS": json.dumps({"limited": {"max_concurrent_jobs": 1}}),
         }
-        worker = start_worker(
-            base_env({**common, "SHORTENED_DATA_DIR": str(root / "worker")}),
-            queue,
-            root / "worker.log",
-        )
-        try:
-            api, url = start_api(
-                base_env({**common, "SHORTENED_DATA_DIR": str(root / "api")}),
-                free_port(),
-                root / "api.log",
-            )
-            try:
-                yield {
-                    "url": url,
-                    "key": key,
-                    "limited_key": limited_key,
-                    "worker": worker,
-                    "root": root,
-                    "common": common,
-                }
-            finally:
-                api.stop()
-        finally:
-            worker.stop(timeout=60)
+        with worker_and_api(common, queue, root) as (worker, url):
+            yield {
+                "url": url,
+                "key": key,
+                "limited_key": limited_key,
+                "worker": worker,
+                "root": root,
+                "common": common,
+            }
 
 
 def cli(stack, *args: str, key: str | None = None, stdin: str | None = None, timeout: float = 300):

@@ -15,15 +15,12 @@ import httpx
 import pytest
 from e2e_service import (
     REPO,
-    base_env,
-    free_port,
     prune_spec,
     redis_namespace,
-    start_api,
-    start_worker,
     submit,
     wait_for_job,
     wait_until,
+    worker_and_api,
 )
 
 pytestmark = pytest.mark.e2e
@@ -53,24 +50,9 @@ def stack(postgres_url, tmp_path_factory):
             "SHORTENED_ALLOWED_LOCAL_ROOTS": f'["{REPO}"]',
             "SHORTENED_WORKER_METRICS_PORT": "0",
         }
-        worker = start_worker(
-            base_env({**common, "SHORTENED_DATA_DIR": str(root / "worker")}),
-            queue,
-            root / "worker.log",
-        )
-        try:
-            api_process, url = start_api(
-                base_env({**common, "SHORTENED_DATA_DIR": str(root / "api")}),
-                free_port(),
-                root / "api.log",
-            )
-            try:
-                with httpx.Client(base_url=url, timeout=30) as api:
-                    yield {"api": api, "url": url, "worker": worker, "database_url": postgres_url}
-            finally:
-                api_process.stop()
-        finally:
-            worker.stop(timeout=60)
+        with worker_and_api(common, queue, root) as (worker, url):
+            with httpx.Client(base_url=url, timeout=30) as api:
+                yield {"api": api, "url": url, "worker": worker, "database_url": postgres_url}
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,14 @@ import pytest
 from e2e_service import (
     REPO,
     TINY_MODEL,
-    base_env,
-    free_port,
     postgres_database,
     prune_spec,
     redis_namespace,
     s3_bucket,
-    start_api,
-    start_worker,
     submit,
     wait_for_job,
     wait_until,
+    worker_and_api,
 )
 
 TRAIN = REPO / "data" / "stdlib_docs_train.jsonl"
@@ -51,24 +48,9 @@ def stack(s3_server, tmp_path_factory):
         }
         (root / "data").mkdir()
         upgrade_database(database_url)
-        worker = start_worker(
-            base_env({**common, "SHORTENED_DATA_DIR": str(root / "worker")}),
-            queue,
-            root / "worker.log",
-        )
-        try:
-            api_process, url = start_api(
-                base_env({**common, "SHORTENED_DATA_DIR": str(root / "api")}),
-                free_port(),
-                root / "api.log",
-            )
-            try:
-                with httpx.Client(base_url=url, timeout=30) as api:
-                    yield {"api": api, "worker": worker, "data": root / "data"}
-            finally:
-                api_process.stop()
-        finally:
-            worker.stop(timeout=60)
+        with worker_and_api(common, queue, root) as (worker, url):
+            with httpx.Client(base_url=url, timeout=30) as api:
+                yield {"api": api, "worker": worker, "data": root / "data"}
 
 
 def retrain_section(**overrides) -> dict:
