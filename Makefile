@@ -30,11 +30,14 @@ test-fast: install
 bench: install
 	$(PY) -m bench.run_all
 
+LINTED := service worker shortened tests bench scripts migrations
+
 lint: install
-	$(VENV)/bin/ruff check service worker shortened tests bench scripts
-	$(VENV)/bin/ruff format --check service worker shortened tests bench scripts
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
 format: install
-	$(VENV)/bin/ruff format service worker shortened tests bench scripts
-	$(VENV)/bin/ruff check --fix service worker shortened tests bench scripts
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)

@@ -76,8 +76,10 @@ def moto_s3_server(log_path: Path) -> Iterator[str]:
                 port = _free_loopback_port()
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MOTO_PORT": str(port)},
-                )  # fmt: skip
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "MOTO_PORT": str(port)},
+                )
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline and proc.poll() is None:
                     try:
@@ -210,16 +212,20 @@ def run() -> dict:
                     down.mkdir()
 
                 pairs.measure(
-                    "s3_put_file", FILE_BYTES,
+                    "s3_put_file",
+                    FILE_BYTES,
                     lambda: store.put_file("file/big.bin", big),
                     lambda: raw.upload_file(str(big), bucket, "raw/big.bin", Config=config),
-                )  # fmt: skip
+                )
                 pairs.measure(
-                    "s3_get_file", FILE_BYTES,
+                    "s3_get_file",
+                    FILE_BYTES,
                     lambda: store.get_file("file/big.bin", down / "ours.bin"),
-                    lambda: raw.download_file(bucket, "raw/big.bin", str(down / "raw.bin"), Config=config),
+                    lambda: raw.download_file(
+                        bucket, "raw/big.bin", str(down / "raw.bin"), Config=config
+                    ),
                     before=clear_down,
-                )  # fmt: skip
+                )
 
                 files = sorted(DIRECTORY)
 
@@ -240,16 +246,20 @@ def run() -> dict:
                     (down / "raw").mkdir()
 
                 pairs.measure(
-                    "s3_publish_directory", dir_bytes,
-                    lambda: publish_directory(store, checkpoint, "published", extra={"bench": True}),
+                    "s3_publish_directory",
+                    dir_bytes,
+                    lambda: publish_directory(
+                        store, checkpoint, "published", extra={"bench": True}
+                    ),
                     raw_upload_dir,
-                )  # fmt: skip
+                )
                 pairs.measure(
-                    "s3_download_published", dir_bytes,
+                    "s3_download_published",
+                    dir_bytes,
                     lambda: download_published(store, "published", down / "ours"),
                     raw_download_dir,
                     before=clear_down_dirs,
-                )  # fmt: skip
+                )
             finally:
                 store.delete_prefix("")
                 for page in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket):
@@ -273,15 +283,17 @@ def run() -> dict:
         copies = work / "copies"
         copies.mkdir()
         pairs.measure(
-            "local_put_file", FILE_BYTES,
+            "local_put_file",
+            FILE_BYTES,
             lambda: local.put_file("big.bin", big),
             lambda: shutil.copyfile(big, copies / "put.bin"),
-        )  # fmt: skip
+        )
         pairs.measure(
-            "local_get_file", FILE_BYTES,
+            "local_get_file",
+            FILE_BYTES,
             lambda: local.get_file("big.bin", copies / "ours.bin"),
             lambda: shutil.copyfile(local.root / "big.bin", copies / "get.bin"),
-        )  # fmt: skip
+        )
         context["local_copyfile_plus_fsync_s"] = round(
             statistics.median(
                 _clock(lambda: _copy_fsync(big, copies / "fsync.bin")) for _ in range(REPEATS)

@@ -26,14 +26,16 @@ N_SAMPLES, SEQ_LEN = 10, 128
 
 
 def measure(method: str) -> dict:
-    from worker.engine.architectures import adapter_for
-    from worker.engine.criteria import CRITERIA, ScoringContext, ppl_scores_naive
-    from worker.engine.prune import removable_blocks
+    from shortened.engine.architectures import adapter_for
+    from shortened.engine.criteria import CRITERIA, ScoringContext, ppl_scores_naive
+    from shortened.engine.prune import removable_blocks
 
     torch.set_num_threads(torch.get_num_threads())
     model = bench_model()
     weights = weight_bytes(model)
-    windows = torch.randint(0, model.config.vocab_size, (N_SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    windows = torch.randint(
+        0, model.config.vocab_size, (N_SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(1)
+    )
     adapter = adapter_for(model)
     candidates = removable_blocks(adapter.num_layers(model), 4, 2)
     resident_before = rss_bytes()
@@ -43,10 +45,18 @@ def measure(method: str) -> dict:
         scores = ppl_scores_naive(model, windows)
     else:
         criterion = "taylor" if method == "taylor" else "ppl"
-        context = ScoringContext(model, adapter, windows, candidates, 2, score_all_blocks=method == "fast_all")
+        context = ScoringContext(
+            model, adapter, windows, candidates, 2, score_all_blocks=method == "fast_all"
+        )
         scores = CRITERIA[criterion](context).block_scores
     seconds = time.perf_counter() - start
-    return {"method": method, "seconds": seconds, "peak_over_base": weights + peak_rss_bytes() - resident_before, "weight_bytes": weights, "scores": scores}
+    return {
+        "method": method,
+        "seconds": seconds,
+        "peak_over_base": weights + peak_rss_bytes() - resident_before,
+        "weight_bytes": weights,
+        "scores": scores,
+    }
 
 
 def main() -> None:
@@ -60,13 +70,24 @@ def main() -> None:
 
 
 def run() -> dict:
-    results = {m: run_isolated("bench.bench_scoring", "--method", m) for m in ("naive", "fast_all", "fast", "taylor")}
+    results = {
+        m: run_isolated("bench.bench_scoring", "--method", m)
+        for m in ("naive", "fast_all", "fast", "taylor")
+    }
     naive, fast_all, fast = results["naive"], results["fast_all"], results["fast"]
     max_rel = max(abs(a - b) / b for a, b in zip(fast_all["scores"], naive["scores"], strict=True))
     weights = naive["weight_bytes"]
     rows = [
-        ("ppl scoring speed-up, all blocks (same scores)", naive["seconds"] / fast_all["seconds"], ">= 2.5"),
-        ("ppl scoring speed-up, removable blocks (prune default)", naive["seconds"] / fast["seconds"], ">= 2.5"),
+        (
+            "ppl scoring speed-up, all blocks (same scores)",
+            naive["seconds"] / fast_all["seconds"],
+            ">= 2.5",
+        ),
+        (
+            "ppl scoring speed-up, removable blocks (prune default)",
+            naive["seconds"] / fast["seconds"],
+            ">= 2.5",
+        ),
         ("ppl peak memory / weight bytes (ours)", fast_all["peak_over_base"] / weights, "<= 1.3"),
         ("ppl peak memory / weight bytes (naive)", naive["peak_over_base"] / weights, "-"),
         ("Taylor+ peak memory / weight bytes", results["taylor"]["peak_over_base"] / weights, "-"),

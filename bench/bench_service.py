@@ -260,10 +260,26 @@ def profile_api(pid: int, workdir: Path, burst: Callable[[], Any]) -> dict[str, 
     output = workdir / f"py-spy-{pid}-{time.monotonic_ns()}.txt"
     rate = 200
     recorder = subprocess.Popen(
-        [py_spy, "record", "--pid", str(pid), "--duration", str(PROFILE_SECONDS), "--rate",
-         str(rate), "--gil", "--format", "raw", "--output", str(output), "--nonblocking"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(PROFILE_SECONDS),
+            "--rate",
+            str(rate),
+            "--gil",
+            "--format",
+            "raw",
+            "--output",
+            str(output),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.5)  # attached before the load starts
     burst()
     try:
@@ -453,17 +469,29 @@ def run() -> dict:
                             profiles[name] = {"skipped": "out of time"}
                         else:  # where the API's time goes under the same load
                             burst = functools.partial(
-                                load, url, pid, 100_000, CONCURRENCY, request, expect,
+                                load,
+                                url,
+                                pid,
+                                100_000,
+                                CONCURRENCY,
+                                request,
+                                expect,
                                 time_limit_s=PROFILE_SECONDS,
-                            )  # fmt: skip
+                            )
                             profiles[name] = profile_api(pid, workdir, burst)
                     # The same clients paced at half the rate the server sustained: latency
                     # below saturation rather than the closed loop's queueing.
                     rate = round(closed["throughput_rps"] / 2, 1)
                     phases[f"{name}_paced"] = load(
-                        url, pid, min(N_PACED, int(rate * PACED_SECONDS)), CONCURRENCY,
-                        request, expect, on_ok, rate=rate,
-                    )  # fmt: skip
+                        url,
+                        pid,
+                        min(N_PACED, int(rate * PACED_SECONDS)),
+                        CONCURRENCY,
+                        request,
+                        expect,
+                        on_ok,
+                        rate=rate,
+                    )
             finally:
                 api.stop()
     finally:

@@ -14,21 +14,30 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench_model(num_layers: int = 12, hidden: int = 768, intermediate: int = 2048, vocab: int = 8000):
+def bench_model(
+    num_layers: int = 12, hidden: int = 768, intermediate: int = 2048, vocab: int = 8000
+):
     """A randomly initialised Llama (about 90M parameters by default): big enough that weights
     dominate memory, small enough for a 2-core CPU. Built from a config: nothing is downloaded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=num_layers,
-        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=512,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
     )
     return LlamaForCausalLM(config).eval()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(
+        p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+    )
 
 
 def rss_bytes() -> int:
@@ -54,7 +63,11 @@ def run_isolated(module: str, *args: str, timeout: int = 600) -> dict[str, Any]:
     """Run ``python -m module args`` in a fresh process (so memory peaks do not mix) and
     parse the JSON object it prints last."""
     result = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
     if result.returncode != 0:

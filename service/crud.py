@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from service.jsonsafe import json_safe
 from service.models import FINISHED_STATUSES, Job, JobAttempt, JobEvent, utcnow
 
 
@@ -42,21 +42,6 @@ class JobFinished(Exception):
     def __init__(self, job: Job) -> None:
         super().__init__(f"job {job.id} is already {job.status}")
         self.job = job
-
-
-def json_safe(value: Any) -> Any:
-    """A JSON-compatible copy: non-finite floats (an infinite perplexity) become None,
-    since neither strict JSON responses nor PostgreSQL's jsonb accept them; other
-    non-JSON values (paths, ...) become strings."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    return str(value)
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -95,7 +80,7 @@ def append_event(
     )
     if type == "status":
         # Webhook outbox: the notifications commit (or roll back) with the state change.
-        from service.webhooks import enqueue_status_change
+        from service.webhooks.outbox import enqueue_status_change
 
         enqueue_status_change(session, job_id, seq, data, now)
     return seq
@@ -167,8 +152,10 @@ def create_job(
     # The job's first event, numbered 1 directly: the row is new, nobody else can be
     # numbering its events yet (append_event's UPDATE is for existing jobs).
     data = {"status": "queued"}
-    session.add(JobEvent(job_id=job.id, seq=1, time=now, type="status", message="queued", data=data))
-    from service.webhooks import enqueue_status_change
+    session.add(
+        JobEvent(job_id=job.id, seq=1, time=now, type="status", message="queued", data=data)
+    )
+    from service.webhooks.outbox import enqueue_status_change
 
     enqueue_status_change(session, job.id, 1, data, now, job=job)
     set_committed_value(job, "attempt_rows", [])  # a new job has none: no query for them

@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
                 except ValueError as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2
-                print(f"created key {row.id} for tenant {row.tenant!r} (role {row.role}); "
-                      "store it now, it is not shown again:", file=sys.stderr)  # fmt: skip
+                print(
+                    f"created key {row.id} for tenant {row.tenant!r} (role {row.role}); "
+                    "store it now, it is not shown again:",
+                    file=sys.stderr,
+                )
                 print(key)
             elif args.command == "list":
                 for row in list_api_keys(session, args.tenant):

@@ -16,12 +16,12 @@ from service.db import is_sqlite, make_engine, make_sessionmaker, upgrade_databa
 from service.errors import APIError, api_error_handler
 from service.limits import BodySizeLimit
 from service.metrics import setup_metrics
+from service.queue import make_celery
 from service.reaper import Reaper
 from service.scheduler import Scheduler
 from service.webhooks import WebhookDispatcher
 from shortened.config import Settings, get_settings
 from shortened.logs import configure_logging
-from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
 

@@ -107,9 +107,7 @@ class Job(Base):
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     # The grid this job belongs to (POST /jobs/batch), and the schedule slot that created it.
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"))
-    schedule_id: Mapped[str | None] = mapped_column(
-        ForeignKey("schedules.id", ondelete="SET NULL")
-    )
+    schedule_id: Mapped[str | None] = mapped_column(ForeignKey("schedules.id", ondelete="SET NULL"))
     # Number of the job's last event. Incremented with an UPDATE on the job row, which
     # locks the row, so concurrent writers (API and worker) get distinct, ordered numbers.
     event_seq: Mapped[int] = mapped_column(Integer, default=0)

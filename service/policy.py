@@ -169,7 +169,7 @@ class SourcePolicy:
                 if value > limits.max_seq_len:
                     error(loc, f"at most {limits.max_seq_len} tokens for this tenant", value)
             elif field == "url" and loc[-2:-1] == ("webhook",) and isinstance(value, str):
-                from service.webhooks import target_error
+                from service.webhooks.targets import target_error
 
                 allow = self.settings.resolved_webhook_allow_private_targets
                 if (message := target_error(value, allow)) is not None:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from service import crud
 from service.db import make_engine, make_sessionmaker
 from service.loop import BackgroundLoop
+from service.queue import RUN_JOB_TASK, make_celery
 from shortened.config import Settings, get_settings
-from worker.celery_app import RUN_JOB_TASK, make_celery
 
 if TYPE_CHECKING:
     from celery import Celery

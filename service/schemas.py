@@ -90,7 +90,9 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None
     lease_expires_at: datetime | None
     parent_id: str | None
-    batch_id: str | None = Field(default=None, description="The grid it was submitted in (POST /jobs/batch)")
+    batch_id: str | None = Field(
+        default=None, description="The grid it was submitted in (POST /jobs/batch)"
+    )
     schedule_id: str | None = Field(default=None, description="The schedule that created it")
     pipeline: PipelineOut | None = Field(
         default=None, description="A pipeline's linked jobs (GET /jobs/{id} only)"

@@ -55,15 +55,26 @@ def _die_with_parent() -> None:
 
 def worker_command(settings: Settings) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-Q", settings.queue,
-        "--concurrency", str(settings.worker_concurrency),
-        "--pool", "prefork",
-        "--loglevel", settings.log_level,
-        "--hostname", f"shortened-{uuid.uuid4().hex[:8]}@%h",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        settings.queue,
+        "--concurrency",
+        str(settings.worker_concurrency),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        settings.log_level,
+        "--hostname",
+        f"shortened-{uuid.uuid4().hex[:8]}@%h",
         # Single-worker deployment: no cluster chatter to wait for at start-up.
-        "--without-mingle", "--without-gossip",
-    ]  # fmt: skip
+        "--without-mingle",
+        "--without-gossip",
+    ]
 
 
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
@@ -160,6 +171,21 @@ def serve(settings: Settings | None = None) -> None:
         stop_worker(worker)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m service.serve [--host H] [--port P]``; ``shortened serve`` runs this."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="shortened serve")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    overrides = {
+        key: value
+        for key, value in {"api_host": args.host, "api_port": args.port}.items()
+        if value is not None
+    }
+    serve(Settings(**overrides))
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    serve()
+    main()

@@ -36,14 +36,29 @@ class TenantLimits(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHORTENED_", extra="ignore")
 
-    data_dir: Path = Field(default=Path("./var"), description="Local state: SQLite file, artifacts, broker spool, caches")
-    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/shortened.db")
-    broker_url: str | None = Field(default=None, description="Celery broker; default filesystem transport under <data_dir>/broker")
-    artifacts_url: str | None = Field(default=None, description="file:///path or s3://bucket/prefix; default <data_dir>/artifacts")
-    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO), empty for AWS")
+    data_dir: Path = Field(
+        default=Path("./var"),
+        description="Local state: SQLite file, artifacts, broker spool, caches",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/shortened.db"
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker; default filesystem transport under <data_dir>/broker",
+    )
+    artifacts_url: str | None = Field(
+        default=None, description="file:///path or s3://bucket/prefix; default <data_dir>/artifacts"
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO), empty for AWS"
+    )
     s3_region: str = "us-east-1"
     presign_expiry_s: int = 3600
-    model_cache_dir: Path | None = Field(default=None, description="Where s3:// and job:// models are downloaded; default <data_dir>/cache")
+    model_cache_dir: Path | None = Field(
+        default=None,
+        description="Where s3:// and job:// models are downloaded; default <data_dir>/cache",
+    )
     queue: str = Field(default="gpu", description="Celery queue the heavy tasks go to")
     worker_concurrency: int = 1
     worker_max_tasks_per_child: int = 1
@@ -51,46 +66,139 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "INFO"
-    score_cache: bool = Field(default=True, description="Reuse block scores across prune jobs (same model content, criterion, calibration); kept under score-cache/ in the artifact store")
+    score_cache: bool = Field(
+        default=True,
+        description="Reuse block scores across prune jobs (same model content, criterion, calibration); kept under score-cache/ in the artifact store",
+    )
     # --- observability: logs and worker metrics --------------------------------------------
-    log_format: Literal["json", "text"] | None = Field(default=None, description="json or text; default json for the API and worker, text for the CLI and `shortened serve`")
-    worker_metrics_port: int = Field(default=9808, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: off)")
-    worker_metrics_host: str = Field(default="127.0.0.1", description="Address the worker's /metrics binds (0.0.0.0 in containers)")
+    log_format: Literal["json", "text"] | None = Field(
+        default=None,
+        description="json or text; default json for the API and worker, text for the CLI and `shortened serve`",
+    )
+    worker_metrics_port: int = Field(
+        default=9808,
+        ge=0,
+        le=65535,
+        description="Port of the worker's Prometheus /metrics (0: off)",
+    )
+    worker_metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the worker's /metrics binds (0.0.0.0 in containers)",
+    )
 
     # --- reliability: leases, retries, re-dispatch, time limits ---------------------------
-    heartbeat_interval_s: float = Field(default=10.0, gt=0, description="How often a running job renews its lease")
-    lease_ttl_s: float = Field(default=60.0, gt=0, description="A running job whose lease is not renewed for this long is considered lost")
-    max_attempts: int = Field(default=3, ge=1, description="Attempts per job; a job lost on its last attempt fails with worker_lost")
-    reaper_interval_s: float = Field(default=15.0, ge=0, description="How often the API's reaper runs (0: not in the API; run `python -m service.reaper`)")
-    redispatch_after_s: float = Field(default=120.0, gt=0, description="Re-send the message of a job queued this long without being claimed (doubling each time)")
-    job_time_limit_s: float = Field(default=24 * 3600.0, gt=0, description="Wall-clock limit of one attempt; over it the job fails with code timeout")
+    heartbeat_interval_s: float = Field(
+        default=10.0, gt=0, description="How often a running job renews its lease"
+    )
+    lease_ttl_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A running job whose lease is not renewed for this long is considered lost",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts per job; a job lost on its last attempt fails with worker_lost",
+    )
+    reaper_interval_s: float = Field(
+        default=15.0,
+        ge=0,
+        description="How often the API's reaper runs (0: not in the API; run `python -m service.reaper`)",
+    )
+    redispatch_after_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Re-send the message of a job queued this long without being claimed (doubling each time)",
+    )
+    job_time_limit_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="Wall-clock limit of one attempt; over it the job fails with code timeout",
+    )
 
     # --- schedules (cron) ------------------------------------------------------------------
-    scheduler_interval_s: float = Field(default=5.0, ge=0, description="How often the API's scheduler thread looks for due schedule slots (0: not in the API; run `python -m service.scheduler`)")
-    schedule_misfire_grace_s: float = Field(default=60.0, ge=0, description="A slot later than this (scheduler down) is missed: only the latest missed slot of a schedule gets a job")
+    scheduler_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often the API's scheduler thread looks for due schedule slots (0: not in the API; run `python -m service.scheduler`)",
+    )
+    schedule_misfire_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A slot later than this (scheduler down) is missed: only the latest missed slot of a schedule gets a job",
+    )
 
     # --- security: authentication, allowed sources, limits --------------------------------
-    auth_required: bool | None = Field(default=None, description="Require API keys; default: only when api_host is not loopback")
-    default_tenant: str = Field(default="default", description="Tenant of requests without a key when auth is not required")
-    allowed_local_roots: list[Path] = Field(default_factory=lambda: [Path(".")], description="Directories local model/data paths must lie under (JSON list)")
-    allowed_buckets: list[str] = Field(default_factory=list, description="Buckets s3:// sources may read (JSON list); none by default")
-    hub_allowed: bool = Field(default=True, description="Allow Hugging Face Hub models (hf://) and datasets")
-    max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 above)")
-    max_concurrent_jobs: int = Field(default=16, ge=0, description="Queued + running jobs per tenant (429 above)")
-    max_batch_jobs: int = Field(default=64, ge=1, description="Most jobs one POST /jobs/batch grid may expand to (422 above)")
-    max_calibration_samples: int = Field(default=4096, ge=1, description="Largest calibration n_samples per job")
+    auth_required: bool | None = Field(
+        default=None, description="Require API keys; default: only when api_host is not loopback"
+    )
+    default_tenant: str = Field(
+        default="default", description="Tenant of requests without a key when auth is not required"
+    )
+    allowed_local_roots: list[Path] = Field(
+        default_factory=lambda: [Path(".")],
+        description="Directories local model/data paths must lie under (JSON list)",
+    )
+    allowed_buckets: list[str] = Field(
+        default_factory=list,
+        description="Buckets s3:// sources may read (JSON list); none by default",
+    )
+    hub_allowed: bool = Field(
+        default=True, description="Allow Hugging Face Hub models (hf://) and datasets"
+    )
+    max_request_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest request body accepted (413 above)"
+    )
+    max_concurrent_jobs: int = Field(
+        default=16, ge=0, description="Queued + running jobs per tenant (429 above)"
+    )
+    max_batch_jobs: int = Field(
+        default=64,
+        ge=1,
+        description="Most jobs one POST /jobs/batch grid may expand to (422 above)",
+    )
+    max_calibration_samples: int = Field(
+        default=4096, ge=1, description="Largest calibration n_samples per job"
+    )
     max_seq_len: int = Field(default=8192, ge=2, description="Largest seq_len / cutoff_len per job")
-    tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict, description="Per-tenant overrides, JSON: {tenant: {max_concurrent_jobs: ...}}")
+    tenant_limits: dict[str, TenantLimits] = Field(
+        default_factory=dict,
+        description="Per-tenant overrides, JSON: {tenant: {max_concurrent_jobs: ...}}",
+    )
 
     # --- webhooks: signed notifications of job state changes --------------------------------
-    webhook_interval_s: float = Field(default=1.0, ge=0, description="How often the API's webhook dispatcher looks for due deliveries (0: not in the API; run `python -m service.webhooks`)")
-    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one webhook POST (connect + response)")
-    webhook_retry_schedule_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0], description="Waits before each retry of a failed delivery (JSON list); gives up after the last")
-    webhook_retry_jitter: float = Field(default=0.2, ge=0, lt=1, description="Each wait is scaled by a random factor in [1 - jitter, 1 + jitter]")
-    webhook_concurrency: int = Field(default=4, ge=1, le=64, description="Deliveries one dispatcher sends at the same time")
-    webhook_batch_size: int = Field(default=50, ge=1, le=1000, description="Deliveries one dispatcher claims per round")
-    webhook_allow_private_targets: bool | None = Field(default=None, description="Allow webhook URLs on loopback/private/link-local addresses; default: only in the keyless local mode (auth not required)")
-    webhook_links_base_url: str | None = Field(default=None, description="Public base URL of the API, prefixed to the links in webhook payloads (default: relative links)")
+    webhook_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How often the API's webhook dispatcher looks for due deliveries (0: not in the API; run `python -m service.webhooks`)",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="Timeout of one webhook POST (connect + response)"
+    )
+    webhook_retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0],
+        description="Waits before each retry of a failed delivery (JSON list); gives up after the last",
+    )
+    webhook_retry_jitter: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Each wait is scaled by a random factor in [1 - jitter, 1 + jitter]",
+    )
+    webhook_concurrency: int = Field(
+        default=4, ge=1, le=64, description="Deliveries one dispatcher sends at the same time"
+    )
+    webhook_batch_size: int = Field(
+        default=50, ge=1, le=1000, description="Deliveries one dispatcher claims per round"
+    )
+    webhook_allow_private_targets: bool | None = Field(
+        default=None,
+        description="Allow webhook URLs on loopback/private/link-local addresses; default: only in the keyless local mode (auth not required)",
+    )
+    webhook_links_base_url: str | None = Field(
+        default=None,
+        description="Public base URL of the API, prefixed to the links in webhook payloads (default: relative links)",
+    )
 
     @property
     def resolved_webhook_allow_private_targets(self) -> bool:
@@ -116,8 +224,11 @@ class Settings(BaseSettings):
         """The effective limits of ``tenant``: its overrides, else the global defaults."""
         override = self.tenant_limits.get(tenant) or TenantLimits()
         return TenantLimits(
-            max_concurrent_jobs=override.max_concurrent_jobs if override.max_concurrent_jobs is not None else self.max_concurrent_jobs,
-            max_calibration_samples=override.max_calibration_samples or self.max_calibration_samples,
+            max_concurrent_jobs=override.max_concurrent_jobs
+            if override.max_concurrent_jobs is not None
+            else self.max_concurrent_jobs,
+            max_calibration_samples=override.max_calibration_samples
+            or self.max_calibration_samples,
             max_seq_len=override.max_seq_len or self.max_seq_len,
         )
 

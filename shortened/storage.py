@@ -885,7 +885,10 @@ def download_published(store: ArtifactStore, prefix: str, dest: Path) -> dict:
     dest = Path(dest)
     for e in entries:
         _safe_dest(dest, e["name"])
-    with _staged_dir(dest) as staged, ThreadPoolExecutor(1, thread_name_prefix="verify") as verifier:
+    with (
+        _staged_dir(dest) as staged,
+        ThreadPoolExecutor(1, thread_name_prefix="verify") as verifier,
+    ):
         verifications = []
         for e in entries:
             target = _safe_dest(staged, e["name"])
@@ -899,7 +902,9 @@ def download_published(store: ArtifactStore, prefix: str, dest: Path) -> dict:
                 raise IntegrityError(e["name"], "listed in the manifest but missing") from err
             # A large object (parallel ranged download): hash file i while file i+1
             # downloads (hashlib releases the GIL on large reads).
-            verifications.append(verifier.submit(_verify_file, e["name"], target, e["size"], e["sha256"]))
+            verifications.append(
+                verifier.submit(_verify_file, e["name"], target, e["size"], e["sha256"])
+            )
         for verification in verifications:
             verification.result()  # raises IntegrityError before the staged dir is moved into place
     return manifest

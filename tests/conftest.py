@@ -1,9 +1,5 @@
-import sys
-from pathlib import Path
-
-# tests/helpers.py is imported as a plain module by the test files.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+"""Fixtures shared by every test package: a real S3 server, PostgreSQL databases, the job
+store on both backends."""
 
 # --- s3_server: a real S3-compatible HTTP server (moto, server mode) -------------------------
 # (storage tests; reused by the service tests)
@@ -75,9 +71,8 @@ def s3_server(tmp_path_factory):
 @_pytest.fixture(scope="module")
 def postgres_url():
     """A fresh PostgreSQL database for the module, migrated to head, dropped afterwards."""
-    from e2e_service import postgres_database
-
     from service.db import upgrade_database
+    from tests.e2e_service import postgres_database
 
     with postgres_database() as url:
         upgrade_database(url)
@@ -94,3 +89,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@_pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """The job store, migrated and empty, on SQLite (embedded mode) and on PostgreSQL: a
+    test that takes it runs on both."""
+    from sqlalchemy import text
+
+    from service.db import make_engine, upgrade_database
+    from service.models import Base
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'var' / 'shortened.db'}"
+        (tmp_path / "var").mkdir(parents=True, exist_ok=True)
+        upgrade_database(url)
+        return url
+    url = request.getfixturevalue("postgres_url")
+    engine = make_engine(url)
+    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {tables} CASCADE"))
+    engine.dispose()
+    return url

@@ -171,20 +171,48 @@ def wait_until(
 
 def start_worker(env: dict[str, str], queue: str, log_path: Path) -> Process:
     process = start_process(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queue,
-         "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO",
-         "--hostname", f"{queue}@%h", "--without-mingle", "--without-gossip"],
-        env, log_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-Q",
+            queue,
+            "--concurrency",
+            "1",
+            "--pool",
+            "prefork",
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            f"{queue}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env,
+        log_path,
+    )
     wait_until(lambda: " ready." in process.log(), 60, "the Celery worker", process)
     return process
 
 
 def start_api(env: dict[str, str], port: int, log_path: Path) -> tuple[Process, str]:
     process = start_process(
-        [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        env, log_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env,
+        log_path,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _answers(url + "/healthz"), 60, "the API", process)
     return process, url

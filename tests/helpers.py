@@ -22,17 +22,36 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "llama": {"tie_word_embeddings": True},
     "mistral": {"sliding_window": 4},
     "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 3},
-    "qwen3": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2, "head_dim": 8},
+    "qwen3": {
+        "use_sliding_window": True,
+        "sliding_window": 4,
+        "max_window_layers": 2,
+        "head_dim": 8,
+    },
     "gemma": {"head_dim": 8},
     "gemma2": {
         "head_dim": 8,
         "sliding_window": 4,
-        "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        "layer_types": [
+            "sliding_attention",
+            "full_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
     },
     "gemma3_text": {
         "head_dim": 8,
         "sliding_window": 4,
-        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "full_attention", "sliding_attention", "full_attention"],
+        "layer_types": [
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
     },
     "phi3": {},
 }
@@ -41,9 +60,17 @@ FAMILY_CONFIGS: dict[str, dict] = {
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False
+    )
     tokenizer.train_from_iterator([" ".join(_WORDS)] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
 
 
 def tiny_model(model_type: str, num_layers: int = 6, seed: int = 0, **overrides):
@@ -87,6 +114,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
     total, count = 0.0, 0
     for chunk in windows.split(batch_size):
         logits = model(input_ids=chunk, use_cache=False).logits[:, :-1]
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
+        ).item()
         count += chunk[:, 1:].numel()
     return float(torch.exp(torch.tensor(total / count)))

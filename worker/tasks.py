@@ -36,11 +36,11 @@ from service import crud
 from service.db import make_engine, make_sessionmaker
 from service.reaper import scratch_prefix
 from shortened.config import Settings, get_settings
+from shortened.engine.errors import Cancelled, EngineError
+from shortened.engine.progress import Progress
 from shortened.logs import job_context
 from worker import metrics as worker_metrics
 from worker.celery_app import RUN_JOB_TASK, app
-from worker.engine.errors import Cancelled, EngineError
-from worker.engine.progress import Progress
 from worker.processes import pid_alive
 
 if TYPE_CHECKING:
@@ -276,8 +276,8 @@ def _run_prune(
     from shortened.specs import PruneSpec
 
     parsed = PruneSpec.model_validate(spec)
-    from worker.engine.prune import prune_model  # torch: imported in the child only
-    from worker.engine.score_cache import StoreScoreCache
+    from shortened.engine.prune import prune_model  # torch: imported in the child only
+    from shortened.engine.score_cache import StoreScoreCache
 
     return prune_model(
         parsed,
@@ -296,7 +296,7 @@ def score_lock_factory(settings: Settings) -> Callable[[str, Callable[[], None]]
     """A lock per score-cache key that spans workers: a PostgreSQL session advisory lock
     (released by the server if the worker dies), or a file lock next to the embedded
     SQLite database (one machine)."""
-    from worker.engine.score_cache import file_lock
+    from shortened.engine.score_cache import file_lock
 
     url = settings.resolved_database_url
     if not url.startswith("postgresql"):
@@ -341,7 +341,7 @@ def _run_retrain(
     from shortened.specs import RetrainSpec
 
     parsed = RetrainSpec.model_validate(spec)
-    from worker.engine.retrain import retrain_model  # torch: imported in the child only
+    from shortened.engine.retrain import retrain_model  # torch: imported in the child only
 
     checkpoint_dir = _checkpoint_dir(settings, reporter.job_id)
     report = retrain_model(
@@ -367,7 +367,7 @@ def _run_eval(
     from shortened.specs import EvalSpec
 
     parsed = EvalSpec.model_validate(spec)
-    from worker.engine.evaluate import evaluate_model  # torch: imported in the child only
+    from shortened.engine.evaluate import evaluate_model  # torch: imported in the child only
 
     # The report is also written to output_dir/report.json: the job's artifact.
     return evaluate_model(

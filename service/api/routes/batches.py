@@ -27,7 +27,7 @@ from service.batches import BatchRequest, GridError, expand, render_table, summa
 from service.errors import APIError, coded
 from service.models import Batch, utcnow
 from service.policy import PolicyViolation, check_submission
-from worker.celery_app import RUN_JOB_TASK
+from service.queue import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.db import ping
+from service.queue import filesystem_broker_folders
 from service.schemas import ComponentOut, ReadinessOut
-from worker.celery_app import filesystem_broker_folders
 
 router = APIRouter(tags=["health"])
 

@@ -30,9 +30,9 @@ from service.errors import APIError, coded
 from service.models import Job
 from service.pipeline import pipeline_of
 from service.policy import PolicyViolation, check_submission
+from service.queue import RUN_JOB_TASK
 from service.schemas import ArtifactLink, EventOut, JobKind, JobOut, JobPage, JobStatus
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
-from worker.celery_app import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 
