@@ -1,0 +1,56 @@
+"""Object keys and prefixes: relative, ``/``-separated, never escaping the store or a
+destination directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative object key, else raise ValueError."""
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, got {type(key).__name__}")
+    if not key:
+        raise ValueError("empty key")
+    if "\x00" in key:
+        raise ValueError(f"key contains NUL: {key!r}")
+    if "\\" in key:
+        raise ValueError(f"key contains a backslash: {key!r}")
+    if key.startswith("/") or _DRIVE.match(key):
+        raise ValueError(f"absolute key: {key!r}")
+    for part in key.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(f"unsafe key {key!r}: empty, '.' or '..' component")
+    return key
+
+
+def _norm_prefix(prefix: str) -> str:
+    """Directory-like prefix without trailing slash; '' is the store root."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+    if prefix == "":
+        return ""
+    if prefix.startswith("/"):
+        raise ValueError(f"absolute prefix: {prefix!r}")
+    if prefix.endswith("/"):
+        prefix = prefix[:-1]
+    return check_key(prefix)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _safe_dest(dest: Path, key: str) -> Path:
+    """Local path for ``key`` under ``dest``; rejects keys that would escape it."""
+    check_key(key)
+    target = dest.joinpath(*key.split("/"))
+    root = os.path.realpath(dest)
+    real = os.path.realpath(target)
+    if os.path.commonpath([root, real]) != root or real == root:
+        raise ValueError(f"key {key!r} escapes destination {dest}")
+    return target
