@@ -40,8 +40,8 @@ from shortened.specs import (
 from .calibration import fetch_data_file, read_documents
 from .errors import CalibrationError, DataError, EvalTaskNotFound
 from .models import count_parameters, input_device, load_model
+from .outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions
 from .progress import Progress, ProgressCallback, no_progress
-from .prune import atomic_output_dir, check_output_dir, library_versions
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -460,7 +460,6 @@ def evaluate_loaded(
     progress: ProgressCallback = no_progress,
 ) -> dict[str, Any]:
     """Every requested section on a model already in memory."""
-    timings: dict[str, float] = {}
     result: dict[str, Any] = {
         "params": count_parameters(model),
         "weight_bytes": weight_bytes(model),
@@ -468,23 +467,21 @@ def evaluate_loaded(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(input_device(model)),
     }
+    timer = PhaseTimer()
     if spec.perplexity is not None:
-        clock = time.perf_counter()
         result["perplexity"] = evaluate_perplexity(
             model, tokenizer, texts, spec.perplexity, progress
         )
-        timings["perplexity_s"] = round(time.perf_counter() - clock, 3)
+        timer("perplexity_s")
     if spec.zero_shot is not None:
-        clock = time.perf_counter()
         result["zero_shot"] = evaluate_zero_shot(
             model, tokenizer, spec.zero_shot, task_manager, progress
         )
-        timings["zero_shot_s"] = round(time.perf_counter() - clock, 3)
+        timer("zero_shot_s")
     if spec.efficiency is not None:
-        clock = time.perf_counter()
         result["efficiency"] = evaluate_efficiency(model, tokenizer, spec.efficiency, progress)
-        timings["efficiency_s"] = round(time.perf_counter() - clock, 3)
-    result["timings"] = timings
+        timer("efficiency_s")
+    result["timings"] = timer.timings
     return result
 
 
@@ -581,7 +578,7 @@ def evaluate_model(
     if output_dir is not None:
         output_dir = Path(output_dir)
         check_output_dir(output_dir)
-    started = time.perf_counter()
+    run_timer = PhaseTimer()
     texts: list[EvalText] = []
     if spec.perplexity is not None:
         progress(Progress("loading", message="perplexity texts"))
@@ -599,11 +596,11 @@ def evaluate_model(
         if source is None:
             continue
         progress(Progress("loading", message=source))
-        clock = time.perf_counter()
+        load_timer = PhaseTimer()
         loaded = load_model(
             source, dtype=spec.dtype, device=spec.device, store=store, cache_dir=cache_dir
         )
-        load_s = round(time.perf_counter() - clock, 3)
+        load_timer("load_s")
         result = evaluate_loaded(
             loaded.model,
             loaded.tokenizer,
@@ -613,7 +610,7 @@ def evaluate_model(
             progress=progress,
         )
         result = {"source": source, "architecture": loaded.adapter.name, **result}
-        result["timings"] = {"load_s": load_s, **result["timings"]}
+        result["timings"] = {**load_timer.timings, **result["timings"]}
         results[role] = result
         _release(loaded.model)
         del loaded
@@ -626,7 +623,7 @@ def evaluate_model(
         else None,
         "spec": spec.model_dump(mode="json"),
         "versions": library_versions(),
-        "timings": {"total_s": round(time.perf_counter() - started, 3)},
+        "timings": {"total_s": run_timer.total()},
     }
     if output_dir is not None:
         progress(Progress("saving", message=str(output_dir)))

@@ -10,12 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import platform
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,19 +22,12 @@ from shortened.specs import PruneSpec
 
 from .architectures import keep_blocks
 from .calibration import calibration_windows, fingerprint
-from .checkpoint import CHECKPOINT_NAME, ScoreCheckpoint, checkpoint_key
-from .criteria import CRITERIA, CriterionResult, ScoringContext
-from .errors import NothingToPrune, OutputExists
-from .models import count_parameters, load_model
+from .errors import NothingToPrune
+from .models import LoadedModel, count_parameters, load_model
+from .outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions, save_model
 from .progress import Progress, ProgressCallback, no_progress
-from .score_cache import (
-    CACHE_VERSION,
-    ORDER_FROM_SCORES,
-    PER_SCOPE,
-    ScoreCache,
-    cache_key,
-    model_fingerprint,
-)
+from .score_cache import ScoreCache
+from .scoring import BlockScores, score_blocks
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -61,37 +50,6 @@ def blocks_for_ratio(
     )
 
 
-def check_output_dir(output_dir: Path) -> None:
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise OutputExists(f"output directory {str(output_dir)!r} exists and is not empty")
-
-
-@contextmanager
-def atomic_output_dir(output_dir: Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``output_dir``; move it into place only on success."""
-    check_output_dir(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        yield staging
-        check_output_dir(output_dir)
-        if output_dir.exists():
-            output_dir.rmdir()
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def library_versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
 def write_scores_csv(path: Path, report: dict[str, Any]) -> None:
     removed = set(report["removed_blocks"])
     protected = set(report["protected_blocks"])
@@ -109,6 +67,17 @@ def write_scores_csv(path: Path, report: dict[str, Any]) -> None:
                     rank.get(block, ""),
                 ]
             )
+
+
+@dataclass
+class RemovalPlan:
+    """What the model and the spec fix before any scoring: which blocks may go, how many will."""
+
+    num_layers: int
+    params_before: int
+    candidates: list[int]  # removable original block indices
+    protected: list[int]
+    num_blocks: int
 
 
 def prune_model(
@@ -137,19 +106,59 @@ def prune_model(
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir)  # fail before loading anything
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
+    timer = PhaseTimer()
 
     progress(Progress("loading", message=spec.model))
     loaded = load_model(
         spec.model, dtype=spec.dtype, device=spec.device, store=store, cache_dir=cache_dir
     )
+    plan = plan_removal(spec, loaded)
+    timer("load_s")
+
+    progress(
+        Progress("calibration", message=str(spec.calibration.source or spec.calibration.dataset))
+    )
+    windows = calibration_windows(
+        spec.calibration, loaded.tokenizer, store=store, cache_dir=cache_dir
+    )
+    timer("calibration_s")
+
+    calibration_fp = fingerprint(windows)
+    scores = score_blocks(
+        spec,
+        loaded,
+        windows,
+        calibration_fp,
+        plan.candidates,
+        plan.num_blocks,
+        progress=progress,
+        timer=timer,
+        cache_dir=cache_dir,
+        resume_dir=resume_dir,
+        score_cache=score_cache,
+    )
+    timer("scoring_s")
+
+    progress(Progress("pruning", message=f"removing {plan.num_blocks} blocks"))
+    removed = remove_blocks(loaded, scores, plan)
+    timer("pruning_s")
+
+    report = prune_report(spec, loaded, plan, scores, removed, windows, calibration_fp, timer)
+    progress(Progress("saving", message=str(output_dir)))
+    save_pruned(loaded, report, output_dir, timer)
+    log.info(
+        "pruned %s: removed %s, %d -> %d params",
+        spec.model,
+        removed,
+        report["params_before"],
+        report["params_after"],
+    )
+    return report
+
+
+def plan_removal(spec: PruneSpec, loaded: LoadedModel) -> RemovalPlan:
+    """The removable blocks and the block count (given, or from ``target_ratio``); raises
+    ``NothingToPrune`` when the protected blocks leave too few."""
     model, adapter = loaded.model, loaded.adapter
     num_layers = adapter.num_layers(model)
     params_before = count_parameters(model)
@@ -171,161 +180,49 @@ def prune_model(
             f"asked to remove {num_blocks} of {num_layers} blocks but only {len(candidates)} are removable "
             f"(protect_first={spec.protect_first}, protect_last={spec.protect_last})"
         )
-    phase("load_s")
+    return RemovalPlan(num_layers, params_before, candidates, protected, num_blocks)
 
-    progress(
-        Progress("calibration", message=str(spec.calibration.source or spec.calibration.dataset))
-    )
-    windows = calibration_windows(
-        spec.calibration, loaded.tokenizer, store=store, cache_dir=cache_dir
-    )
-    phase("calibration_s")
 
-    calibration_fp = fingerprint(windows)
-    checkpoint = None
-    if resume_dir is not None:
-        key = checkpoint_key(
-            model=spec.model,
-            criterion=spec.criterion,
-            calibration=calibration_fp,
-            num_layers=num_layers,
-            candidates=candidates,
-            num_blocks=num_blocks,
-            dtype=str(loaded.dtype),
-            device=loaded.device.type,
-        )
-        checkpoint = ScoreCheckpoint(Path(resume_dir) / CHECKPOINT_NAME, key)
-    resumed = checkpoint.resumed if checkpoint else 0
-    cache_info: dict[str, Any] | None = None
-    cache_key_ = None
-    if score_cache is not None:
-        model_fp = model_fingerprint(
-            loaded.resolved.path_or_id,
-            loaded.resolved.revision,
-            model.config,
-            memo_path=Path(cache_dir) / "fingerprints.json" if cache_dir else None,
-        )
-        cache_key_ = cache_key(
-            model=model_fp,
-            criterion=spec.criterion,
-            calibration=calibration_fp,
-            dtype=str(loaded.dtype),
-            device_type=loaded.device.type,
-            num_layers=num_layers,
-            candidates=candidates,
-            num_blocks=num_blocks,
-        )
-        cache_info = {
-            "key": cache_key_,
-            "model_fingerprint": model_fp,
-            "location": score_cache.location(cache_key_),
-        }
-        phase("fingerprint_s")
+def remove_blocks(loaded: LoadedModel, scores: BlockScores, plan: RemovalPlan) -> list[int]:
+    """Drop the first ``num_blocks`` of the removal order from the model; the removed indices."""
+    removed = sorted(scores.result.removal_order[: plan.num_blocks])
+    keep_blocks(loaded.model, [b for b in range(plan.num_layers) if b not in removed])
+    return removed
 
-    def waiting() -> None:
-        progress(
-            Progress(
-                "scoring",
-                0,
-                0,
-                "blocks",
-                message="waiting for another job scoring the same model, criterion and calibration",
-            )
-        )
 
-    lock = (
-        score_cache.lock(cache_key_, waiting)
-        if score_cache is not None and cache_key_
-        else nullcontext()
-    )
-    with lock:
-        cached = score_cache.load(cache_key_) if score_cache is not None and cache_key_ else None
-        result = None
-        reused = 0
-        if spec.criterion in PER_SCOPE:
-            if cached is not None:
-                checkpoint = checkpoint or ScoreCheckpoint(None, "score-cache")
-                reused = checkpoint.merge(cached.get("scopes", {}))
-            elif score_cache is not None and checkpoint is None:
-                checkpoint = ScoreCheckpoint(None, "score-cache")  # collects scores to cache
-        elif cached is not None and "block_scores" in cached:
-            scores = cached["block_scores"]
-            order = (
-                sorted(candidates, key=lambda b: (scores[b], b))
-                if spec.criterion in ORDER_FROM_SCORES
-                else cached["removal_order"]
-            )
-            result = CriterionResult(scores, order, cached.get("details", {}))
-            reused = sum(score is not None for score in scores)
-        message: str = spec.criterion
-        if reused:
-            message = f"{spec.criterion} (reusing {reused} cached block scores)"
-        elif resumed:
-            message = f"{spec.criterion} (resuming {resumed} saved block scores)"
-        progress(Progress("scoring", 0, 0, "blocks", message=message))
-        if result is None:
-            context = ScoringContext(
-                model,
-                adapter,
-                windows,
-                candidates,
-                num_blocks,
-                spec.batch_size,
-                progress,
-                spec.score_all_blocks,
-                checkpoint,
-            )
-            result = CRITERIA[spec.criterion](context)
-            if score_cache is not None and cache_key_:
-                entry: dict[str, Any] = {
-                    "version": CACHE_VERSION,
-                    "criterion": spec.criterion,
-                    "model_fingerprint": cache_info and cache_info["model_fingerprint"],
-                }
-                if spec.criterion in PER_SCOPE and checkpoint is not None:
-                    entry["scopes"] = checkpoint.scopes
-                else:
-                    entry.update(
-                        block_scores=result.block_scores,
-                        removal_order=result.removal_order,
-                        details=result.details,
-                    )
-                try:
-                    score_cache.save(cache_key_, entry)
-                except Exception as exc:  # the scores are still good for this run
-                    log.warning("could not save block scores to the cache: %s", exc)
-    if cache_info is not None:
-        computed = sum(score is not None for score in result.block_scores) - reused
-        cache_info.update(reused_scores=reused, computed_scores=max(computed, 0), hit=reused > 0)
-    phase("scoring_s")
-
-    progress(Progress("pruning", message=f"removing {num_blocks} blocks"))
-    removed = sorted(result.removal_order[:num_blocks])
-    kept = [b for b in range(num_layers) if b not in removed]
-    keep_blocks(model, kept)
-    params_after = count_parameters(model)
-    phase("pruning_s")
-
-    report: dict[str, Any] = {
+def prune_report(
+    spec: PruneSpec,
+    loaded: LoadedModel,
+    plan: RemovalPlan,
+    scores: BlockScores,
+    removed: list[int],
+    windows: torch.Tensor,
+    calibration_fp: str,
+    timer: PhaseTimer,
+) -> dict[str, Any]:
+    result, cache_info = scores.result, scores.cache_info
+    kept = [b for b in range(plan.num_layers) if b not in removed]
+    params_after = count_parameters(loaded.model)
+    return {
         "model": spec.model,
-        "architecture": adapter.name,
-        "model_type": model.config.model_type,
+        "architecture": loaded.adapter.name,
+        "model_type": loaded.model.config.model_type,
         "criterion": spec.criterion,
         "block_scores": result.block_scores,
         "score_meaning": "lower = less important (removed first)",
         "removal_order": result.removal_order,
         "removed_blocks": removed,
         "kept_blocks": kept,
-        "protected_blocks": protected,
-        "num_layers_before": num_layers,
+        "protected_blocks": plan.protected,
+        "num_layers_before": plan.num_layers,
         "num_layers_after": len(kept),
-        "num_blocks_removed": num_blocks,
+        "num_blocks_removed": plan.num_blocks,
         "target_ratio": spec.target_ratio,
-        "params_before": params_before,
+        "params_before": plan.params_before,
         "params_after": params_after,
-        "params_removed_ratio": round(1 - params_after / params_before, 6),
+        "params_removed_ratio": round(1 - params_after / plan.params_before, 6),
         "criterion_details": result.details,
-        "resumed_scores": resumed,
+        "resumed_scores": scores.resumed,
         # Block scores taken from the score cache instead of computed (0: none).
         "scores_reused": cache_info["reused_scores"] if cache_info else 0,
         "score_cache": cache_info,
@@ -337,21 +234,20 @@ def prune_model(
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "versions": library_versions(),
-        "timings": timings,
+        "timings": timer.timings,  # the same dict: saving_s is added while saving
     }
 
-    progress(Progress("saving", message=str(output_dir)))
+
+def save_pruned(
+    loaded: LoadedModel, report: dict[str, Any], output_dir: Path, timer: PhaseTimer
+) -> None:
+    """The checkpoint (in its source precision), report.json and the block-score CSV and chart,
+    all appearing at ``output_dir`` at once."""
     with atomic_output_dir(output_dir) as staging:
-        if loaded.source_dtype is not None and loaded.source_dtype != loaded.dtype:
-            model.to(loaded.source_dtype)  # save in the checkpoint's own precision
-        model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
-        phase("saving_s")
-        report["timings"] = timings
+        save_model(
+            loaded.model, loaded.tokenizer, staging, loaded.source_dtype, restore_dtype=False
+        )
+        timer("saving_s")
         (staging / "report.json").write_text(json.dumps(report, indent=2))
         write_scores_csv(staging / "block_scores.csv", report)
         (staging / "block_scores.svg").write_text(block_score_svg(report))
-    log.info(
-        "pruned %s: removed %s, %d -> %d params", spec.model, removed, params_before, params_after
-    )
-    return report

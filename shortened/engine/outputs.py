@@ -1,0 +1,88 @@
+"""What every engine run writes the same way: an output directory that appears only when
+complete, a model saved in its checkpoint's own precision, per-phase timings and the library
+versions of the report."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import OutputExists
+
+
+def check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise OutputExists(f"output directory {str(output_dir)!r} exists and is not empty")
+
+
+@contextmanager
+def atomic_output_dir(output_dir: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``output_dir``; move it into place only on success."""
+    check_output_dir(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        yield staging
+        check_output_dir(output_dir)
+        if output_dir.exists():
+            output_dir.rmdir()
+        staging.rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    path: Path,
+    source_dtype: torch.dtype | None,
+    *,
+    restore_dtype: bool = True,
+) -> None:
+    """save_pretrained in the source checkpoint's precision, so a float32 run on a bfloat16
+    checkpoint does not double its size on disk. ``restore_dtype``: cast the model back
+    afterwards (a caller that goes on using it)."""
+    current = next(model.parameters()).dtype
+    cast = source_dtype is not None and source_dtype != current
+    if cast:
+        model.to(source_dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if cast and restore_dtype:
+        model.to(current)
+
+
+class PhaseTimer:
+    """Seconds per phase of a run: ``timer("load_s")`` records the time since the previous
+    mark (or the start) under that name."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.started = self._clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._clock, 3)
+        self._clock = now
+
+    def total(self) -> float:
+        """Seconds since the timer started."""
+        return round(time.perf_counter() - self.started, 3)
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
