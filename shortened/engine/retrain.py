@@ -3,7 +3,7 @@
 One readable recipe per stage, built on transformers' ``Trainer`` (so multi-GPU runs work
 through accelerate/torchrun, and checkpoints/resume are Trainer's own):
 
-    data (records -> tokenized examples or packed blocks, held-out split)
+    data (records -> tokenized examples or packed blocks, held-out split; ``retrain_data.py``)
       -> model (full parameters for CPT, a peft LoRA wrapper for LoRA)
       -> Trainer (AdamW, warm-up + linear (LoRA) / cosine (CPT) schedule, checkpoints)
       -> outputs (merged model + adapter/, or the CPT model; report.json), written atomically.
@@ -16,376 +16,34 @@ r=8, alpha=16, dropout 0.05 on every attention and MLP projection, lr 1e-4, 2 ep
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shortened.specs import RetrainSpec, TrainDataSpec
+from shortened.specs import RetrainSpec
 
-from .calibration import fetch_data_file, read_documents
-from .errors import CalibrationError, DataError, RetrainError
-from .models import count_parameters, load_model, pick_device
+from .errors import DataError, RetrainError
+from .models import LoadedModel, count_parameters, load_model, pick_device
+from .outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions, save_model
 from .progress import Progress, ProgressCallback, no_progress
-from .prune import atomic_output_dir, check_output_dir, library_versions
+from .retrain_data import IGNORE_INDEX, StageData, build_stage_data
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 CPT_DEFAULT_SEQ_LEN = 2048
-
-# alpaca-lora's templates/alpaca.json, which the paper's lora_retrain.py uses.
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
-def alpaca_prompt(instruction: str, input: str = "", output: str = "") -> str:  # noqa: A002 - Alpaca's field name
-    """The Alpaca prompt for one record, followed by ``output`` (empty: the prompt alone)."""
-    template = ALPACA_PROMPT_WITH_INPUT if input else ALPACA_PROMPT_NO_INPUT
-    return template.format(instruction=instruction, input=input) + output
-
-
-# --- data ------------------------------------------------------------------------------------
-
-
-def read_records(path: Path, field: str = "text") -> list[dict[str, Any]]:
-    """Records of a local file: .jsonl (an object a line), .json (an array of objects, or
-    JSON lines), .parquet rows, or .txt blank-line separated documents as ``{field: text}``."""
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        try:
-            return [{field: doc} for doc in read_documents(path)]
-        except CalibrationError as exc:
-            raise DataError(str(exc)) from exc
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(path).to_pylist()
-    elif suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        records = []
-        try:
-            whole = json.loads(text) if suffix == ".json" else None
-        except json.JSONDecodeError:
-            whole = None
-        if isinstance(whole, list):
-            records = whole
-        else:
-            for line_number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{path.name} line {line_number}: not JSON ({exc.msg})"
-                    ) from exc
-    else:
-        raise DataError(
-            f"unsupported data file type {suffix!r}; use .txt, .jsonl, .json or .parquet"
-        )
-    if not records:
-        raise DataError(f"data file {path.name} contains no records")
-    for index, record in enumerate(records, 1):
-        if not isinstance(record, dict):
-            raise DataError(f"{path.name} record {index}: not a JSON object")
-    return records
-
-
-def _hf_dataset(data: TrainDataSpec) -> Any:
-    from datasets import load_dataset
-
-    try:
-        return load_dataset(
-            data.dataset, data.dataset_config, split=data.split, streaming=data.streaming
-        )
-    except Exception as exc:  # datasets raises many types for a bad name/split/offline hub
-        raise DataError(
-            f"cannot open HF dataset {data.dataset!r} (split {data.split!r}): {exc}"
-        ) from exc
-
-
-def record_format(record: dict[str, Any], data: TrainDataSpec) -> str:
-    """``alpaca`` or ``text``: the spec's format, or guessed from the first record."""
-    if data.format != "auto":
-        return data.format
-    return "alpaca" if "instruction" in record and "output" in record else "text"
-
-
-def _check_record(record: dict[str, Any], fmt: str, data: TrainDataSpec, where: str) -> None:
-    needed = ("instruction", "output") if fmt == "alpaca" else (data.field,)
-    missing = [name for name in needed if name not in record]
-    if missing:
-        raise DataError(f"{where}: {fmt} record without field(s) {missing} (has {sorted(record)})")
-
-
-def record_text(record: dict[str, Any], fmt: str, data: TrainDataSpec) -> str:
-    """The raw text of a record (CPT trains on Alpaca records rendered with their prompt)."""
-    if fmt == "alpaca":
-        return alpaca_prompt(
-            str(record["instruction"]), str(record.get("input") or ""), str(record["output"])
-        )
-    return str(record[data.field])
-
-
-def _encode(tokenizer: Any, text: str, cutoff_len: int, add_eos: bool) -> list[int]:
-    ids = list(tokenizer(text, truncation=True, max_length=cutoff_len)["input_ids"])
-    eos = tokenizer.eos_token_id
-    if add_eos and eos is not None and (not ids or ids[-1] != eos) and len(ids) < cutoff_len:
-        ids.append(eos)
-    return ids
-
-
-def tokenize_example(
-    record: dict[str, Any], fmt: str, tokenizer: Any, data: TrainDataSpec, cutoff_len: int
-) -> dict[str, list[int]]:
-    """One supervised example as alpaca-lora builds it: the full prompt + response (+ EOS),
-    truncated to ``cutoff_len``; unless ``train_on_inputs``, prompt tokens get no loss."""
-    if fmt == "alpaca":
-        instruction, input_text = str(record["instruction"]), str(record.get("input") or "")
-        input_ids = _encode(
-            tokenizer,
-            alpaca_prompt(instruction, input_text, str(record["output"])),
-            cutoff_len,
-            add_eos=True,
-        )
-        labels = list(input_ids)
-        if not data.train_on_inputs:
-            prompt_len = len(
-                _encode(
-                    tokenizer, alpaca_prompt(instruction, input_text), cutoff_len, add_eos=False
-                )
-            )
-            labels = [IGNORE_INDEX] * prompt_len + labels[prompt_len:]
-    else:
-        input_ids = _encode(tokenizer, record_text(record, fmt, data), cutoff_len, add_eos=True)
-        labels = list(input_ids)
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
-
-
-def pack_blocks(
-    texts: Iterable[str], tokenizer: Any, seq_len: int, chunk: int = 256
-) -> Iterator[list[int]]:
-    """Concatenate documents (BOS + tokens + EOS each) and cut the stream into blocks of
-    exactly ``seq_len`` tokens; the incomplete tail is dropped."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    buffer: list[int] = []
-    texts = iter(texts)
-    while batch := list(itertools.islice(texts, chunk)):
-        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-            buffer.extend(
-                ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
-            )
-        start = 0
-        while len(buffer) - start >= seq_len:
-            yield buffer[start : start + seq_len]
-            start += seq_len
-        del buffer[:start]
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
-
-
-class StreamDataset(torch.utils.data.IterableDataset):
-    """A re-iterable stream of examples (each epoch calls ``make`` again)."""
-
-    def __init__(self, make: Callable[[], Iterator[dict[str, Any]]]) -> None:
-        self.make = make
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self.make()
-
-
-@dataclass
-class StageData:
-    train: torch.utils.data.Dataset
-    eval: torch.utils.data.Dataset | None
-    format: str
-    train_records: int | None  # None: streamed
-    eval_records: int
-    train_items: int | None  # examples (LoRA) or packed blocks (CPT); None: streamed
-    eval_items: int
-    dropped_examples: int = 0
-
-
-def _split(
-    records: list[dict[str, Any]], data: TrainDataSpec, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    records = list(records)
-    random.Random(seed).shuffle(records)
-    if data.validation_size is not None:
-        n_val = data.validation_size
-    elif data.validation_fraction > 0:
-        n_val = max(1, round(len(records) * data.validation_fraction))
-    else:
-        n_val = 0
-    if n_val >= len(records):
-        raise DataError(
-            f"holding out {n_val} validation records leaves none of {len(records)} for training"
-        )
-    validation, train = records[:n_val], records[n_val:]
-    if data.max_records is not None:
-        train = train[: data.max_records]
-    return train, validation
-
-
-def _to_items(
-    records: list[dict[str, Any]],
-    fmt: str,
-    kind: str,
-    tokenizer: Any,
-    data: TrainDataSpec,
-    length: int,
-    where: str,
-) -> tuple[list[dict[str, Any]], int]:
-    for index, record in enumerate(records, 1):
-        _check_record(record, fmt, data, f"{where} record {index}")
-    if kind == "cpt":
-        blocks = [
-            {"input_ids": b, "labels": list(b)}
-            for b in pack_blocks((record_text(r, fmt, data) for r in records), tokenizer, length)
-        ]
-        return blocks, 0
-    examples = [tokenize_example(r, fmt, tokenizer, data, length) for r in records]
-    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
-    return kept, len(examples) - len(kept)
-
-
-def build_stage_data(
-    data: TrainDataSpec,
-    tokenizer: Any,
-    *,
-    kind: str,
-    length: int,
-    seed: int,
-    store: ArtifactStore | None,
-    cache_dir: Path | None,
-) -> StageData:
-    """Training (and validation) data of one stage: tokenized examples truncated to
-    ``length`` for LoRA (``kind="lora"``), packed blocks of ``length`` tokens for CPT."""
-    validation_records: list[dict[str, Any]] | None = None
-    if data.validation_source is not None:
-        validation_records = read_records(
-            fetch_data_file(data.validation_source, store=store, cache_dir=cache_dir), data.field
-        )
-
-    if data.dataset is not None and data.streaming:
-        stream = _hf_dataset(data).shuffle(seed=seed, buffer_size=10_000)
-        try:
-            first = next(iter(stream))
-        except StopIteration:
-            raise DataError(f"HF dataset {data.dataset!r} is empty") from None
-        fmt = record_format(first, data)
-        if data.validation_size is not None:
-            validation_records = list(itertools.islice(iter(stream), data.validation_size))
-            stream = stream.skip(data.validation_size)
-        if data.max_records is not None:
-            stream = stream.take(data.max_records)
-
-        def checked(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-            for record in records:
-                _check_record(record, fmt, data, f"HF dataset {data.dataset}")
-                yield record
-
-        def make_train() -> Iterator[dict[str, Any]]:
-            if kind == "cpt":
-                texts = (record_text(r, fmt, data) for r in checked(stream))
-                return (
-                    {"input_ids": b, "labels": list(b)}
-                    for b in pack_blocks(texts, tokenizer, length)
-                )
-            examples = (tokenize_example(r, fmt, tokenizer, data, length) for r in checked(stream))
-            return (e for e in examples if any(label != IGNORE_INDEX for label in e["labels"]))
-
-        train: torch.utils.data.Dataset = StreamDataset(make_train)
-        train_records = train_items = None
-        dropped = 0
-    else:
-        if data.dataset is not None:
-            records = [dict(r) for r in _hf_dataset(data)]
-            where = f"HF dataset {data.dataset}"
-            if not records:
-                raise DataError(f"HF dataset {data.dataset!r} split {data.split!r} is empty")
-        else:
-            assert data.source is not None
-            path = fetch_data_file(data.source, store=store, cache_dir=cache_dir)
-            records = read_records(path, data.field)
-            where = path.name
-        fmt = record_format(records[0], data)
-        if validation_records is None:
-            train_records_list, validation_records = _split(records, data, seed)
-        else:
-            train_records_list = records[: data.max_records] if data.max_records else records
-        items, dropped = _to_items(train_records_list, fmt, kind, tokenizer, data, length, where)
-        if not items:
-            what = (
-                f"a block of {length} tokens"
-                if kind == "cpt"
-                else "an example with response tokens within cutoff_len"
-            )
-            raise DataError(
-                f"{where}: the training data yields no {what} ({len(train_records_list)} records)"
-            )
-        train = ListDataset(items)
-        train_records, train_items = len(train_records_list), len(items)
-
-    eval_dataset = None
-    eval_items = 0
-    if validation_records:
-        items, _ = _to_items(
-            validation_records, fmt, kind, tokenizer, data, length, "validation data"
-        )
-        if not items:
-            raise DataError(
-                f"the validation data yields no {'blocks' if kind == 'cpt' else 'examples'} of usable length"
-            )
-        eval_dataset, eval_items = ListDataset(items), len(items)
-    return StageData(
-        train,
-        eval_dataset,
-        fmt,
-        train_records,
-        len(validation_records or []),
-        train_items,
-        eval_items,
-        dropped,
-    )
-
-
-# --- training ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -725,6 +383,34 @@ def _cpt_max_steps(spec: RetrainSpec, seq_len: int) -> int:
     return min(steps, spec.max_steps) if spec.max_steps else steps
 
 
+@dataclass
+class RetrainRun:
+    """What the stages of one retrain share: the loaded model, where stage checkpoints go, and
+    what the stages produced so far."""
+
+    spec: RetrainSpec
+    loaded: LoadedModel
+    model: Any  # the model trained: the loaded one, or the finished CPT stage's on resume
+    train_tokenizer: Any
+    device: torch.device
+    precision: Precision
+    params_before: int
+    checkpoint_root: Path | None
+    resume: bool
+    cpt_already_done: bool  # cpt_lora resumed after its CPT stage finished
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    trainable: dict[str, int] = field(default_factory=dict)
+    peft_model: Any = None
+    scratch_cpt: Path | None = None  # the CPT model of a cpt_lora run without checkpoint_dir
+
+    @property
+    def cpt_done_dir(self) -> Path | None:
+        return _cpt_done_dir(self.checkpoint_root)
+
+    def stage_dir(self, name: str) -> Path | None:
+        return self.checkpoint_root / name if self.checkpoint_root else None
+
+
 def retrain_model(
     spec: RetrainSpec,
     output_dir: Path,
@@ -747,248 +433,26 @@ def retrain_model(
     ``eval_loss``; the callback may raise ``Cancelled`` to stop within one step, and then
     nothing is written to ``output_dir``.
     """
-    from transformers import set_seed
-
     output_dir = Path(output_dir)
     check_output_dir(output_dir)  # fail before loading anything
-    checkpoint_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    started = clock = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def phase(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
-
-    local_rank = os.environ.get("LOCAL_RANK")
-    device = pick_device(
-        f"cuda:{local_rank}"
-        if spec.device == "auto" and local_rank is not None and torch.cuda.is_available()
-        else spec.device
+    timer = PhaseTimer()
+    run = load_for_retraining(
+        spec, checkpoint_dir, resume, progress=progress, store=store, cache_dir=cache_dir
     )
-    precision = choose_precision(spec.method, spec.dtype, device)
-    weights_dtype = str(precision.weights).removeprefix("torch.")
-    set_seed(spec.seed)
-
-    # cpt_lora resumed after its CPT stage finished: start the LoRA stage from the saved CPT model.
-    cpt_done_dir = checkpoint_root / "cpt" / "final" if checkpoint_root is not None else None
-    cpt_already_done = bool(
-        spec.method == "cpt_lora"
-        and resume
-        and cpt_done_dir is not None
-        and (cpt_done_dir / "stage_report.json").is_file()
-    )
-    progress(Progress("loading", message=spec.model))
-    loaded = load_model(
-        spec.model, dtype=weights_dtype, device=str(device), store=store, cache_dir=cache_dir
-    )
-    tokenizer = loaded.tokenizer
-    source_dtype = loaded.source_dtype
-    params_before = count_parameters(loaded.model)
-    model = loaded.model
-    if cpt_already_done:
-        assert cpt_done_dir is not None
-        model = load_model(str(cpt_done_dir), dtype=weights_dtype, device=str(device)).model
-    train_tokenizer = _training_tokenizer(tokenizer)
-    phase("load_s")
-
-    stages: list[dict[str, Any]] = []
-    trainable: dict[str, int] = {}
-    lora_info: dict[str, Any] = {}
-    scratch_cpt: Path | None = None
-    peft_model = None
+    timer("load_s")
     try:
-        if spec.method in ("cpt", "cpt_lora") and not cpt_already_done:
-            assert spec.cpt is not None
-            seq_len = _cpt_seq_len(spec, model)
-            progress(Progress("data", message=f"cpt: packing into {seq_len}-token blocks"))
-            cpt_data = build_stage_data(
-                spec.cpt.data or spec.data,
-                train_tokenizer,
-                kind="cpt",
-                length=seq_len,
-                seed=spec.seed,
-                store=store,
-                cache_dir=cache_dir,
-            )
-            phase("cpt_data_s")
-            settings = StageSettings(
-                "cpt",
-                spec.cpt.learning_rate,
-                spec.cpt.warmup_steps,
-                "cosine",
-                _cpt_max_steps(spec, seq_len),
-                1.0,
-                seq_len,
-                weight_decay=spec.cpt.weight_decay,
-                extra={"seq_len": seq_len, "max_tokens": spec.cpt.max_tokens},
-            )
-            model.train()
-            for p in model.parameters():
-                p.requires_grad_(True)
-            trainable["cpt"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            stage = train_stage(
-                model,
-                train_tokenizer,
-                cpt_data,
-                settings,
-                spec,
-                precision,
-                device,
-                stage_dir=checkpoint_root / "cpt" if checkpoint_root else None,
-                resume=resume,
-                progress=progress,
-            )
-            stage["trainable_params"] = trainable["cpt"]
-            stages.append(stage)
-            phase("cpt_train_s")
-            model.eval()
-            if spec.method == "cpt_lora":
-                # The LoRA stage edits the modules in place: keep the CPT model on disk (it is the
-                # adapter's base, and what a resumed run starts its LoRA stage from).
-                if cpt_done_dir is None:
-                    scratch_cpt = Path(tempfile.mkdtemp(prefix="shortened-cpt-"))
-                target = cpt_done_dir or scratch_cpt
-                assert target is not None
-                if is_main_process():
-                    _save_model(model, tokenizer, target, source_dtype)
-                    (target / "stage_report.json").write_text(json.dumps(stage, indent=2))
-                    if cpt_done_dir is not None:  # its Trainer checkpoints are superseded
-                        for finished in cpt_done_dir.parent.glob("checkpoint-*"):
-                            shutil.rmtree(finished, ignore_errors=True)
-        elif cpt_already_done:
-            assert cpt_done_dir is not None
-            stage = json.loads((cpt_done_dir / "stage_report.json").read_text())
-            stages.append(stage)
-            trainable["cpt"] = stage.get("trainable_params", 0)
-
+        if spec.method in ("cpt", "cpt_lora"):
+            run_cpt_stage(run, progress=progress, store=store, cache_dir=cache_dir, timer=timer)
         if spec.method in ("lora", "cpt_lora"):
-            from peft import LoraConfig, get_peft_model
-
-            progress(Progress("data", message=f"lora: tokenizing (cutoff {spec.cutoff_len})"))
-            lora_data = build_stage_data(
-                spec.data,
-                train_tokenizer,
-                kind="lora",
-                length=spec.cutoff_len,
-                seed=spec.seed,
-                store=store,
-                cache_dir=cache_dir,
-            )
-            if lora_data.train_items is None and spec.max_steps is None:
-                raise DataError("a streamed dataset has no known length: give max_steps")
-            phase("lora_data_s")
-            targets, missing = _lora_targets(model, spec.lora.target_modules)
-            config = LoraConfig(
-                r=spec.lora.r,
-                lora_alpha=spec.lora.alpha,
-                lora_dropout=spec.lora.dropout,
-                target_modules=targets,
-                bias="none",
-                task_type="CAUSAL_LM",
-            )
-            with warnings.catch_warnings():
-                # peft probes a deprecated transformers attribute; not the user's concern.
-                warnings.filterwarnings(
-                    "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
-                )
-                peft_model = get_peft_model(model, config)
-            trainable["lora"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            lora_info = {
-                "r": spec.lora.r,
-                "alpha": spec.lora.alpha,
-                "dropout": spec.lora.dropout,
-                "target_modules": targets,
-                "missing_target_modules": missing,
-            }
-            settings = StageSettings(
-                "lora",
-                spec.learning_rate,
-                spec.warmup_steps,
-                "linear",
-                spec.max_steps,
-                spec.epochs,
-                spec.cutoff_len,
-                extra={"cutoff_len": spec.cutoff_len, "lora": lora_info},
-            )
-            stage = train_stage(
-                peft_model,
-                train_tokenizer,
-                lora_data,
-                settings,
-                spec,
-                precision,
-                device,
-                stage_dir=checkpoint_root / "lora" if checkpoint_root else None,
-                resume=resume,
-                progress=progress,
-            )
-            stage["trainable_params"] = trainable["lora"]
-            stages.append(stage)
-            phase("lora_train_s")
-
+            run_lora_stage(run, progress=progress, store=store, cache_dir=cache_dir, timer=timer)
         progress(Progress("saving", message=str(output_dir)))
-        report: dict[str, Any] = {
-            "model": spec.model,
-            "method": spec.method,
-            "architecture": loaded.adapter.name,
-            "model_type": model.config.model_type,
-            "num_layers": loaded.adapter.num_layers(model),
-            "hyperparameters": spec.model_dump(mode="json"),
-            "stages": stages,
-            "steps": sum(s["steps"] for s in stages),
-            "final_train_loss": stages[-1]["train_loss_last"],
-            "final_eval_loss": stages[-1]["eval_loss"],
-            "params": params_before,
-            "trainable_params": trainable,
-            "precision": precision.label,
-            "device": str(device),
-            "outputs": {"model": "."},
-            "versions": _versions(),
-            "timings": timings,
-        }
+        report = retrain_report(run, timer)
         if not is_main_process():
             return report  # rank 0 writes the outputs
-        with atomic_output_dir(output_dir) as staging:
-            if peft_model is not None:
-                adapter_base = (
-                    str(output_dir.resolve() / "cpt")
-                    if spec.method == "cpt_lora"
-                    else loaded.resolved.path_or_id
-                )
-                peft_model.save_pretrained(str(staging / "adapter"))
-                _set_adapter_base(staging / "adapter", adapter_base)
-                tokenizer.save_pretrained(staging / "adapter")
-                report["outputs"]["adapter"] = "adapter"
-                report["adapter_base"] = adapter_base
-                if spec.method == "cpt_lora":
-                    cpt_saved = (
-                        cpt_done_dir
-                        if cpt_done_dir is not None and cpt_done_dir.is_dir()
-                        else scratch_cpt
-                    )
-                    assert cpt_saved is not None
-                    shutil.copytree(
-                        cpt_saved,
-                        staging / "cpt",
-                        ignore=shutil.ignore_patterns("stage_report.json"),
-                    )
-                    report["outputs"]["cpt_model"] = "cpt"
-                if spec.lora.merge:
-                    model = peft_model.merge_and_unload()
-            if peft_model is None or spec.lora.merge:
-                _save_model(model, tokenizer, staging, source_dtype)
-                report["params"] = count_parameters(model)
-            else:
-                report["outputs"].pop("model")
-            phase("saving_s")
-            timings["total_s"] = round(time.perf_counter() - started, 3)
-            report["timings"] = timings
-            (staging / "report.json").write_text(json.dumps(report, indent=2))
+        write_outputs(run, report, output_dir, timer)
     finally:
-        if scratch_cpt is not None:
-            shutil.rmtree(scratch_cpt, ignore_errors=True)
+        if run.scratch_cpt is not None:
+            shutil.rmtree(run.scratch_cpt, ignore_errors=True)
     log.info(
         "retrained %s with %s: %d steps, final loss %s",
         spec.model,
@@ -999,15 +463,290 @@ def retrain_model(
     return report
 
 
-def _save_model(model: Any, tokenizer: Any, path: Path, source_dtype: torch.dtype | None) -> None:
-    """save_pretrained in the source checkpoint's precision (the model keeps its own)."""
-    current = next(model.parameters()).dtype
-    if source_dtype is not None and source_dtype != current:
-        model.to(source_dtype)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    if source_dtype is not None and source_dtype != current:
-        model.to(current)
+def _cpt_done_dir(checkpoint_root: Path | None) -> Path | None:
+    """Where a cpt_lora run keeps its finished CPT model (what a resumed run's LoRA stage
+    starts from)."""
+    return checkpoint_root / "cpt" / "final" if checkpoint_root is not None else None
+
+
+def load_for_retraining(
+    spec: RetrainSpec,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    *,
+    progress: ProgressCallback,
+    store: ArtifactStore | None,
+    cache_dir: Path | None,
+) -> RetrainRun:
+    """Device, precision and seed; the model in its training precision (for a cpt_lora run
+    resumed after its CPT stage: the saved CPT model)."""
+    from transformers import set_seed
+
+    checkpoint_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    local_rank = os.environ.get("LOCAL_RANK")
+    device = pick_device(
+        f"cuda:{local_rank}"
+        if spec.device == "auto" and local_rank is not None and torch.cuda.is_available()
+        else spec.device
+    )
+    precision = choose_precision(spec.method, spec.dtype, device)
+    weights_dtype = str(precision.weights).removeprefix("torch.")
+    set_seed(spec.seed)
+
+    cpt_done_dir = _cpt_done_dir(checkpoint_root)
+    cpt_already_done = bool(
+        spec.method == "cpt_lora"
+        and resume
+        and cpt_done_dir is not None
+        and (cpt_done_dir / "stage_report.json").is_file()
+    )
+    progress(Progress("loading", message=spec.model))
+    loaded = load_model(
+        spec.model, dtype=weights_dtype, device=str(device), store=store, cache_dir=cache_dir
+    )
+    model = loaded.model
+    if cpt_already_done:
+        assert cpt_done_dir is not None
+        model = load_model(str(cpt_done_dir), dtype=weights_dtype, device=str(device)).model
+    return RetrainRun(
+        spec,
+        loaded,
+        model,
+        _training_tokenizer(loaded.tokenizer),
+        device,
+        precision,
+        count_parameters(loaded.model),
+        checkpoint_root,
+        resume,
+        cpt_already_done,
+    )
+
+
+def run_cpt_stage(
+    run: RetrainRun,
+    *,
+    progress: ProgressCallback,
+    store: ArtifactStore | None,
+    cache_dir: Path | None,
+    timer: PhaseTimer,
+) -> None:
+    """Full-parameter training on packed blocks (or, resumed after it finished, its report)."""
+    spec, model = run.spec, run.model
+    assert spec.cpt is not None
+    if run.cpt_already_done:
+        assert run.cpt_done_dir is not None
+        stage = json.loads((run.cpt_done_dir / "stage_report.json").read_text())
+        run.stages.append(stage)
+        run.trainable["cpt"] = stage.get("trainable_params", 0)
+        return
+    seq_len = _cpt_seq_len(spec, model)
+    progress(Progress("data", message=f"cpt: packing into {seq_len}-token blocks"))
+    cpt_data = build_stage_data(
+        spec.cpt.data or spec.data,
+        run.train_tokenizer,
+        kind="cpt",
+        length=seq_len,
+        seed=spec.seed,
+        store=store,
+        cache_dir=cache_dir,
+    )
+    timer("cpt_data_s")
+    settings = StageSettings(
+        "cpt",
+        spec.cpt.learning_rate,
+        spec.cpt.warmup_steps,
+        "cosine",
+        _cpt_max_steps(spec, seq_len),
+        1.0,
+        seq_len,
+        weight_decay=spec.cpt.weight_decay,
+        extra={"seq_len": seq_len, "max_tokens": spec.cpt.max_tokens},
+    )
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    stage = _train(run, model, cpt_data, settings, progress=progress, timer=timer)
+    model.eval()
+    if spec.method == "cpt_lora":
+        _keep_cpt_model(run, stage)
+
+
+def _keep_cpt_model(run: RetrainRun, stage: dict[str, Any]) -> None:
+    """The LoRA stage edits the modules in place: keep the CPT model on disk (it is the
+    adapter's base, and what a resumed run starts its LoRA stage from)."""
+    done_dir = run.cpt_done_dir
+    if done_dir is None:
+        run.scratch_cpt = Path(tempfile.mkdtemp(prefix="shortened-cpt-"))
+    target = done_dir or run.scratch_cpt
+    assert target is not None
+    if is_main_process():
+        save_model(run.model, run.loaded.tokenizer, target, run.loaded.source_dtype)
+        (target / "stage_report.json").write_text(json.dumps(stage, indent=2))
+        if done_dir is not None:  # its Trainer checkpoints are superseded
+            for finished in done_dir.parent.glob("checkpoint-*"):
+                shutil.rmtree(finished, ignore_errors=True)
+
+
+def run_lora_stage(
+    run: RetrainRun,
+    *,
+    progress: ProgressCallback,
+    store: ArtifactStore | None,
+    cache_dir: Path | None,
+    timer: PhaseTimer,
+) -> None:
+    """A peft LoRA wrapper around the model, trained on tokenized examples."""
+    from peft import LoraConfig, get_peft_model
+
+    spec = run.spec
+    progress(Progress("data", message=f"lora: tokenizing (cutoff {spec.cutoff_len})"))
+    lora_data = build_stage_data(
+        spec.data,
+        run.train_tokenizer,
+        kind="lora",
+        length=spec.cutoff_len,
+        seed=spec.seed,
+        store=store,
+        cache_dir=cache_dir,
+    )
+    if lora_data.train_items is None and spec.max_steps is None:
+        raise DataError("a streamed dataset has no known length: give max_steps")
+    timer("lora_data_s")
+    targets, missing = _lora_targets(run.model, spec.lora.target_modules)
+    config = LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # peft probes a deprecated transformers attribute; not the user's concern.
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        run.peft_model = get_peft_model(run.model, config)
+    lora_info = {
+        "r": spec.lora.r,
+        "alpha": spec.lora.alpha,
+        "dropout": spec.lora.dropout,
+        "target_modules": targets,
+        "missing_target_modules": missing,
+    }
+    settings = StageSettings(
+        "lora",
+        spec.learning_rate,
+        spec.warmup_steps,
+        "linear",
+        spec.max_steps,
+        spec.epochs,
+        spec.cutoff_len,
+        extra={"cutoff_len": spec.cutoff_len, "lora": lora_info},
+    )
+    _train(run, run.peft_model, lora_data, settings, progress=progress, timer=timer)
+
+
+def _train(
+    run: RetrainRun,
+    model: Any,
+    data: StageData,
+    settings: StageSettings,
+    *,
+    progress: ProgressCallback,
+    timer: PhaseTimer,
+) -> dict[str, Any]:
+    """Train one stage and record its report entry and trainable-parameter count."""
+    run.trainable[settings.name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stage = train_stage(
+        model,
+        run.train_tokenizer,
+        data,
+        settings,
+        run.spec,
+        run.precision,
+        run.device,
+        stage_dir=run.stage_dir(settings.name),
+        resume=run.resume,
+        progress=progress,
+    )
+    stage["trainable_params"] = run.trainable[settings.name]
+    run.stages.append(stage)
+    timer(f"{settings.name}_train_s")
+    return stage
+
+
+def retrain_report(run: RetrainRun, timer: PhaseTimer) -> dict[str, Any]:
+    spec, stages = run.spec, run.stages
+    return {
+        "model": spec.model,
+        "method": spec.method,
+        "architecture": run.loaded.adapter.name,
+        "model_type": run.model.config.model_type,
+        "num_layers": run.loaded.adapter.num_layers(run.model),
+        "hyperparameters": spec.model_dump(mode="json"),
+        "stages": stages,
+        "steps": sum(s["steps"] for s in stages),
+        "final_train_loss": stages[-1]["train_loss_last"],
+        "final_eval_loss": stages[-1]["eval_loss"],
+        "params": run.params_before,
+        "trainable_params": run.trainable,
+        "precision": run.precision.label,
+        "device": str(run.device),
+        "outputs": {"model": "."},
+        "versions": _versions(),
+        "timings": timer.timings,
+    }
+
+
+def write_outputs(
+    run: RetrainRun, report: dict[str, Any], output_dir: Path, timer: PhaseTimer
+) -> None:
+    """The model (LoRA: merged, unless ``merge`` is off), ``adapter/``, for cpt_lora ``cpt/``,
+    and report.json, all appearing at ``output_dir`` at once."""
+    spec, loaded = run.spec, run.loaded
+    with atomic_output_dir(output_dir) as staging:
+        model = run.model
+        if run.peft_model is not None:
+            _write_adapter(run, report, staging, output_dir)
+            if spec.lora.merge:
+                model = run.peft_model.merge_and_unload()
+        if run.peft_model is None or spec.lora.merge:
+            save_model(model, loaded.tokenizer, staging, loaded.source_dtype)
+            report["params"] = count_parameters(model)
+        else:
+            report["outputs"].pop("model")
+        timer("saving_s")
+        timer.timings["total_s"] = timer.total()
+        report["timings"] = timer.timings
+        (staging / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def _write_adapter(
+    run: RetrainRun, report: dict[str, Any], staging: Path, output_dir: Path
+) -> None:
+    """``adapter/`` pointing at its base, and for cpt_lora that base (the CPT model) as ``cpt/``."""
+    spec = run.spec
+    adapter_base = (
+        str(output_dir.resolve() / "cpt")
+        if spec.method == "cpt_lora"
+        else run.loaded.resolved.path_or_id
+    )
+    run.peft_model.save_pretrained(str(staging / "adapter"))
+    _set_adapter_base(staging / "adapter", adapter_base)
+    run.loaded.tokenizer.save_pretrained(staging / "adapter")
+    report["outputs"]["adapter"] = "adapter"
+    report["adapter_base"] = adapter_base
+    if spec.method == "cpt_lora":
+        done_dir = run.cpt_done_dir
+        cpt_saved = done_dir if done_dir is not None and done_dir.is_dir() else run.scratch_cpt
+        assert cpt_saved is not None
+        shutil.copytree(
+            cpt_saved,
+            staging / "cpt",
+            ignore=shutil.ignore_patterns("stage_report.json"),
+        )
+        report["outputs"]["cpt_model"] = "cpt"
 
 
 def _set_adapter_base(adapter_dir: Path, base: str) -> None:

@@ -15,13 +15,8 @@ from shortened.engine.errors import Cancelled, DataError, OutputExists, RetrainE
 from shortened.engine.evaluate import evaluate_model
 from shortened.engine.progress import Progress
 from shortened.engine.prune import prune_model
-from shortened.engine.retrain import (
-    IGNORE_INDEX,
-    alpaca_prompt,
-    pack_blocks,
-    retrain_model,
-    tokenize_example,
-)
+from shortened.engine.retrain import retrain_model
+from shortened.engine.retrain_data import IGNORE_INDEX, alpaca_prompt, pack_blocks, tokenize_example
 from shortened.specs import LORA_TARGET_MODULES, EvalSpec, PruneSpec, RetrainSpec
 from tests.helpers import CALIBRATION, HELDOUT, TINY_MODEL, save_tiny, tiny_model, tiny_tokenizer
 
