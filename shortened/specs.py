@@ -107,11 +107,11 @@ class CalibrationSpec(_Strict):
         default=None, description="Hugging Face dataset id, e.g. bookcorpus"
     )
     dataset_config: str | None = Field(default=None, description="HF dataset configuration name")
-    split: str = "train"
+    split: str = Field(default="train", description="HF dataset split")
     field: str = Field(default="text", description="Text field in .jsonl/.parquet/HF records")
-    n_samples: int = Field(default=10, ge=1, le=100_000)
-    seq_len: int = Field(default=128, ge=2, le=131_072)
-    seed: int = 1234
+    n_samples: int = Field(default=10, ge=1, le=100_000, description="Calibration windows")
+    seq_len: int = Field(default=128, ge=2, le=131_072, description="Tokens per window")
+    seed: int = Field(default=1234, description="Seed of the window sampling")
     add_bos_to_every: bool = Field(
         default=False, description="Prepend BOS to every window (needed for Gemma)"
     )
@@ -136,7 +136,7 @@ class PruneSpec(_JobSpec):
     model: str = Field(
         description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>"
     )
-    criterion: Criterion = "ppl"
+    criterion: Criterion = Field(default="ppl", description="Block-importance criterion")
     num_blocks: int | None = Field(default=None, ge=1, description="Number of blocks to remove")
     target_ratio: float | None = Field(
         default=None, gt=0.0, lt=1.0, description="Fraction of parameters to remove"
@@ -148,8 +148,12 @@ class PruneSpec(_JobSpec):
         default=False, description="ppl: also score protected blocks (full profile, slower)"
     )
     batch_size: int = Field(default=4, ge=1, le=1024, description="Calibration windows per forward")
-    dtype: Dtype = "auto"
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Dtype = Field(default="auto", description="Weights dtype (auto: chosen for the device)")
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="cpu, cuda or cuda:N (auto: CUDA when available)",
+    )
     retrain: PipelineRetrain | None = Field(
         default=None,
         description="Pipeline: retrain the pruned model when this job succeeds (a follow-up job)",
@@ -343,8 +347,12 @@ class RetrainSpec(_JobSpec):
         default=None, description="Default: on for CUDA, off on CPU"
     )
     seed: int = 1234
-    dtype: Dtype = "auto"
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Dtype = Field(default="auto", description="Weights dtype (auto: chosen for the device)")
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="cpu, cuda or cuda:N (auto: CUDA when available)",
+    )
 
     @field_validator("model")
     @classmethod
@@ -471,8 +479,12 @@ class EvalSpec(_JobSpec):
     perplexity: PerplexitySpec | None = None
     zero_shot: ZeroShotSpec | None = None
     efficiency: EfficiencySpec | None = None
-    dtype: Dtype = "auto"
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Dtype = Field(default="auto", description="Weights dtype (auto: chosen for the device)")
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="cpu, cuda or cuda:N (auto: CUDA when available)",
+    )
 
     @field_validator("model", "compare_with")
     @classmethod

@@ -6,35 +6,46 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..specs import CRITERIA
+from ..specs import (
+    PAPER_TASK_METRICS,
+    CalibrationSpec,
+    CptSpec,
+    EfficiencySpec,
+    EvalSpec,
+    LoraSpec,
+    PerplexitySpec,
+    PruneSpec,
+    RetrainSpec,
+    TrainDataSpec,
+    ZeroShotSpec,
+)
 from .display import TerminalProgress, aligned
+from .spec_options import given, spec_option
+
+MODEL_HELP = "local dir, s3://bucket/prefix/, hf://org/name[@rev]"
 
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="score blocks, remove the least important, save a checkpoint")
-    p.add_argument(
-        "--model", required=True, help="local dir, s3://bucket/prefix/, hf://org/name[@rev]"
-    )
-    p.add_argument("--criterion", default="ppl", choices=CRITERIA)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    spec_option(p, PruneSpec, "criterion")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--num-blocks", type=int, help="number of blocks to remove")
-    target.add_argument("--ratio", type=float, help="fraction of parameters to remove")
-    p.add_argument("--calibration", help="calibration .txt/.jsonl/.parquet file or s3:// URI")
-    p.add_argument("--calibration-dataset", help="HF dataset id instead of a file, e.g. bookcorpus")
-    p.add_argument("--calibration-split", default="train")
-    p.add_argument("--calibration-field", default="text")
-    p.add_argument("--n-samples", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument(
-        "--add-bos-to-every", action="store_true", help="BOS at the start of every window (Gemma)"
-    )
-    p.add_argument("--protect-first", type=int, default=4)
-    p.add_argument("--protect-last", type=int, default=2)
+    spec_option(target, PruneSpec, "num_blocks")
+    spec_option(target, PruneSpec, "target_ratio", "--ratio")
+    spec_option(p, CalibrationSpec, "source", "--calibration", help="calibration data:")
+    spec_option(p, CalibrationSpec, "dataset", "--calibration-dataset", help="instead of a file:")
+    spec_option(p, CalibrationSpec, "split", "--calibration-split")
+    spec_option(p, CalibrationSpec, "field", "--calibration-field")
+    spec_option(p, CalibrationSpec, "n_samples")
+    spec_option(p, CalibrationSpec, "seq_len")
+    spec_option(p, CalibrationSpec, "seed")
+    spec_option(p, CalibrationSpec, "add_bos_to_every")
+    spec_option(p, PruneSpec, "protect_first")
+    spec_option(p, PruneSpec, "protect_last")
     p.add_argument("--no-protect", action="store_true", help="allow removing any block")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    spec_option(p, PruneSpec, "batch_size")
+    spec_option(p, PruneSpec, "device")
+    spec_option(p, PruneSpec, "dtype")
     p.add_argument("--output", required=True, type=Path, help="new or empty directory")
     p.add_argument(
         "--score-cache",
@@ -45,30 +56,42 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_prune)
 
 
-def _prune(args: argparse.Namespace) -> int:
-    from ..specs import CalibrationSpec, PruneSpec
-
-    spec = PruneSpec(
-        model=args.model,
-        criterion=args.criterion,
-        num_blocks=args.num_blocks,
-        target_ratio=args.ratio,
-        calibration=CalibrationSpec(
-            source=args.calibration,
-            dataset=args.calibration_dataset,
-            split=args.calibration_split,
-            field=args.calibration_field,
-            n_samples=args.n_samples,
-            seq_len=args.seq_len,
-            seed=args.seed,
-            add_bos_to_every=args.add_bos_to_every,
-        ),
-        protect_first=0 if args.no_protect else args.protect_first,
-        protect_last=0 if args.no_protect else args.protect_last,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
+def prune_spec(args: argparse.Namespace) -> PruneSpec:
+    """The spec of ``shortened prune``: the options given, the spec's defaults for the rest."""
+    calibration = given(
+        source=args.calibration,
+        dataset=args.calibration_dataset,
+        split=args.calibration_split,
+        field=args.calibration_field,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        add_bos_to_every=args.add_bos_to_every,
     )
+    protection = (
+        {"protect_first": 0, "protect_last": 0}
+        if args.no_protect
+        else given(protect_first=args.protect_first, protect_last=args.protect_last)
+    )
+    return PruneSpec.model_validate(
+        {
+            "model": args.model,
+            "calibration": calibration,
+            **protection,
+            **given(
+                criterion=args.criterion,
+                num_blocks=args.num_blocks,
+                target_ratio=args.ratio,
+                batch_size=args.batch_size,
+                device=args.device,
+                dtype=args.dtype,
+            ),
+        }
+    )
+
+
+def _prune(args: argparse.Namespace) -> int:
+    spec = prune_spec(args)
     from shortened.engine.prune import prune_model
     from shortened.engine.score_cache import DirectoryScoreCache
 
@@ -114,73 +137,54 @@ def _ints(value: str) -> list[int]:
         ) from exc
 
 
-def _given(**values: Any) -> dict[str, Any]:
-    """Only the options the user gave, so the spec's own defaults apply to the rest."""
-    return {key: value for key, value in values.items() if value is not None}
-
-
 def add_retrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "retrain", help="retrain a (pruned) model: LoRA, continued pretraining, or both"
     )
-    p.add_argument(
-        "--model", required=True, help="local dir, s3://bucket/prefix/, hf://org/name[@rev]"
-    )
-    p.add_argument("--method", default="lora", choices=["lora", "cpt", "cpt_lora"])
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    spec_option(p, RetrainSpec, "method")
     data = p.add_argument_group("data (LoRA data; also the CPT corpus unless --cpt-data)")
-    data.add_argument("--data", help="training .jsonl/.json/.txt/.parquet file or s3:// URI")
-    data.add_argument(
-        "--data-dataset", help="HF dataset id instead of a file, e.g. yahma/alpaca-cleaned"
-    )
-    data.add_argument("--data-config", help="HF dataset configuration")
-    data.add_argument("--data-split", default=None)
-    data.add_argument(
-        "--streaming",
-        action="store_true",
-        default=None,
-        help="stream the HF dataset (needs a step budget)",
-    )
-    data.add_argument("--format", default=None, choices=["auto", "alpaca", "text"])
-    data.add_argument("--field", default=None, help="text field of text records (default text)")
-    data.add_argument(
-        "--train-on-inputs",
-        action="store_true",
-        default=None,
-        help="Alpaca: loss on the prompt too",
-    )
-    data.add_argument("--max-records", type=int)
-    data.add_argument("--validation-fraction", type=float)
-    data.add_argument("--validation-size", type=int)
-    data.add_argument("--validation-data", help="separate validation file or URI")
+    spec_option(data, TrainDataSpec, "source", "--data", help="training data:")
+    spec_option(data, TrainDataSpec, "dataset", "--data-dataset", help="instead of a file:")
+    spec_option(data, TrainDataSpec, "dataset_config", "--data-config")
+    spec_option(data, TrainDataSpec, "split", "--data-split")
+    spec_option(data, TrainDataSpec, "streaming")
+    spec_option(data, TrainDataSpec, "format")
+    spec_option(data, TrainDataSpec, "field")
+    spec_option(data, TrainDataSpec, "train_on_inputs")
+    spec_option(data, TrainDataSpec, "max_records")
+    spec_option(data, TrainDataSpec, "validation_fraction")
+    spec_option(data, TrainDataSpec, "validation_size")
+    spec_option(data, TrainDataSpec, "validation_source", "--validation-data")
     lora = p.add_argument_group("LoRA (defaults: the paper's)")
-    lora.add_argument("--lora-r", type=int)
-    lora.add_argument("--lora-alpha", type=int)
-    lora.add_argument("--lora-dropout", type=float)
-    lora.add_argument("--lora-targets", type=_csv, help="comma-separated module names")
+    spec_option(lora, LoraSpec, "r", "--lora-r")
+    spec_option(lora, LoraSpec, "alpha", "--lora-alpha")
+    spec_option(lora, LoraSpec, "dropout", "--lora-dropout")
+    spec_option(
+        lora, LoraSpec, "target_modules", "--lora-targets", type=_csv, help="comma-separated names"
+    )
     lora.add_argument("--no-merge", action="store_true", help="save the adapter only")
     cpt = p.add_argument_group("continued pretraining (cpt, cpt_lora)")
     cpt.add_argument("--cpt-data", help="CPT corpus file or URI (default: --data)")
     cpt.add_argument("--cpt-dataset", help="CPT corpus as an HF dataset id (streamed)")
     cpt.add_argument("--cpt-dataset-config")
-    cpt.add_argument("--cpt-max-steps", type=int)
-    cpt.add_argument("--cpt-max-tokens", type=int)
-    cpt.add_argument("--cpt-lr", type=float)
-    cpt.add_argument("--cpt-warmup-steps", type=int)
-    cpt.add_argument("--cpt-seq-len", type=int)
+    spec_option(cpt, CptSpec, "max_steps", "--cpt-max-steps")
+    spec_option(cpt, CptSpec, "max_tokens", "--cpt-max-tokens")
+    spec_option(cpt, CptSpec, "learning_rate", "--cpt-lr")
+    spec_option(cpt, CptSpec, "warmup_steps", "--cpt-warmup-steps")
+    spec_option(cpt, CptSpec, "seq_len", "--cpt-seq-len")
     train = p.add_argument_group("training")
-    train.add_argument("--lr", type=float, help="LoRA learning rate (default 1e-4)")
-    train.add_argument("--epochs", type=float)
-    train.add_argument("--micro-batch-size", type=int)
-    train.add_argument("--batch-size", type=int, help="effective batch (default 64)")
-    train.add_argument("--cutoff-len", type=int)
-    train.add_argument("--warmup-steps", type=int)
-    train.add_argument("--max-steps", type=int, help="cap on the steps of each stage")
-    train.add_argument("--save-steps", type=int)
-    train.add_argument("--eval-steps", type=int)
-    train.add_argument("--logging-steps", type=int)
-    train.add_argument(
-        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None
-    )
+    spec_option(train, RetrainSpec, "learning_rate", "--lr", help="LoRA stage.")
+    spec_option(train, RetrainSpec, "epochs")
+    spec_option(train, RetrainSpec, "micro_batch_size")
+    spec_option(train, RetrainSpec, "batch_size")
+    spec_option(train, RetrainSpec, "cutoff_len")
+    spec_option(train, RetrainSpec, "warmup_steps")
+    spec_option(train, RetrainSpec, "max_steps")
+    spec_option(train, RetrainSpec, "save_steps")
+    spec_option(train, RetrainSpec, "eval_steps")
+    spec_option(train, RetrainSpec, "logging_steps")
+    spec_option(train, RetrainSpec, "gradient_checkpointing", action=argparse.BooleanOptionalAction)
     train.add_argument(
         "--checkpoint-dir", type=Path, help="Trainer checkpoints (resumed from when present)"
     )
@@ -189,20 +193,20 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="start over even if --checkpoint-dir has checkpoints",
     )
-    train.add_argument("--seed", type=int)
-    train.add_argument("--device", default=None)
-    train.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    spec_option(train, RetrainSpec, "seed")
+    spec_option(train, RetrainSpec, "device")
+    spec_option(train, RetrainSpec, "dtype")
     p.add_argument("--output", required=True, type=Path, help="new or empty directory")
     p.set_defaults(handler=_retrain)
 
 
-def _retrain(args: argparse.Namespace) -> int:
-    from ..specs import RetrainSpec
+def retrain_spec(args: argparse.Namespace) -> RetrainSpec:
+    """The spec of ``shortened retrain``: the options given, the spec's defaults for the rest."""
 
     def data_spec(
         source: str | None, dataset: str | None, config: str | None, **extra: Any
     ) -> dict[str, Any]:
-        return _given(
+        return given(
             source=source,
             dataset=dataset,
             dataset_config=config,
@@ -223,7 +227,7 @@ def _retrain(args: argparse.Namespace) -> int:
         validation_size=args.validation_size,
         validation_source=args.validation_data,
     )
-    cpt = _given(
+    cpt = given(
         max_steps=args.cpt_max_steps,
         max_tokens=args.cpt_max_tokens,
         learning_rate=args.cpt_lr,
@@ -231,28 +235,28 @@ def _retrain(args: argparse.Namespace) -> int:
         seq_len=args.cpt_seq_len,
     )
     if args.cpt_data or args.cpt_dataset:
-        cpt["data"] = _given(
+        cpt["data"] = given(
             source=args.cpt_data,
             dataset=args.cpt_dataset,
             dataset_config=args.cpt_dataset_config,
             streaming=True if args.cpt_dataset else None,
             format="text" if args.cpt_data is None else None,
         )
-    lora = _given(
+    lora = given(
         r=args.lora_r,
         alpha=args.lora_alpha,
         dropout=args.lora_dropout,
         target_modules=args.lora_targets,
         merge=False if args.no_merge else None,
     )
-    spec = RetrainSpec.model_validate(
+    return RetrainSpec.model_validate(
         {
             "model": args.model,
-            "method": args.method,
             "data": data,
             "lora": lora,
             "cpt": cpt or None,
-            **_given(
+            **given(
+                method=args.method,
                 learning_rate=args.lr,
                 epochs=args.epochs,
                 micro_batch_size=args.micro_batch_size,
@@ -270,6 +274,10 @@ def _retrain(args: argparse.Namespace) -> int:
             ),
         }
     )
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    spec = retrain_spec(args)
     from shortened.engine.retrain import retrain_model
 
     progress = TerminalProgress()
@@ -314,12 +322,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="perplexity, zero-shot accuracy and generation speed; optionally against a parent model",
     )
-    p.add_argument(
-        "--model", required=True, help="local dir, s3://bucket/prefix/, hf://org/name[@rev]"
-    )
-    p.add_argument(
-        "--compare-with", help="baseline model (e.g. the unpruned parent), evaluated the same way"
-    )
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    spec_option(p, EvalSpec, "compare_with")
     ppl = p.add_argument_group("perplexity")
     ppl.add_argument(
         "--ppl",
@@ -327,43 +331,42 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         action="extend",
         help="wikitext2, ptb, or a text file / URI (comma-separated, repeatable)",
     )
-    ppl.add_argument("--seq-len", type=int)
-    ppl.add_argument("--bos-every-window", action="store_true", default=None)
-    ppl.add_argument("--ppl-field", help="text field of .jsonl/.parquet files")
-    ppl.add_argument("--ppl-batch-size", type=int)
-    ppl.add_argument("--max-windows", type=int)
+    spec_option(ppl, PerplexitySpec, "seq_len")
+    spec_option(ppl, PerplexitySpec, "bos_every_window")
+    spec_option(ppl, PerplexitySpec, "field", "--ppl-field")
+    spec_option(ppl, PerplexitySpec, "batch_size", "--ppl-batch-size")
+    spec_option(ppl, PerplexitySpec, "max_windows")
     zero_shot = p.add_argument_group("zero-shot (lm-evaluation-harness)")
     zero_shot.add_argument(
         "--tasks", type=_csv, help="comma-separated task names; 'paper' for the paper's seven"
     )
-    zero_shot.add_argument("--task-include-path", help="directory of custom task YAMLs")
-    zero_shot.add_argument("--limit", type=float, help="examples per task (testing only)")
-    zero_shot.add_argument("--num-fewshot", type=int)
-    zero_shot.add_argument("--eval-batch-size", type=int)
+    spec_option(zero_shot, ZeroShotSpec, "task_include_path")
+    spec_option(zero_shot, ZeroShotSpec, "limit")
+    spec_option(zero_shot, ZeroShotSpec, "num_fewshot")
+    spec_option(zero_shot, ZeroShotSpec, "batch_size", "--eval-batch-size")
     efficiency = p.add_argument_group("efficiency")
     efficiency.add_argument(
         "--efficiency",
         action="store_true",
         help="measure generation latency, throughput and memory",
     )
-    efficiency.add_argument("--batch-sizes", type=_ints)
-    efficiency.add_argument("--output-lengths", type=_ints)
-    efficiency.add_argument("--input-length", type=int)
-    efficiency.add_argument("--repeats", type=int)
-    efficiency.add_argument("--warmup", type=int)
+    spec_option(efficiency, EfficiencySpec, "batch_sizes", type=_ints)
+    spec_option(efficiency, EfficiencySpec, "output_lengths", type=_ints)
+    spec_option(efficiency, EfficiencySpec, "input_length")
+    spec_option(efficiency, EfficiencySpec, "repeats")
+    spec_option(efficiency, EfficiencySpec, "warmup")
     efficiency.add_argument(
         "--greedy", action="store_true", help="greedy decoding instead of the paper's sampling"
     )
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    spec_option(p, EvalSpec, "device")
+    spec_option(p, EvalSpec, "dtype")
     p.add_argument("--output", type=Path, help="write report.json to this new or empty directory")
     p.set_defaults(handler=_eval)
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from ..specs import PAPER_TASK_METRICS, EvalSpec
-
-    perplexity = _given(
+def eval_spec(args: argparse.Namespace) -> EvalSpec:
+    """The spec of ``shortened eval``: the options given, the spec's defaults for the rest."""
+    perplexity = given(
         datasets=args.ppl,
         seq_len=args.seq_len,
         bos_every_window=args.bos_every_window,
@@ -374,14 +377,14 @@ def _eval(args: argparse.Namespace) -> int:
     tasks = args.tasks
     if tasks is not None and "paper" in tasks:
         tasks = [t for t in tasks if t != "paper"] + list(PAPER_TASK_METRICS)
-    zero_shot = _given(
+    zero_shot = given(
         tasks=tasks,
         task_include_path=args.task_include_path,
         limit=args.limit,
         num_fewshot=args.num_fewshot,
         batch_size=args.eval_batch_size,
     )
-    efficiency = _given(
+    efficiency = given(
         batch_sizes=args.batch_sizes,
         output_lengths=args.output_lengths,
         input_length=args.input_length,
@@ -389,16 +392,20 @@ def _eval(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         do_sample=False if args.greedy else None,
     )
-    spec = EvalSpec.model_validate(
+    return EvalSpec.model_validate(
         {
             "model": args.model,
             "compare_with": args.compare_with,
             "perplexity": perplexity or None,
             "zero_shot": zero_shot or None,
             "efficiency": efficiency if (efficiency or args.efficiency) else None,
-            **_given(device=args.device, dtype=args.dtype),
+            **given(device=args.device, dtype=args.dtype),
         }
     )
+
+
+def _eval(args: argparse.Namespace) -> int:
+    spec = eval_spec(args)
     from shortened.engine.evaluate import evaluate_model
 
     progress = TerminalProgress()
