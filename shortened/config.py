@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         description="Address the worker's /metrics binds (0.0.0.0 in containers)",
     )
 
+    progress_log_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds between a running job's progress lines in the worker log (stage, step/total, loss, ETA)",
+    )
+
     # --- reliability: leases, retries, re-dispatch, time limits ---------------------------
     heartbeat_interval_s: float = Field(
         default=10.0, gt=0, description="How often a running job renews its lease"
