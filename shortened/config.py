@@ -70,6 +70,10 @@ class Settings(BaseSettings):
         default=True,
         description="Reuse block scores across prune jobs (same model content, criterion, calibration); kept under score-cache/ in the artifact store",
     )
+    baseline_cache: bool = Field(
+        default=True,
+        description="Reuse a parent model's evaluation results across eval jobs (same content, sections, texts, device); kept under eval-cache/ in the artifact store",
+    )
     # --- observability: logs and worker metrics --------------------------------------------
     log_format: Literal["json", "text"] | None = Field(
         default=None,

@@ -372,6 +372,7 @@ def _run_eval(
     from shortened.specs import EvalSpec
 
     parsed = EvalSpec.model_validate(spec)
+    from shortened.engine.baseline_cache import StoreBaselineCache
     from shortened.engine.evaluate import evaluate_model  # torch: imported in the child only
 
     # The report is also written to output_dir/report.json: the job's artifact.
@@ -381,6 +382,7 @@ def _run_eval(
         progress=reporter,
         store=store,
         cache_dir=settings.resolved_model_cache_dir,
+        baseline_cache=StoreBaselineCache(store) if settings.baseline_cache else None,
     )
 
 

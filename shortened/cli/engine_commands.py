@@ -357,6 +357,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--output", type=Path, help="write report.json to this new or empty directory")
+    p.add_argument(
+        "--baseline-cache",
+        type=Path,
+        metavar="DIR",
+        help="reuse the --compare-with model's results kept in DIR (same content and settings)"
+        " and keep new ones there",
+    )
     p.set_defaults(handler=_eval)
 
 
@@ -403,7 +410,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     progress = TerminalProgress()
     try:
-        report = evaluate_model(spec, args.output, progress=progress)
+        from shortened.engine.baseline_cache import DirectoryBaselineCache
+
+        cache = DirectoryBaselineCache(args.baseline_cache) if args.baseline_cache else None
+        report = evaluate_model(spec, args.output, progress=progress, baseline_cache=cache)
     finally:
         progress.close()
     print(_eval_summary(report))
@@ -496,4 +506,6 @@ def _eval_summary(report: dict[str, Any]) -> str:
             *(["baseline s", "speed-up"] if compare else []),
         ]
         sections.append(aligned(headers, rows))
+    if (report.get("baseline_cache") or {}).get("reused"):
+        sections.append(f"baseline results reused from {report['baseline_cache']['location']}")
     return "\n\n".join(sections)
