@@ -10,6 +10,15 @@ from ..specs import CRITERIA
 from .display import TerminalProgress, aligned
 
 
+def admit(kind: str, spec: Any) -> None:
+    """Refuse a job that cannot run before torch or the model is loaded (``AdmissionError``:
+    one line naming the field). Object storage is asked with a short timeout."""
+    from ..admission import Lookups, check_spec, s3_lookups
+
+    lookups = s3_lookups() if "s3://" in spec.model_dump_json() else Lookups()
+    check_spec(kind, spec, lookups)
+
+
 def add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="score blocks, remove the least important, save a checkpoint")
     p.add_argument(
@@ -69,6 +78,7 @@ def _prune(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
+    admit("prune", spec)
     from shortened.engine.prune import prune_model
     from shortened.engine.score_cache import DirectoryScoreCache
 
@@ -270,6 +280,7 @@ def _retrain(args: argparse.Namespace) -> int:
             ),
         }
     )
+    admit("retrain", spec)
     from shortened.engine.retrain import retrain_model
 
     progress = TerminalProgress()
@@ -406,6 +417,7 @@ def _eval(args: argparse.Namespace) -> int:
             **_given(device=args.device, dtype=args.dtype),
         }
     )
+    admit("eval", spec)
     from shortened.engine.evaluate import evaluate_model
 
     progress = TerminalProgress()

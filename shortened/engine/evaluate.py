@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from shortened.specs import (
+    NAMED_TEXTS,
     PAPER_TASK_METRICS,
     EfficiencySpec,
     EvalSpec,
@@ -54,13 +55,6 @@ if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
-
-# Named perplexity sets as the paper loads them (dataset, config, split, text field).
-# PTB is evaluated on its validation split in the paper's code (dataset.py: get_ptb).
-NAMED_TEXTS: dict[str, tuple[str, str, str, str]] = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
-    "ptb": ("ptb_text_only", "penn_treebank", "validation", "sentence"),
-}
 
 
 # --- perplexity --------------------------------------------------------------------------------
