@@ -2,19 +2,40 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
-TORCH_SPEC ?= torch==2.13.0
+# Which torch: the CPU build by default (an unpinned torch would pull a multi-GB CUDA build);
+# `make install-gpu` switches to the CUDA build (PyPI's default Linux wheel; TORCH_INDEX_URL
+# picks another CUDA version, e.g. https://download.pytorch.org/whl/cu126). Later targets keep
+# whichever was installed last unless TORCH_SPEC is given again.
+TORCH_STAMP := $(VENV)/.torch-spec
+SAVED_TORCH := $(subst |, ,$(shell cat $(TORCH_STAMP) 2>/dev/null))
+TORCH_SPEC ?= $(or $(word 1,$(SAVED_TORCH)),torch==2.13.0)
+TORCH_INDEX_URL ?= $(word 2,$(SAVED_TORCH))
+GPU_TORCH_SPEC ?= torch
 
-.PHONY: install serve test test-fast bench lint format
+.PHONY: install install-gpu serve test test-fast bench lint format FORCE
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+# Runs every time, acts only when the torch wanted differs from the one installed.
+$(TORCH_STAMP): FORCE
+	@want='$(TORCH_SPEC)|$(TORCH_INDEX_URL)'; \
+	if [ "$$(cat $@ 2>/dev/null)" != "$$want" ]; then \
+	  set -e; \
+	  test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip; \
+	  $(PY) -m pip uninstall -y -q torch >/dev/null 2>&1 || true; \
+	  echo "installing $(TORCH_SPEC) $(TORCH_INDEX_URL)"; \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); \
+	  echo "$$want" > $@; \
+	fi
+
+$(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
 	$(PY) -m pip install -q -e '.[test,eval]'
 	touch $@
 
 install: $(VENV)/.installed
+
+install-gpu:
+	$(MAKE) install TORCH_SPEC="$(GPU_TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)"
+	$(PY) -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPUs', torch.cuda.device_count())"
 
 serve: install
 	$(VENV)/bin/shortened serve

@@ -170,7 +170,7 @@ def _eval_figures(result: dict[str, Any] | None, role: str = "model") -> dict[st
 
 COLUMNS = [
     "job_id", "status", "params", "params_removed_ratio", "removed_blocks", "scores_reused",
-    "ppl", "accuracy", "latency_s", "throughput_tok_s",
+    "ppl", "accuracy", "latency_s", "throughput_tok_s", "baseline_reused",
 ]  # fmt: skip
 
 
@@ -207,6 +207,8 @@ def _row(session: Session, job: Job, point: dict[str, Any]) -> dict[str, Any]:
         row.update(figures)
         if (evaluation.result or {}).get("baseline"):
             row["_baseline"] = _eval_figures(evaluation.result, "baseline")
+            cache = (evaluation.result or {}).get("baseline_cache") or {}
+            row["baseline_reused"] = bool(cache.get("reused"))
     return row
 
 

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.api.docs import add_offline_docs
 from service.api.routes import batches, health, jobs, report, schedules, webhooks
 from service.db import is_sqlite, make_engine, make_sessionmaker, upgrade_database
 from service.errors import APIError, api_error_handler
@@ -61,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Depth pruning of LLMs (Shortened LLaMA) as a job service",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by add_offline_docs
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = make_engine(settings.resolved_database_url)
@@ -77,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(schedules.router)
     app.include_router(report.router)
     app.include_router(webhooks.router)
+    add_offline_docs(app)
     setup_metrics(app)  # request metrics and GET /metrics
     return app
 

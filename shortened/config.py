@@ -70,6 +70,10 @@ class Settings(BaseSettings):
         default=True,
         description="Reuse block scores across prune jobs (same model content, criterion, calibration); kept under score-cache/ in the artifact store",
     )
+    baseline_cache: bool = Field(
+        default=True,
+        description="Reuse a parent model's evaluation results across eval jobs (same content, sections, texts, device); kept under eval-cache/ in the artifact store",
+    )
     # --- observability: logs and worker metrics --------------------------------------------
     log_format: Literal["json", "text"] | None = Field(
         default=None,
@@ -84,6 +88,12 @@ class Settings(BaseSettings):
     worker_metrics_host: str = Field(
         default="127.0.0.1",
         description="Address the worker's /metrics binds (0.0.0.0 in containers)",
+    )
+
+    progress_log_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds between a running job's progress lines in the worker log (stage, step/total, loss, ETA)",
     )
 
     # --- reliability: leases, retries, re-dispatch, time limits ---------------------------

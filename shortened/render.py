@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from html import escape
 from typing import Any
@@ -51,48 +52,114 @@ def block_score_chart(report: dict[str, Any], width: int = 40) -> str:
     return "\n".join(lines)
 
 
+def _nice_step(span: float, ticks: int = 5) -> float:
+    """A 1, 2 or 5 times a power of ten step that cuts ``span`` into about ``ticks`` parts."""
+    raw = span / max(1, ticks - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    for multiple in (1, 2, 5, 10):
+        if multiple * power >= raw:
+            return multiple * power
+    return 10 * power
+
+
+def value_axis(values: list[float]) -> tuple[float, float, list[float]]:
+    """Bottom, top and tick values of a labelled axis for ``values``.
+
+    The axis starts at zero unless the values sit in a narrow band far from it (block
+    perplexities of 19.10 and 19.57): there it starts just below the smallest value, and the
+    tick labels say so, so a 2 % difference is visible without reading as a 10x one.
+    """
+    low, high = min(values), max(values)
+    if high == low:
+        high, low = high + (abs(high) or 1.0) * 0.5, low - (abs(low) or 1.0) * 0.5
+    if low >= 0 and low <= 0.5 * high:
+        low = 0.0
+    step = _nice_step(high - low)
+    bottom = math.floor(low / step) * step
+    if bottom == low and bottom != 0:  # keep the smallest bar visible
+        bottom -= step
+    top = math.ceil(high / step) * step
+    count = round((top - bottom) / step)
+    return bottom, top, [bottom + i * step for i in range(count + 1)]
+
+
+def _tick_label(value: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step))) if step < 1 else 0
+    return f"{value:,.{decimals}f}" if abs(value) < 1e6 else f"{value:.3g}"
+
+
 def block_score_svg(
     report: dict[str, Any], bar_width: int = 22, height: int = 220, *, annotate: bool = False
 ) -> str:
-    """A vertical bar chart: removed blocks red, protected blocks grey, others blue.
+    """A vertical bar chart on a labelled value axis: removed blocks red, protected blocks
+    grey, others blue, an "R" / "P" mark above each removed / protected bar.
 
-    Each bar is ``<rect class="bar removed|protected|kept" data-block="i">``. With
-    ``annotate`` (the HTML report) the chart also has an ``id``, a ``viewBox`` so it scales
-    with the page, an "R" / "P" mark above each removed / protected bar, "n/a" for blocks
-    without a score, and bars over ``CLIP_RATIO`` times the median score clipped (drawn full
-    height with a break mark, ``class="bar ... clipped"``).
+    Each bar is ``<rect class="bar removed|protected|kept" data-block="i">``; a block without
+    a score (protected blocks are not scored by default) is a short stub with class
+    ``unscored`` and its mark, or "n/a" when it is not protected. Bars over ``CLIP_RATIO``
+    times the median score are clipped (drawn to the top with a break mark, ``class="bar ...
+    clipped"``) so one critical block does not flatten the rest. With ``annotate`` (the HTML
+    report) the chart also has an ``id`` and a ``viewBox`` so it scales with the page.
     """
     scores = report["block_scores"]
     removed, protected = set(report["removed_blocks"]), set(report.get("protected_blocks", []))
-    margin, gap = 40, 6
-    top = 44 if annotate else 30  # room for the marks above the tallest bar
-    width = margin * 2 + len(scores) * (bar_width + gap)
-    total_height = height + 70 + (top - 30)
+    criterion = escape(report["criterion"])
+    left, right, gap, stub = 64, 16, 6, 4
+    top = 44  # room for the title and the marks above the tallest bar
+    # Wide enough for the title and the legend however few blocks there are.
+    width = max(left + right + len(scores) * (bar_width + gap), 460)
+    total_height = top + height + 56
     extra = (
         f' id="block-scores" viewBox="0 0 {width} {total_height}" preserveAspectRatio="xMinYMin meet"'
         if annotate
         else ""
     )
-    cap = _clip_cap(scores) if annotate else None
+    cap = _clip_cap(scores)
+    shown = [None if v is None else (v if cap is None else min(v, cap)) for v in scores]
+    values = [v for v in shown if v is not None]
+    bottom, axis_top, ticks = value_axis(values) if values else (0.0, 1.0, [0.0, 1.0])
+
+    def y_of(value: float) -> float:
+        return top + height - height * (value - bottom) / (axis_top - bottom)
+
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_height}" role="img" '
-        f'aria-label="block scores ({escape(report["criterion"])})" font-family="sans-serif" font-size="11"{extra}>',
-        f'<text x="{margin}" y="16" font-size="13">Block scores: {escape(report["criterion"])} '
+        f'aria-label="block scores ({criterion})" font-family="sans-serif" font-size="11"{extra}>',
+        f'<text x="{left}" y="16" font-size="13">Block scores: {criterion} '
         f"(lower = less important{', tallest bars clipped' if cap is not None else ''})</text>",
     ]
-    scaled = _scaled(
-        scores if cap is None else [None if v is None else min(v, cap) for v in scores]
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    parts.append(f'<g class="axis" data-bottom="{bottom:g}" data-top="{axis_top:g}">')
+    for tick in ticks:
+        y = y_of(tick)
+        parts.append(
+            f'<line x1="{left - 4}" x2="{left + len(scores) * (bar_width + gap)}" y1="{y:.1f}" y2="{y:.1f}" '
+            f'stroke="#e3e3e3"/><text class="tick" x="{left - 7}" y="{y + 4:.1f}" '
+            f'text-anchor="end">{_tick_label(tick, step)}</text>'
+        )
+    parts.append(
+        f'<line x1="{left - 4}" x2="{left - 4}" y1="{top}" y2="{top + height}" stroke="#555"/>'
+        f'<text class="axis-label" transform="translate(14 {top + height / 2}) rotate(-90)" '
+        f'text-anchor="middle">score ({criterion})</text></g>'
     )
-    for block, (score, scale) in enumerate(zip(scores, scaled, strict=True)):
-        x = margin + block * (bar_width + gap)
-        bar = scale * height
+    for block, (score, value) in enumerate(zip(scores, shown, strict=True)):
+        x = left + block * (bar_width + gap)
         kind = "removed" if block in removed else "protected" if block in protected else "kept"
         color = {"removed": "#d62728", "protected": "#9e9e9e", "kept": "#1f77b4"}[kind]
-        label = "n/a" if score is None else f"{score:.4g}"
+        bar = stub if value is None else max(1.0, top + height - y_of(value))
+        classes = [kind]
+        if score is None:
+            classes.append("unscored")
         clipped = cap is not None and score is not None and score > cap
+        if clipped:
+            classes.append("clipped")
+        label = "not scored" if score is None else f"{score:.6g}"
+        opacity = ' fill-opacity="0.5"' if score is None else ""
         parts.append(
-            f'<rect class="bar {kind}{" clipped" if clipped else ""}" data-block="{block}" x="{x}" y="{top + height - bar:.1f}" '
-            f'width="{bar_width}" height="{bar:.1f}" fill="{color}"><title>block {block}: {label} ({kind})</title></rect>'
+            f'<rect class="bar {" ".join(classes)}" data-block="{block}" x="{x}" '
+            f'y="{top + height - bar:.1f}" width="{bar_width}" height="{bar:.1f}" fill="{color}"'
+            f"{opacity}>"
+            f"<title>block {block}: {label} ({kind})</title></rect>"
         )
         if clipped:  # a white zigzag across the bar: the axis is broken there
             y = top + 14
@@ -102,27 +169,27 @@ def block_score_svg(
             parts.append(
                 f'<polyline class="break" points="{zigzag}" fill="none" stroke="#fff" stroke-width="3"/>'
             )
-        if annotate and score is None:  # not scored (protected blocks, by default)
-            parts.append(
-                f'<text class="na" x="{x + bar_width / 2}" y="{top + height - 4}" '
-                f'text-anchor="middle" font-size="9" fill="#777">n/a</text>'
-            )
-        if annotate and kind != "kept":
+        mark_y = top + height - bar - 4
+        if kind != "kept":
             parts.append(
                 f'<text class="mark {kind}" data-block="{block}" x="{x + bar_width / 2}" '
-                f'y="{top + height - bar - 4:.1f}" text-anchor="middle" font-weight="bold" '
+                f'y="{mark_y:.1f}" text-anchor="middle" font-weight="bold" '
                 f'fill="{color}">{"R" if kind == "removed" else "P"}</text>'
+            )
+        elif score is None:
+            parts.append(
+                f'<text class="na" x="{x + bar_width / 2}" y="{mark_y:.1f}" '
+                f'text-anchor="middle" font-size="9" fill="#777">n/a</text>'
             )
         parts.append(
             f'<text x="{x + bar_width / 2}" y="{top + height + 15}" text-anchor="middle">{block}</text>'
         )
-    legend_y = top + height + 32
-    legend = (("removed", "#d62728"), ("protected", "#9e9e9e"), ("kept", "#1f77b4"))
+    legend_y = top + height + 36
+    legend = (("removed (R)", "#d62728"), ("protected (P)", "#9e9e9e"), ("kept", "#1f77b4"))
     for i, (name, color) in enumerate(legend):
         parts.append(
-            f'<rect x="{margin + i * 90}" y="{legend_y - 9}" width="10" height="10" fill="{color}"/>'
+            f'<rect x="{left + i * 110}" y="{legend_y - 9}" width="10" height="10" fill="{color}"/>'
+            f'<text x="{left + i * 110 + 14}" y="{legend_y}">{name}</text>'
         )
-        text = f"{name} ({name[0].upper()})" if annotate and name != "kept" else name
-        parts.append(f'<text x="{margin + i * 90 + 14}" y="{legend_y}">{text}</text>')
     parts.append("</svg>")
     return "\n".join(parts)

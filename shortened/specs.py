@@ -393,6 +393,16 @@ PAPER_TASK_METRICS: dict[str, str] = {
 PERPLEXITY_SETS: tuple[str, ...] = ("wikitext2", "ptb")
 
 
+# Named perplexity sets as the paper loads them (dataset, config, split, text field).
+# PTB is evaluated on its validation split in the paper's code (dataset.py: get_ptb).
+NAMED_TEXTS: dict[str, tuple[str, str, str, str]] = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "validation", "sentence"),
+}
+# Data files the engine reads (calibration, training and evaluation text).
+DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
 class PerplexitySpec(_Strict):
     """Perplexity with the paper's protocol: the text is concatenated and cut into
     non-overlapping windows of ``seq_len`` tokens; BOS once at the start, or on every window."""

@@ -31,7 +31,9 @@ def test_imports_run_one_way(graph) -> None:
 def test_no_import_cycles(graph) -> None:
     """Tarjan's strongly connected components over module-level and function-level imports."""
     modules = sorted(graph.modules)
-    edges = {m: sorted(set(graph.find_modules_directly_imported_by(m)) & set(modules)) for m in modules}
+    edges = {
+        m: sorted(set(graph.find_modules_directly_imported_by(m)) & set(modules)) for m in modules
+    }
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []

@@ -37,7 +37,7 @@ from service.db import make_engine, make_sessionmaker
 from service.reaper import scratch_prefix
 from shortened.config import Settings, get_settings
 from shortened.engine.errors import Cancelled, EngineError
-from shortened.engine.progress import Progress
+from shortened.engine.progress import Progress, ProgressLines
 from shortened.logs import job_context
 from worker import metrics as worker_metrics
 from worker.celery_app import RUN_JOB_TASK, app
@@ -163,6 +163,7 @@ class JobReporter:
         lease: Lease | None = None,
         deadline: float | None = None,
         on_block: Callable[[], None] | None = None,
+        log_interval_s: float = 10.0,
     ) -> None:
         self.sessions = sessions
         self.job_id = job_id
@@ -177,6 +178,8 @@ class JobReporter:
         self.last_write = 0.0
         self.warnings: list[warnings.WarningMessage] = []
         self._seen_warnings: set[str] = set()
+        # The worker's log says what the job is doing too (stage, step/total, loss, ETA).
+        self.lines = ProgressLines(log_interval_s)
 
     def check(self, where: str) -> None:
         """Stop the engine if the attempt lost its lease or ran out of time."""
@@ -194,6 +197,8 @@ class JobReporter:
             # reach the store even if this report stops the run (cancel, lease lost).
             self.on_block()
         self.check(progress.stage)
+        if line := self.lines(progress):
+            log.info("%s", line)
         events: list[tuple[str, str, dict[str, Any] | None]] = []
         stage_changed = progress.stage != self.stage
         if stage_changed:
@@ -367,6 +372,7 @@ def _run_eval(
     from shortened.specs import EvalSpec
 
     parsed = EvalSpec.model_validate(spec)
+    from shortened.engine.baseline_cache import StoreBaselineCache
     from shortened.engine.evaluate import evaluate_model  # torch: imported in the child only
 
     # The report is also written to output_dir/report.json: the job's artifact.
@@ -376,6 +382,7 @@ def _run_eval(
         progress=reporter,
         store=store,
         cache_dir=settings.resolved_model_cache_dir,
+        baseline_cache=StoreBaselineCache(store) if settings.baseline_cache else None,
     )
 
 
@@ -574,7 +581,14 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
     lost = False
 
     with Lease(sessions, job_id, attempt, settings) as lease:
-        reporter = JobReporter(sessions, job_id, attempt=attempt, lease=lease, deadline=deadline)
+        reporter = JobReporter(
+            sessions,
+            job_id,
+            attempt=attempt,
+            lease=lease,
+            deadline=deadline,
+            log_interval_s=settings.progress_log_interval_s,
+        )
 
         def finish(status: str, message: str, **fields: Any) -> str:
             nonlocal lost

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+from ..admission import AdmissionError
 from . import engine_commands, jobs, serve
 from .display import validation_message
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ValidationError as exc:
         print(f"shortened {args.command}: error: {validation_message(exc)}", file=sys.stderr)
-    except EngineError as exc:
+    except (EngineError, AdmissionError) as exc:
         print(f"shortened {args.command}: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"shortened {args.command}: interrupted", file=sys.stderr)

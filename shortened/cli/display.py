@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -16,18 +17,37 @@ def validation_message(error: ValidationError) -> str:
     return "invalid arguments: " + "; ".join(parts)
 
 
+def progress_interval_s() -> float:
+    """Seconds between progress lines when output is not a terminal
+    (``SHORTENED_PROGRESS_INTERVAL_S``, default 10)."""
+    try:
+        return max(0.0, float(os.environ.get("SHORTENED_PROGRESS_INTERVAL_S", "10")))
+    except ValueError:
+        return 10.0
+
+
 class TerminalProgress:
-    """Stage lines on stderr, and a tqdm bar per unit of work (blocks, steps) on a terminal."""
+    """Progress on stderr: on a terminal, a line per stage and a tqdm bar per unit of work
+    (blocks, steps); otherwise (a log file, a pipe, CI) plain lines, one per stage and then at
+    most one every ``SHORTENED_PROGRESS_INTERVAL_S`` seconds with step/total, loss and ETA."""
 
     def __init__(self, stream=sys.stderr) -> None:
+        from shortened.engine.progress import ProgressLines
+
         self.stream = stream
         self.interactive = stream.isatty()
+        self.lines = None if self.interactive else ProgressLines(progress_interval_s())
         self.stage: str | None = None
         self.bar: Any = None
 
     def __call__(self, update: Any) -> None:
         from tqdm import tqdm
 
+        if self.lines is not None:
+            line = self.lines(update)
+            if line:
+                print(line, file=self.stream, flush=True)
+            return
         if update.stage != self.stage:
             self.close()
             self.stage = update.stage

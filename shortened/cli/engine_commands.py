@@ -25,6 +25,15 @@ from .spec_options import given, spec_option
 MODEL_HELP = "local dir, s3://bucket/prefix/, hf://org/name[@rev]"
 
 
+def admit(kind: str, spec: Any) -> None:
+    """Refuse a job that cannot run before torch or the model is loaded (``AdmissionError``:
+    one line naming the field). Object storage is asked with a short timeout."""
+    from ..admission import Lookups, check_spec, s3_lookups
+
+    lookups = s3_lookups() if "s3://" in spec.model_dump_json() else Lookups()
+    check_spec(kind, spec, lookups)
+
+
 def add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="score blocks, remove the least important, save a checkpoint")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -92,6 +101,7 @@ def prune_spec(args: argparse.Namespace) -> PruneSpec:
 
 def _prune(args: argparse.Namespace) -> int:
     spec = prune_spec(args)
+    admit("prune", spec)
     from shortened.engine.prune import prune_model
     from shortened.engine.score_cache import DirectoryScoreCache
 
@@ -278,6 +288,7 @@ def retrain_spec(args: argparse.Namespace) -> RetrainSpec:
 
 def _retrain(args: argparse.Namespace) -> int:
     spec = retrain_spec(args)
+    admit("retrain", spec)
     from shortened.engine.retrain import retrain_model
 
     progress = TerminalProgress()
@@ -361,6 +372,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     spec_option(p, EvalSpec, "device")
     spec_option(p, EvalSpec, "dtype")
     p.add_argument("--output", type=Path, help="write report.json to this new or empty directory")
+    p.add_argument(
+        "--baseline-cache",
+        type=Path,
+        metavar="DIR",
+        help="reuse the --compare-with model's results kept in DIR (same content and settings)"
+        " and keep new ones there",
+    )
     p.set_defaults(handler=_eval)
 
 
@@ -406,11 +424,15 @@ def eval_spec(args: argparse.Namespace) -> EvalSpec:
 
 def _eval(args: argparse.Namespace) -> int:
     spec = eval_spec(args)
+    admit("eval", spec)
     from shortened.engine.evaluate import evaluate_model
 
     progress = TerminalProgress()
     try:
-        report = evaluate_model(spec, args.output, progress=progress)
+        from shortened.engine.baseline_cache import DirectoryBaselineCache
+
+        cache = DirectoryBaselineCache(args.baseline_cache) if args.baseline_cache else None
+        report = evaluate_model(spec, args.output, progress=progress, baseline_cache=cache)
     finally:
         progress.close()
     print(_eval_summary(report))
@@ -503,4 +525,6 @@ def _eval_summary(report: dict[str, Any]) -> str:
             *(["baseline s", "speed-up"] if compare else []),
         ]
         sections.append(aligned(headers, rows))
+    if (report.get("baseline_cache") or {}).get("reused"):
+        sections.append(f"baseline results reused from {report['baseline_cache']['location']}")
     return "\n\n".join(sections)

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shortened.specs import CalibrationSpec
+from shortened.specs import DATA_FILE_SUFFIXES, CalibrationSpec
 
 from .errors import CalibrationError
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+TEXT_SUFFIXES = DATA_FILE_SUFFIXES
 
 
 def read_documents(path: Path, field: str = "text") -> list[str]:

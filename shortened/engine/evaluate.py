@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from shortened.specs import (
+    NAMED_TEXTS,
     PAPER_TASK_METRICS,
     EfficiencySpec,
     EvalSpec,
@@ -37,23 +38,23 @@ from shortened.specs import (
     ZeroShotSpec,
 )
 
+from .baseline_cache import (
+    BASELINE_VERSION,
+    baseline_fingerprint,
+    baseline_key,
+    text_fingerprint,
+)
 from .calibration import fetch_data_file, read_documents
 from .errors import CalibrationError, DataError, EvalTaskNotFound
-from .models import count_parameters, input_device, load_model
+from .models import count_parameters, input_device, load_model, pick_device, resolve_source
 from .outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions
 from .progress import Progress, ProgressCallback, no_progress
+from .score_cache import ScoreCache
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
-
-# Named perplexity sets as the paper loads them (dataset, config, split, text field).
-# PTB is evaluated on its validation split in the paper's code (dataset.py: get_ptb).
-NAMED_TEXTS: dict[str, tuple[str, str, str, str]] = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
-    "ptb": ("ptb_text_only", "penn_treebank", "validation", "sentence"),
-}
 
 
 # --- perplexity --------------------------------------------------------------------------------
@@ -561,6 +562,40 @@ def _release(model: Any) -> None:
         torch.cuda.empty_cache()
 
 
+def _cached_baseline(
+    source: str,
+    spec: EvalSpec,
+    texts: list[EvalText],
+    cache: ScoreCache,
+    *,
+    store: ArtifactStore | None,
+    cache_dir: Path | None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The baseline's earlier results for this evaluation, if any, and what the report says
+    about the lookup (None when the parent has no fixed identity to key on)."""
+    resolved = resolve_source(source, store=store, cache_dir=cache_dir)
+    memo = Path(cache_dir) / "fingerprints.json" if cache_dir else None
+    fingerprint = baseline_fingerprint(resolved.path_or_id, resolved.revision, memo)
+    if fingerprint is None:
+        return None, None
+    device = pick_device(spec.device)
+    device_name = str(device)
+    if device.type == "cuda":
+        device_name += f" ({torch.cuda.get_device_name(device)})"
+    key = baseline_key(
+        model=fingerprint,
+        spec=spec,
+        texts=text_fingerprint(texts),
+        versions=library_versions(),
+        device_name=device_name,
+    )
+    info = {"key": key, "location": cache.location(key), "reused": False}
+    entry = cache.load(key)
+    if entry is None or not isinstance(entry.get("result"), dict):
+        return None, info
+    return {**entry["result"], "source": source}, {**info, "reused": True}
+
+
 def evaluate_model(
     spec: EvalSpec,
     output_dir: Path | None = None,
@@ -568,9 +603,14 @@ def evaluate_model(
     progress: ProgressCallback = no_progress,
     store: ArtifactStore | None = None,
     cache_dir: Path | None = None,
+    baseline_cache: ScoreCache | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``spec.model`` (and ``spec.compare_with``, with deltas); return the report and,
     with ``output_dir``, write it there as ``report.json`` (atomically).
+
+    With ``baseline_cache`` the baseline's results are reused when the same parent was
+    evaluated the same way before (``baseline_cache.py``); ``report["baseline_cache"]`` says
+    whether they were.
 
     Evaluation texts are read and task names checked before any model is loaded, so a bad
     file or an unknown task (``EvalTaskNotFound``) fails fast.
@@ -592,9 +632,18 @@ def evaluate_model(
         task_manager = task_manager_for(spec.zero_shot)
 
     results: dict[str, dict[str, Any]] = {}
+    cache_info: dict[str, Any] | None = None
     for role, source in (("model", spec.model), ("baseline", spec.compare_with)):
         if source is None:
             continue
+        if role == "baseline" and baseline_cache is not None:
+            cached, cache_info = _cached_baseline(
+                source, spec, texts, baseline_cache, store=store, cache_dir=cache_dir
+            )
+            if cached is not None:
+                progress(Progress("evaluating", message=f"{source}: reusing its results"))
+                results[role] = cached
+                continue
         progress(Progress("loading", message=source))
         load_timer = PhaseTimer()
         loaded = load_model(
@@ -614,6 +663,8 @@ def evaluate_model(
         results[role] = result
         _release(loaded.model)
         del loaded
+        if role == "baseline" and baseline_cache is not None and cache_info is not None:
+            baseline_cache.save(cache_info["key"], {"version": BASELINE_VERSION, "result": result})
 
     report: dict[str, Any] = {
         "model": results["model"],
@@ -621,6 +672,7 @@ def evaluate_model(
         "deltas": compare_results(results["model"], results["baseline"])
         if "baseline" in results
         else None,
+        "baseline_cache": cache_info,
         "spec": spec.model_dump(mode="json"),
         "versions": library_versions(),
         "timings": {"total_s": run_timer.total()},

@@ -161,7 +161,11 @@ def file_lock(path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
 
 
 class ScoreCache:
-    """Load, save and lock score entries by key."""
+    """Load, save and lock score entries by key. Subclasses keep other kinds of entries
+    (``VERSION``, ``PREFIX``) the same way, e.g. a parent model's evaluation results."""
+
+    VERSION = CACHE_VERSION
+    PREFIX = "score-cache"
 
     def load(self, key: str) -> dict[str, Any] | None:
         raise NotImplementedError
@@ -181,12 +185,12 @@ class ScoreCache:
         raise NotImplementedError
 
 
-def _parse(data: bytes) -> dict[str, Any] | None:
+def _parse(data: bytes, version: str = CACHE_VERSION) -> dict[str, Any] | None:
     try:
         entry = json.loads(data)
     except ValueError:
         return None  # a damaged entry is a miss, and is overwritten by the next save
-    if not isinstance(entry, dict) or entry.get("version") != CACHE_VERSION:
+    if not isinstance(entry, dict) or entry.get("version") != version:
         return None
     return entry
 
@@ -202,7 +206,7 @@ class DirectoryScoreCache(ScoreCache):
 
     def load(self, key: str) -> dict[str, Any] | None:
         try:
-            return _parse((self.directory / f"{key}.json").read_bytes())
+            return _parse((self.directory / f"{key}.json").read_bytes(), self.VERSION)
         except OSError:
             return None
 
@@ -219,8 +223,6 @@ class StoreScoreCache(ScoreCache):
     """Entries as ``score-cache/<key>.json`` in the artifact store, shared by all workers.
     ``lock`` comes from the caller (the worker uses a job-store lock that spans machines)."""
 
-    PREFIX = "score-cache"
-
     def __init__(self, store: ArtifactStore, lock: LockFactory | None = None) -> None:
         self.store = store
         self._lock = lock
@@ -232,7 +234,7 @@ class StoreScoreCache(ScoreCache):
         from shortened.storage import ArtifactNotFound
 
         try:
-            return _parse(self.store.get_bytes(self.location(key)))
+            return _parse(self.store.get_bytes(self.location(key)), self.VERSION)
         except ArtifactNotFound:
             return None
 

@@ -98,6 +98,9 @@ def test_grid_over_block_counts_scores_once_and_compares(stack):
     # reuse all 10 (the grid scores once).
     reused = sorted(row["scores_reused"] for row in rows.values())
     assert reused == [0, 10, 10], reused
+    # Likewise the eval steps: the first measures the unpruned parent, the others reuse it.
+    baseline_reused = sorted(row["baseline_reused"] for row in rows.values())
+    assert baseline_reused == [False, True, True], baseline_reused
     # Every row of the comparison table has the pruned size and the eval's perplexity.
     assert [len(rows[n]["removed_blocks"]) for n in (1, 2, 4)] == [1, 2, 4]
     assert rows[1]["params"] > rows[2]["params"] > rows[4]["params"]

@@ -26,8 +26,6 @@ from tests.e2e_service import (
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = REPO / "test-artifacts"
 HELDOUT = REPO / "data" / "stdlib_docs_heldout.txt"
 
@@ -76,29 +74,6 @@ def pipeline(stack):
     evaluation = api.get(f"/jobs/{step['id']}").json()
     assert evaluation["status"] == "succeeded", evaluation
     return {"prune": prune, "eval": evaluation}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",  # root in a container
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1280,1000",
-        "--force-device-scale-factor=1",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 BARS_JS = """
@@ -163,6 +138,19 @@ def test_report_page_draws_block_scores_and_comparison(stack, pipeline, browser)
     assert sorted(m[1] for m in marks if m[0] == "removed") == sorted(removed)
     assert {m[2] for m in marks if m[0] == "removed"} == {"R"}
     assert {m[2] for m in marks if m[0] == "protected"} == {"P"}
+    # A labelled value axis: numeric ticks, rendered, spanning the unclipped scores.
+    ticks = browser.execute_script(
+        "return Array.from(document.querySelectorAll('svg#block-scores g.axis text.tick'))"
+        ".map(t => [t.textContent, t.getBoundingClientRect().width])"
+    )
+    values = [float(text.replace(",", "")) for text, _ in ticks]
+    assert len(values) >= 3 and all(width > 0 for _, width in ticks), ticks
+    assert (
+        values[0]
+        <= min(scores[b["block"]] for b in unclipped)
+        <= max(scores[b["block"]] for b in unclipped)
+        <= values[-1]
+    )
 
     def cells(key: str) -> tuple[str, str]:
         row = browser.find_element(By.CSS_SELECTOR, f'#comparison tr[data-key="{key}"]')

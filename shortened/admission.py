@@ -1,0 +1,366 @@
+"""Admission: refuse a job that cannot run before it is queued, from what is knowable without
+torch or the weights.
+
+One function, :func:`check_spec`, used by the API (single jobs, batches, schedules) and by the
+CLI before it imports torch. It reads a checkpoint's ``config.json`` (a local directory, an
+``s3://`` object, or a finished job's output through a resolver the service passes) and the
+data files' metadata, and reports every problem with the spec field it belongs to:
+
+* the model: the directory exists and has a readable ``config.json`` of a supported
+  ``model_type``;
+* the pruning target: ``num_blocks`` / ``target_ratio`` achievable given
+  ``num_hidden_layers`` and the protected blocks;
+* calibration, training and evaluation files: they exist, are not empty and are of a
+  supported format; ``compare_with`` resolves.
+
+Remote objects are looked up with a short timeout: a missing object is refused, a store that
+does not answer in time is not held against the job (the worker decides then).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from shortened.engine.families import FAMILIES
+from shortened.specs import DATA_FILE_SUFFIXES, NAMED_TEXTS, EvalSpec, PruneSpec, RetrainSpec
+
+SUPPORTED_MODEL_TYPES = {t for family in FAMILIES for t in family.model_types}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a job cannot run: the spec field (dotted) and what is wrong with it."""
+
+    field: str
+    message: str
+
+
+class AdmissionError(ValueError):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
+
+
+class Unknown(Exception):
+    """A lookup could not be answered (store unreachable, timed out): not the job's fault."""
+
+
+class Missing(Exception):
+    """The object does not exist (the message says what was looked for)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+
+
+@dataclass
+class Lookups:
+    """How remote things are looked up. Each may raise ``Missing`` or ``Unknown``.
+
+    ``s3_head(uri)`` -> ObjectInfo; ``s3_read(uri)`` -> bytes (small objects: config.json);
+    ``job_config(job_id)`` -> the parsed config.json of a finished job's model, or None when
+    the job has not finished yet (its output cannot be checked now).
+    """
+
+    s3_head: Callable[[str], ObjectInfo] | None = None
+    s3_read: Callable[[str], bytes] | None = None
+    job_config: Callable[[str], dict[str, Any] | None] | None = None
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def block_params(config: dict[str, Any]) -> int:
+    """Parameters of one decoder block of a LLaMA-style family, from its config: attention
+    (q, k, v, o; biases where the family has them), the gated MLP and the norms."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    intermediate = int(config["intermediate_size"])
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+    if config.get("attention_bias") or config.get("model_type") == "qwen2":
+        attention += heads * head_dim + 2 * kv_heads * head_dim
+    mlp = 3 * hidden * intermediate
+    norms = 4 * hidden if config.get("model_type") in ("gemma2", "gemma3_text") else 2 * hidden
+    if config.get("model_type") in ("qwen3", "gemma3_text"):
+        norms += 2 * head_dim  # q_norm, k_norm
+    return attention + mlp + norms
+
+
+def total_params(config: dict[str, Any]) -> int:
+    hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
+    return embeddings + int(config["num_hidden_layers"]) * block_params(config) + hidden
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _read_local_config(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise Missing(f"model directory {str(path)!r} does not exist")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise Missing(f"{str(path)!r} has no config.json: not a Hugging Face checkpoint")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise Missing(
+            f"{str(path)!r}: config.json is not readable JSON ({type(exc).__name__})"
+        ) from None
+    if not isinstance(config, dict):
+        raise Missing(f"{str(path)!r}: config.json is not a JSON object")
+    return config
+
+
+def model_config(source: str, lookups: Lookups) -> dict[str, Any] | None:
+    """The config of a model source, or None when it cannot be known now (hub models, a job
+    still running, a store that did not answer). Raises ``Missing``."""
+    if source.startswith("hf://"):
+        return None  # no network at admission: the worker resolves the hub id
+    if source.startswith("job://"):
+        if lookups.job_config is None:
+            return None
+        try:
+            return lookups.job_config(source[len("job://") :].strip("/"))
+        except Unknown:
+            return None
+    if source.startswith("s3://"):
+        if lookups.s3_read is None:
+            return None
+        uri = source.rstrip("/") + "/config.json"
+        try:
+            data = lookups.s3_read(uri)
+        except Unknown:
+            return None
+        try:
+            config = json.loads(data)
+        except ValueError:
+            raise Missing(f"{uri} is not readable JSON") from None
+        return config if isinstance(config, dict) else None
+    path = Path(source[len("file://") :] if source.startswith("file://") else source)
+    return _read_local_config(path)
+
+
+def check_data_file(source: str, lookups: Lookups) -> str | None:
+    """Why a data file cannot be read, or None when it is fine (or cannot be known now)."""
+    suffix = Path(source.split("?", 1)[0]).suffix.lower()
+    if source.startswith("job://"):
+        return None  # another job's artifact: may not exist yet
+    if suffix not in DATA_FILE_SUFFIXES:
+        kind = f"{suffix!r} files" if suffix else "files without a suffix"
+        return f"{kind} are not supported; use one of {', '.join(DATA_FILE_SUFFIXES)}"
+    if source.startswith("s3://"):
+        if lookups.s3_head is None:
+            return None
+        try:
+            info = lookups.s3_head(source)
+        except Missing as exc:
+            return str(exc) or f"{source} does not exist"
+        except Unknown:
+            return None
+        return f"{source} is empty" if info.size == 0 else None
+    path = Path(source[len("file://") :] if source.startswith("file://") else source)
+    if not path.is_file():
+        return f"file {source!r} does not exist"
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return f"file {source!r} cannot be read"
+    return f"file {source!r} is empty" if size == 0 else None
+
+
+def _check_model(field: str, source: str | None, lookups: Lookups) -> Iterator[Problem | dict]:
+    """Problems with a model source; yields the config (a dict) when it is known."""
+    if source is None:
+        return
+    try:
+        config = model_config(source, lookups)
+    except Missing as exc:
+        yield Problem(field, str(exc))
+        return
+    if config is None:
+        return
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        hint = " (use the text-only Gemma3ForCausalLM checkpoint)" if model_type == "gemma3" else ""
+        families = ", ".join(family.name for family in FAMILIES)
+        yield Problem(
+            field,
+            f"model type {model_type!r} is not supported{hint}; supported families: {families}",
+        )
+        return
+    if not isinstance(config.get("num_hidden_layers"), int):
+        yield Problem(field, "config.json has no integer num_hidden_layers")
+        return
+    yield config
+
+
+def _check_target(spec: PruneSpec, config: dict[str, Any]) -> Iterator[Problem]:
+    layers = config["num_hidden_layers"]
+    protected = spec.protect_first + spec.protect_last
+    removable = layers - protected
+    where = f"the model has {layers} blocks"
+    if protected:
+        where += f", {protected} of them protected (protect_first {spec.protect_first}, protect_last {spec.protect_last})"
+    if removable <= 0:
+        yield Problem("protect_first", f"nothing left to prune: {where}")
+        return
+    if spec.num_blocks is not None:
+        if spec.num_blocks >= layers:
+            yield Problem(
+                "num_blocks",
+                f"cannot remove {spec.num_blocks} blocks: {where}; at least one must remain",
+            )
+        elif spec.num_blocks > removable:
+            yield Problem(
+                "num_blocks",
+                f"cannot remove {spec.num_blocks} blocks: {where}, so at most {removable} can go",
+            )
+        return
+    if spec.target_ratio is not None:
+        try:
+            share = block_params(config) / total_params(config)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return  # an unusual config: the engine counts the real parameters
+        ideal = spec.target_ratio / share  # blocks that would remove exactly the ratio
+        most = removable * share
+        if ideal > removable + 0.5:
+            yield Problem(
+                "target_ratio",
+                f"removing {spec.target_ratio:.0%} of the parameters needs about {ideal:.1f} "
+                f"blocks of ~{share:.1%} each, but {where}: at most {removable} blocks (~{most:.0%})",
+            )
+        elif ideal < 0.5:
+            yield Problem(
+                "target_ratio",
+                f"{spec.target_ratio:.1%} is less than half of one block (~{share:.1%} of the parameters)",
+            )
+
+
+def _data_problems(field: str, source: str | None, lookups: Lookups) -> Iterator[Problem]:
+    if source is not None and (message := check_data_file(source, lookups)):
+        yield Problem(field, message)
+
+
+def _retrain_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterator[Problem]:
+    data = getattr(spec, "data", None)
+    if data is not None:
+        yield from _data_problems(f"{prefix}data.source", data.source, lookups)
+        yield from _data_problems(
+            f"{prefix}data.validation_source", data.validation_source, lookups
+        )
+    cpt = getattr(spec, "cpt", None)
+    if cpt is not None and cpt.data is not None:
+        yield from _data_problems(f"{prefix}cpt.data.source", cpt.data.source, lookups)
+        yield from _data_problems(
+            f"{prefix}cpt.data.validation_source", cpt.data.validation_source, lookups
+        )
+
+
+def _eval_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterator[Problem]:
+    perplexity = getattr(spec, "perplexity", None)
+    if perplexity is not None:
+        for i, name in enumerate(perplexity.datasets):
+            if name not in NAMED_TEXTS:
+                yield from _data_problems(f"{prefix}perplexity.datasets.{i}", name, lookups)
+    for item in _check_model(f"{prefix}compare_with", getattr(spec, "compare_with", None), lookups):
+        if isinstance(item, Problem):
+            yield item
+
+
+def problems(kind: str, spec: BaseModel, lookups: Lookups | None = None) -> list[Problem]:
+    """Everything that stops ``spec`` (an already validated spec of ``kind``) from running."""
+    lookups = lookups or Lookups()
+    found: list[Problem] = []
+    config: dict[str, Any] | None = None
+    for item in _check_model("model", getattr(spec, "model", None), lookups):
+        if isinstance(item, Problem):
+            found.append(item)
+        else:
+            config = item
+    if kind == "prune":
+        assert isinstance(spec, PruneSpec)
+        if config is not None:
+            found += _check_target(spec, config)
+        if spec.calibration is not None:
+            found += _data_problems("calibration.source", spec.calibration.source, lookups)
+        if spec.retrain is not None:
+            found += _retrain_problems("retrain.", spec.retrain, lookups)
+        if spec.eval is not None:
+            found += _eval_problems("eval.", spec.eval, lookups)
+    elif kind == "retrain":
+        assert isinstance(spec, RetrainSpec)
+        found += _retrain_problems("", spec, lookups)
+    elif kind == "eval":
+        assert isinstance(spec, EvalSpec)
+        found += _eval_problems("", spec, lookups)
+    return found
+
+
+def check_spec(kind: str, spec: BaseModel, lookups: Lookups | None = None) -> None:
+    """Raise ``AdmissionError`` listing every problem that stops ``spec`` from running."""
+    if found := problems(kind, spec, lookups):
+        raise AdmissionError(found)
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+def s3_lookups(
+    endpoint_url: str | None = None, region: str = "us-east-1", timeout_s: float = 2.0
+) -> Lookups:
+    """``s3_head``/``s3_read`` with a short timeout and no retries: a missing object (or one
+    this service may not read) is ``Missing``; a store that does not answer is ``Unknown``."""
+    from urllib.parse import urlsplit
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or None,
+        region_name=region,
+        config=Config(
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+            retries={"max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        ),
+    )
+
+    def split(uri: str) -> tuple[str, str]:
+        parts = urlsplit(uri)
+        return parts.netloc, parts.path.lstrip("/")
+
+    def call(uri: str, action: Callable[[str, str], Any]) -> Any:
+        bucket, key = split(uri)
+        try:
+            return action(bucket, key)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if status in (403, 404) or code in ("NoSuchKey", "NoSuchBucket", "404", "403"):
+                reason = "not readable by the service" if status == 403 else "does not exist"
+                raise Missing(f"{uri} {reason}") from None
+            raise Unknown(code or str(status)) from None
+        except BotoCoreError as exc:  # endpoint unreachable, timeouts, no credentials
+            raise Unknown(type(exc).__name__) from None
+
+    def head(uri: str) -> ObjectInfo:
+        response = call(uri, lambda b, k: client.head_object(Bucket=b, Key=k))
+        return ObjectInfo(size=int(response.get("ContentLength", 0)))
+
+    def read(uri: str) -> bytes:
+        return call(uri, lambda b, k: client.get_object(Bucket=b, Key=k)["Body"].read(1 << 20))
+
+    return Lookups(s3_head=head, s3_read=read)
