@@ -36,7 +36,7 @@ from service import crud
 from service.db import make_engine, make_sessionmaker
 from service.reaper import scratch_prefix
 from shortened.config import Settings, get_settings
-from shortened.engine.errors import Cancelled, EngineError
+from shortened.engine.errors import Cancelled, EngineError, storage_errors
 from shortened.engine.progress import Progress
 from shortened.logs import job_context
 from worker import metrics as worker_metrics
@@ -616,10 +616,11 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
                 # A cancel that arrives while the checkpoint is being saved is still honoured.
                 reporter.stage_change("publishing", f"publishing to {prefix}/")
                 published = True
-                manifest = publish_directory(
-                    store, output_dir, prefix, extra={"job_id": job_id, "kind": job.kind}
-                )
-                verify_published(store, prefix, manifest)
+                with storage_errors("publishing the outputs"):
+                    manifest = publish_directory(
+                        store, output_dir, prefix, extra={"job_id": job_id, "kind": job.kind}
+                    )
+                    verify_published(store, prefix, manifest)
                 reporter.check("publishing")  # lost the lease while uploading: not ours to finish
             artifacts = [
                 {"name": f["name"], "size": f["size"], "sha256": f["sha256"]}

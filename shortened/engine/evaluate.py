@@ -37,7 +37,7 @@ from shortened.specs import (
     ZeroShotSpec,
 )
 
-from .calibration import fetch_data_file, read_documents
+from .calibration import fetch_data_file, read_documents, read_text
 from .errors import CalibrationError, DataError, EvalTaskNotFound
 from .models import count_parameters, input_device, load_model
 from .progress import Progress, ProgressCallback, no_progress
@@ -81,7 +81,7 @@ def load_eval_text(
             f"perplexity text {name!r} is neither a named set ({', '.join(NAMED_TEXTS)}) nor an existing file"
         )
     if path.suffix.lower() == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text(path, DataError)
     else:
         try:
             text = "\n\n".join(read_documents(path, spec.field))

@@ -28,7 +28,7 @@ from .architectures import keep_blocks
 from .calibration import calibration_windows, fingerprint
 from .checkpoint import CHECKPOINT_NAME, ScoreCheckpoint, checkpoint_key
 from .criteria import CRITERIA, CriterionResult, ScoringContext
-from .errors import NothingToPrune, OutputExists
+from .errors import NothingToPrune, OutputExists, storage_errors
 from .models import count_parameters, load_model
 from .progress import Progress, ProgressCallback, no_progress
 from .score_cache import (
@@ -70,16 +70,19 @@ def check_output_dir(output_dir: Path) -> None:
 def atomic_output_dir(output_dir: Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``output_dir``; move it into place only on success."""
     check_output_dir(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        yield staging
-        check_output_dir(output_dir)
-        if output_dir.exists():
-            output_dir.rmdir()
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with storage_errors("writing the outputs"):
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent)
+        )
+        try:
+            yield staging
+            check_output_dir(output_dir)
+            if output_dir.exists():
+                output_dir.rmdir()
+            staging.rename(output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def library_versions() -> dict[str, str]:
@@ -166,6 +169,10 @@ def prune_model(
             num_blocks = blocks_for_ratio(
                 params_before, block_params, spec.target_ratio, len(candidates)
             )
+    if num_blocks >= num_layers:  # with protection off every block is a candidate
+        raise NothingToPrune(
+            f"asked to remove {num_blocks} of {num_layers} blocks: a model needs at least one"
+        )
     if not candidates or num_blocks > len(candidates):
         raise NothingToPrune(
             f"asked to remove {num_blocks} of {num_layers} blocks but only {len(candidates)} are removable "
