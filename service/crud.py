@@ -191,6 +191,12 @@ def reload(session: Session, job_id: str) -> Job:
     return job
 
 
+def job_status(session: Session, job_id: str) -> str | None:
+    """The job's status alone (None for an unknown id): the worker's cheap look-up before it
+    gives a message a pool slot."""
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
 def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
     """The job, or None when unknown or (with ``tenant``) owned by another tenant."""
     job = session.get(Job, job_id, populate_existing=True)

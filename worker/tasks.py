@@ -677,7 +677,8 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
-@app.task(name=RUN_JOB_TASK, ignore_result=True)
+# The message of a job that is no longer queued is dropped before it reaches the pool.
+@app.task(name=RUN_JOB_TASK, ignore_result=True, Request="worker.dispatch:JobRequest")
 def run_job(job_id: str) -> None:
     """Run job ``job_id`` (which must be 'queued'); its outcome is recorded in the job store."""
     execute_job(job_id)
