@@ -37,11 +37,12 @@ TOTAL_BUDGET_S = 570.0  # the whole run stays under 10 minutes
 BENCHES = [
     ("artifacts", "bench.bench_artifacts", 120),
     ("service", "bench.bench_service", 170),
+    ("drain", "bench.bench_drain", 120),
     ("scoring", "bench.bench_scoring", 330),
     ("speedup", "bench.bench_speedup", 180),
 ]
 OPTIONAL = {"speedup"}
-TABLE_ORDER = ["scoring", "speedup", "service", "artifacts"]
+TABLE_ORDER = ["scoring", "speedup", "service", "drain", "artifacts"]
 
 
 def run_module(module: str, timeout: float) -> dict[str, Any]:

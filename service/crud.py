@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
-from sqlalchemy import CursorResult, Result, and_, func, or_, select, update
+from sqlalchemy import CursorResult, Result, and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -189,6 +189,12 @@ def reload(session: Session, job_id: str) -> Job:
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     return job
+
+
+def job_status(session: Session, job_id: str) -> str | None:
+    """The job's status alone (None for an unknown id): the worker's cheap look-up before it
+    gives a message a pool slot."""
+    return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
 def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
@@ -444,10 +450,16 @@ def finish_job(
     if current is None:
         session.rollback()
         return False
+    # A succeeded job reads as finished, not as its last stage (publishing, 0 of 0).
+    done: dict[str, Any] = {}
+    if status == "succeeded":
+        total = case((Job.progress_total > 0, Job.progress_total), else_=1)
+        done = {"stage": "done", "progress_done": total, "progress_total": total}
     finished = session.execute(
         update(Job)
         .where(*_fenced(job_id, current))
         .values(
+            **done,
             status=status,
             error_code=error_code,
             error_message=error_message,
@@ -502,6 +514,19 @@ class ReapedJob:
     code: str | None = None
 
 
+def _requeued(now: datetime) -> dict[str, Any]:
+    """The columns of a running job given back to the queue, its message re-sent now."""
+    return dict(
+        status="queued",
+        worker=None,
+        lease_expires_at=None,
+        deadline_at=None,
+        dispatched_at=now,
+        dispatch_count=Job.dispatch_count + 1,
+        updated_at=now,
+    )
+
+
 def reap_expired_leases(
     session: Session, *, max_attempts: int, now: datetime | None = None, limit: int = 100
 ) -> list[ReapedJob]:
@@ -543,15 +568,7 @@ def reap_expired_leases(
             action, code, status = "requeued", None, "queued"
             message = f"re-queued: the worker of attempt {attempt} was lost"
         if status == "queued":
-            values: dict[str, Any] = dict(
-                status="queued",
-                worker=None,
-                lease_expires_at=None,
-                deadline_at=None,
-                dispatched_at=now,
-                dispatch_count=Job.dispatch_count + 1,
-                updated_at=now,
-            )
+            values: dict[str, Any] = _requeued(now)
         else:
             values = dict(
                 status=status,
@@ -638,17 +655,45 @@ def list_attempts(session: Session, job_id: str) -> list[JobAttempt]:
     )
 
 
-def fail_orphaned_running_jobs(session: Session, message: str) -> int:
-    """Embedded mode only: at start-up no worker can be running a job yet, so a job still
-    'running' was lost with the previous process (the filesystem broker cannot redeliver)."""
-    job_ids = list(session.scalars(select(Job.id).where(Job.status == "running")))
-    for job_id in job_ids:  # finish_job also ends the attempt as worker_lost
-        finish_job(
-            session,
-            job_id,
-            "failed",
-            message=message,
-            error_code="worker_lost",
-            error_message=message,
-        )
-    return len(job_ids)
+def expire_running_leases(session: Session, now: datetime | None = None) -> int:
+    """Embedded mode at start-up: no worker can be running a job yet, so every 'running' job
+    was lost with the previous process. Expiring their leases hands them to the reaper's
+    rules (re-queued, or failed on their last attempt) instead of waiting out the TTL."""
+    now = now or utcnow()
+    expired = session.execute(
+        update(Job)
+        .where(Job.status == "running")
+        .values(lease_expires_at=now - timedelta(seconds=1))
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return _rowcount(expired)
+
+
+def requeue_for_shutdown(session: Session, job_id: str, worker: str) -> bool:
+    """running -> queued because the worker running it (``worker``, as it claimed the job) is
+    shutting down: the attempt ends without counting as a failure of the job, and the
+    attempt's next progress report tells it to stop. False if that worker no longer holds
+    the job."""
+    now = utcnow()
+    attempt = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.worker == worker)
+        .values(**_requeued(now))
+        .returning(Job.attempts)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    if attempt is None:
+        session.rollback()
+        return False
+    message = f"re-queued: the worker of attempt {attempt} shut down"
+    append_event(
+        session,
+        job_id,
+        "status",
+        message,
+        {"status": "queued", "attempt": attempt, "reason": "worker_shutdown"},
+    )
+    _end_attempt(session, job_id, attempt, "worker_shutdown", None, now)
+    session.commit()
+    return True

@@ -40,6 +40,11 @@ def scratch_prefix(job_id: str) -> str:
     return f"scratch/{job_id}"
 
 
+def job_prefix(job_id: str) -> str:
+    """Where a job's outputs are published (complete only once its manifest is there)."""
+    return f"jobs/{job_id}"
+
+
 @dataclass
 class ReapReport:
     requeued: list[str] = field(default_factory=list)
@@ -71,15 +76,18 @@ class Reaper(BackgroundLoop):
             except Exception:
                 log.exception("could not mark job %s for re-sending", job_id)
 
-    def _drop_scratch(self, job_id: str) -> None:
+    def _drop_leftovers(self, job_id: str) -> None:
+        """The scratch data and any unpublished upload of a job that ended without
+        succeeding: a worker killed mid-upload leaves objects that nothing else removes."""
         try:
             if self._store is None:
                 from shortened.storage import store_from_settings
 
                 self._store = store_from_settings(self.settings)
             self._store.delete_prefix(scratch_prefix(job_id))
+            self._store.delete_prefix(job_prefix(job_id))
         except Exception as exc:
-            log.warning("could not remove the scratch data of job %s: %s", job_id, exc)
+            log.warning("could not remove the leftovers of job %s: %s", job_id, exc)
 
     def run_once(self) -> ReapReport:
         report = ReapReport()
@@ -92,7 +100,7 @@ class Reaper(BackgroundLoop):
                 self._send(job.job_id, report)
             else:
                 (report.failed if job.action == "failed" else report.cancelled).append(job.job_id)
-                self._drop_scratch(job.job_id)
+                self._drop_leftovers(job.job_id)
         with self.sessions() as session:
             due = crud.due_for_redispatch(session, after_s=self.settings.redispatch_after_s)
         for job_id in due:

@@ -53,13 +53,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# The Celery app the worker subprocess runs (tests point it at an instrumented copy).
+WORKER_APP = "worker.celery_app"
+
+
 def worker_command(settings: Settings) -> list[str]:
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "worker.celery_app",
+        WORKER_APP,
         "worker",
         "-Q",
         settings.queue,
@@ -109,26 +113,43 @@ def stop_worker(
 
 def recover_embedded_jobs(settings: Settings) -> None:
     """With the filesystem broker this process's worker is the only one, and it has not
-    started yet: a job still 'running' died with a previous `serve` and cannot be
-    redelivered, so it is marked failed instead of staying 'running' forever."""
+    started yet: a job still 'running' died with a previous `serve` (crash, power loss) and
+    its message is gone. Its lease is expired now and the reaper's rules apply at once, as in
+    the distributed mode: re-queued with a fresh message while attempts remain
+    (``max_attempts``), else failed with ``worker_lost``; its unpublished objects removed."""
     if not settings.resolved_broker_url.startswith("filesystem://"):
         return
     from service import crud
+    from service.queue import make_celery
+    from service.reaper import Reaper
 
     engine = make_engine(settings.resolved_database_url)
+    celery = make_celery(settings)
     try:
-        with make_sessionmaker(engine)() as session:
-            count = crud.fail_orphaned_running_jobs(
-                session, "the worker stopped while the job was running"
-            )
-        if count:
-            log.warning("marked %d orphaned running job(s) as failed", count)
+        sessions = make_sessionmaker(engine)
+        with sessions() as session:
+            if not crud.expire_running_leases(session):
+                return
+        reaper = Reaper(settings, sessions, celery)
+        while True:
+            report = reaper.run_once()
+            if report.requeued or report.failed:
+                log.warning(
+                    "jobs left running by a previous run: re-queued %s, failed %s",
+                    report.requeued,
+                    report.failed,
+                )
+            if not (report.requeued or report.failed or report.cancelled):
+                break
     finally:
+        celery.close()
         engine.dispose()
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _stop_on_sigterm(signum: int, _frame: object) -> None:
+    # The same orderly stop as Ctrl-C: uvicorn has drained its requests, the worker is
+    # stopped next, and the exit status is 0.
+    raise KeyboardInterrupt
 
 
 def serve(settings: Settings | None = None) -> None:
@@ -153,8 +174,8 @@ def serve(settings: Settings | None = None) -> None:
     log.info("worker started (pid %d)", worker.pid)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal with the
     # handler that was installed before it: with the default SIGTERM handler the process
-    # would die there and never stop the worker, so SIGTERM becomes SystemExit.
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # would die there and never stop the worker, so SIGTERM is handled as Ctrl-C is.
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         uvicorn.run(
             app,

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         default=None,
         description="json or text; default json for the API and worker, text for the CLI and `shortened serve`",
     )
+    min_free_disk_gb: float = Field(
+        default=1.0,
+        ge=0,
+        description="/readyz reports a local artifact store with less free space than this "
+        "(GB) as not ready: a job's outputs would not fit",
+    )
     worker_metrics_port: int = Field(
         default=9808,
         ge=0,

@@ -35,7 +35,17 @@ def connect_observability() -> None:
     connect_signals()
 
 
+def connect_shutdown() -> None:
+    """Warm shutdown gives the running jobs back to the queue (see worker.dispatch)."""
+    from celery import signals
+
+    from worker.dispatch import on_worker_shutting_down
+
+    signals.worker_shutting_down.connect(on_worker_shutting_down, weak=False)
+
+
 connect_observability()
+connect_shutdown()
 
 _app: Celery | None = None
 

@@ -71,6 +71,12 @@ STAGE_DURATION = Histogram(
     ["kind", "stage"],
     buckets=STAGE_BUCKETS,
 )
+MESSAGES_DROPPED = Counter(
+    "shortened_worker_messages_dropped",
+    "Job messages dropped in the main process without using a pool slot, by the job's status "
+    "(cancelled before it started, already running or finished elsewhere, unknown)",
+    ["status"],
+)
 OUTCOMES = ("succeeded", "failed", "cancelled", "lost", "error")
 GPU_MEMORY_PEAK = Gauge(
     "shortened_worker_gpu_memory_peak_bytes",

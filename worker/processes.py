@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 
 def pid_alive(pid: int) -> bool:
@@ -15,3 +16,8 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def worker_id_for(pid: int) -> str:
+    """How the process ``pid`` of this machine names itself when it claims a job."""
+    return f"{socket.gethostname()}:{pid}"

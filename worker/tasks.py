@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -34,14 +33,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
 from service.db import make_engine, make_sessionmaker
-from service.reaper import scratch_prefix
+from service.reaper import job_prefix, scratch_prefix
 from shortened.config import Settings, get_settings
-from shortened.engine.errors import Cancelled, EngineError
+from shortened.engine.errors import Cancelled, EngineError, storage_errors
 from shortened.engine.progress import Progress, ProgressLines
 from shortened.logs import job_context
 from worker import metrics as worker_metrics
 from worker.celery_app import RUN_JOB_TASK, app
-from worker.processes import pid_alive
+from worker.processes import pid_alive, worker_id_for
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -65,10 +64,6 @@ def session_factory(settings: Settings) -> sessionmaker[Session]:
     if key not in _sessionmakers:
         _sessionmakers[key] = make_sessionmaker(make_engine(settings.resolved_database_url))
     return _sessionmakers[key]
-
-
-def job_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}"
 
 
 class LeaseLost(Cancelled):
@@ -534,7 +529,7 @@ def verify_published(store: ArtifactStore, prefix: str, manifest: dict[str, Any]
 
 
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return worker_id_for(os.getpid())
 
 
 def execute_job(job_id: str, settings: Settings | None = None) -> str | None:
@@ -630,10 +625,11 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
                 # A cancel that arrives while the checkpoint is being saved is still honoured.
                 reporter.stage_change("publishing", f"publishing to {prefix}/")
                 published = True
-                manifest = publish_directory(
-                    store, output_dir, prefix, extra={"job_id": job_id, "kind": job.kind}
-                )
-                verify_published(store, prefix, manifest)
+                with storage_errors("publishing the outputs"):
+                    manifest = publish_directory(
+                        store, output_dir, prefix, extra={"job_id": job_id, "kind": job.kind}
+                    )
+                    verify_published(store, prefix, manifest)
                 reporter.check("publishing")  # lost the lease while uploading: not ours to finish
             artifacts = [
                 {"name": f["name"], "size": f["size"], "sha256": f["sha256"]}
@@ -679,7 +675,8 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
                 session.commit()
             return finish("failed", message, error_code="internal_error", error_message=message)
         finally:
-            if published and store is not None and not lost:
+            # An earlier attempt killed mid-upload may have left objects there too.
+            if (published or attempt > 1) and store is not None and not lost:
                 with sessions() as session:
                     current = crud.get_job(session, job_id)
                 if current is None or current.status != "succeeded":
@@ -690,7 +687,8 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
-@app.task(name=RUN_JOB_TASK, ignore_result=True)
+# The message of a job that is no longer queued is dropped before it reaches the pool.
+@app.task(name=RUN_JOB_TASK, ignore_result=True, Request="worker.dispatch:JobRequest")
 def run_job(job_id: str) -> None:
     """Run job ``job_id`` (which must be 'queued'); its outcome is recorded in the job store."""
     execute_job(job_id)

@@ -17,12 +17,36 @@ import torch
 
 from shortened.specs import DATA_FILE_SUFFIXES, CalibrationSpec
 
-from .errors import CalibrationError
+from .errors import CalibrationError, EngineError
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
 
 TEXT_SUFFIXES = DATA_FILE_SUFFIXES
+
+
+def read_text(path: Path, error: type[EngineError] = CalibrationError) -> str:
+    """A data file as UTF-8 text. A binary file (NUL bytes) or one that is not UTF-8 is the
+    tenant's data problem, raised as ``error``, not a decoding crash or silent mojibake."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise error(f"{path.name} is a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path.name} is not UTF-8 text (invalid byte at offset {exc.start})") from exc
+
+
+def read_parquet(path: Path, error: type[EngineError] = CalibrationError) -> Any:
+    """A parquet file as a pyarrow table; a damaged or non-parquet file raises ``error``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except pa.ArrowException as exc:
+        # pyarrow's message names the full local path: the file name is enough.
+        raise error(f"{path.name} is not a readable parquet file") from exc
 
 
 def read_documents(path: Path, field: str = "text") -> list[str]:
@@ -32,27 +56,23 @@ def read_documents(path: Path, field: str = "text") -> list[str]:
         raise CalibrationError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        documents = [chunk.strip() for chunk in text.split("\n\n")]
+        documents = [chunk.strip() for chunk in read_text(path).split("\n\n")]
     elif suffix in (".jsonl", ".json"):
         documents = []
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CalibrationError(
-                        f"{path.name} line {line_number}: not JSON ({exc.msg})"
-                    ) from exc
-                if not isinstance(record, dict) or field not in record:
-                    raise CalibrationError(f"{path.name} line {line_number}: no field {field!r}")
-                documents.append(str(record[field]))
+        for line_number, line in enumerate(read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(
+                    f"{path.name} line {line_number}: not JSON ({exc.msg})"
+                ) from exc
+            if not isinstance(record, dict) or field not in record:
+                raise CalibrationError(f"{path.name} line {line_number}: no field {field!r}")
+            documents.append(str(record[field]))
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
+        table = read_parquet(path)
         if field not in table.column_names:
             raise CalibrationError(
                 f"{path.name}: no column {field!r} (columns: {table.column_names})"

@@ -6,6 +6,12 @@ on one line and exits non-zero.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class EngineError(Exception):
     """Base class: a failure the user can act on (bad input, unsupported model, ...)."""
@@ -60,3 +66,48 @@ class EvalTaskNotFound(EngineError):
     """A zero-shot task name that lm-evaluation-harness (and the include path) does not know."""
 
     code = "eval_task_not_found"
+
+
+class CorruptModel(EngineError):
+    """The model's files are there but cannot be read: a truncated or damaged weights file."""
+
+    code = "corrupt_model"
+
+
+class DeviceUnavailable(EngineError):
+    """The requested device does not exist on this machine (no CUDA, no such GPU index)."""
+
+    code = "device_unavailable"
+
+
+class StorageError(EngineError):
+    """Outputs cannot be written: the disk or artifact store is full, read-only or denied."""
+
+    code = "storage_error"
+
+
+# The errnos that mean "the place we write to refuses", as opposed to a bug in what we write.
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+)
+
+
+def _os_errno(exc: BaseException) -> int | None:
+    if isinstance(exc, OSError):
+        return exc.errno
+    # Rust-backed writers (safetensors) report the OS error only in their message.
+    match = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn a full, read-only or forbidden destination met while ``what`` into StorageError;
+    other errors pass through unchanged (they are bugs, not the tenant's storage)."""
+    try:
+        yield
+    except Exception as exc:
+        code = _os_errno(exc)
+        if code not in STORAGE_ERRNOS:
+            raise
+        raise StorageError(f"{what} failed: {os.strerror(code)}") from exc

@@ -44,7 +44,7 @@ from .baseline_cache import (
     baseline_key,
     text_fingerprint,
 )
-from .calibration import fetch_data_file, read_documents
+from .calibration import fetch_data_file, read_documents, read_text
 from .errors import CalibrationError, DataError, EvalTaskNotFound
 from .models import count_parameters, input_device, load_model, pick_device, resolve_source
 from .outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions
@@ -82,7 +82,7 @@ def load_eval_text(
             f"perplexity text {name!r} is neither a named set ({', '.join(NAMED_TEXTS)}) nor an existing file"
         )
     if path.suffix.lower() == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text(path, DataError)
     else:
         try:
             text = "\n\n".join(read_documents(path, spec.field))

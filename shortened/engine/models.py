@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .architectures import FamilyAdapter, adapter_for_model_type
-from .errors import ModelNotFound
+from .errors import CorruptModel, DeviceUnavailable, ModelNotFound
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -81,9 +81,19 @@ def resolve_source(
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelNotFound(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except RuntimeError as exc:
+        raise DeviceUnavailable(f"unknown device {device!r}") from exc
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"device {device!r} requested but CUDA is not available")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(
+                f"device {device!r} requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return target
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -144,7 +154,13 @@ def load_model(
         free, _ = torch.cuda.mem_get_info()
         if size is not None and size * 1.2 > free:
             load_kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, **load_kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, **load_kwargs)
+    except SafetensorError as exc:
+        # A truncated download or a damaged file: the tenant's data, not our bug.
+        raise CorruptModel(f"the weights of {source!r} cannot be read: {exc}") from exc
     if "device_map" not in load_kwargs:
         model.to(target)  # type: ignore[arg-type]  # torch/transformers stubs
     model.eval()

@@ -4,6 +4,7 @@ versions of the report."""
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import OutputExists
+from .errors import OutputExists, storage_errors
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -25,18 +26,32 @@ def check_output_dir(output_dir: Path) -> None:
 
 @contextmanager
 def atomic_output_dir(output_dir: Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``output_dir``; move it into place only on success."""
+    """Yield a temporary directory next to ``output_dir``; move it into place only on success.
+
+    The directory gets the permissions a plain ``mkdir`` would (the user's umask), not the
+    0700 of a temporary directory. A disk that refuses the writes is ``StorageError``."""
     check_output_dir(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        yield staging
-        check_output_dir(output_dir)
-        if output_dir.exists():
-            output_dir.rmdir()
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with storage_errors("writing the outputs"):
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent)
+        )
+        try:
+            yield staging
+            check_output_dir(output_dir)
+            staging.chmod(0o777 & ~current_umask())
+            if output_dir.exists():
+                output_dir.rmdir()
+            staging.rename(output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_model(

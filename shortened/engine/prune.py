@@ -175,6 +175,10 @@ def plan_removal(spec: PruneSpec, loaded: LoadedModel) -> RemovalPlan:
             num_blocks = blocks_for_ratio(
                 params_before, block_params, spec.target_ratio, len(candidates)
             )
+    if num_blocks >= num_layers:  # with protection off every block is a candidate
+        raise NothingToPrune(
+            f"asked to remove {num_blocks} of {num_layers} blocks: a model needs at least one"
+        )
     if not candidates or num_blocks > len(candidates):
         raise NothingToPrune(
             f"asked to remove {num_blocks} of {num_layers} blocks but only {len(candidates)} are removable "

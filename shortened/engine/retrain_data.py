@@ -20,7 +20,7 @@ import torch
 
 from shortened.specs import TrainDataSpec
 
-from .calibration import fetch_data_file, read_documents
+from .calibration import fetch_data_file, read_documents, read_parquet, read_text
 from .errors import CalibrationError, DataError
 
 if TYPE_CHECKING:
@@ -60,11 +60,9 @@ def read_records(path: Path, field: str = "text") -> list[dict[str, Any]]:
         except CalibrationError as exc:
             raise DataError(str(exc)) from exc
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(path).to_pylist()
+        records = read_parquet(path, DataError).to_pylist()
     elif suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, DataError)
         records = []
         try:
             whole = json.loads(text) if suffix == ".json" else None

@@ -248,7 +248,7 @@ def test_queued_jobs_whose_message_was_lost_are_resent_with_backoff(sessions, re
 
 
 def test_a_message_that_cannot_be_sent_is_retried_at_the_next_round(sessions, settings):
-    from test_service_api import closed_port
+    from tests.service.test_service_api import closed_port
 
     job_id = new_job(sessions)
     with sessions() as session:

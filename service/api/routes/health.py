@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -12,6 +15,9 @@ from fastapi.responses import JSONResponse
 from service.db import ping
 from service.queue import filesystem_broker_folders
 from service.schemas import ComponentOut, ReadinessOut
+
+if TYPE_CHECKING:
+    from shortened.storage import LocalStore
 
 router = APIRouter(tags=["health"])
 
@@ -40,8 +46,32 @@ def _check_broker(request: Request) -> None:
 
 def _check_storage(request: Request) -> None:
     from service.api.deps import get_store
+    from shortened.storage import LocalStore
 
-    get_store(request).ping()
+    store = get_store(request)
+    store.ping()
+    if isinstance(store, LocalStore):
+        check_local_store(store, request.app.state.settings.min_free_disk_gb)
+
+
+def check_local_store(store: LocalStore, min_free_gb: float) -> None:
+    """A real write where uploads are staged (a permission bit says nothing on a read-only
+    mount or to root), then the free space against the floor. The messages name no path:
+    /readyz answers anyone."""
+    staging = store.root / store.STAGING
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=staging, prefix="readyz-", suffix=".partial") as f:
+            f.write(b"ready?")
+            f.flush()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        raise OSError(f"the artifact store is not writable: {reason}") from exc
+    free_gb = shutil.disk_usage(store.root).free / 1e9
+    if free_gb < min_free_gb:
+        raise OSError(
+            f"the artifact store has {free_gb:.2f} GB free, below the floor of {min_free_gb:g} GB"
+        )
 
 
 CHECKS: dict[str, Callable[[Request], None]] = {
