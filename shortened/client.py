@@ -34,6 +34,8 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
+from shortened.permissions import as_if_created
+
 from .client_models import (
     FINISHED_STATUSES,
     Artifact,
@@ -462,6 +464,7 @@ class ShortenedClient:
                     f"{artifact.name}: got {size} bytes with sha256 {digest}, expected "
                     f"{artifact.size} bytes with sha256 {artifact.sha256}",
                 )
+            as_if_created(tmp)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

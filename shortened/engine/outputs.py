@@ -4,7 +4,6 @@ versions of the report."""
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import tempfile
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from shortened.permissions import as_if_created
 
 from .errors import OutputExists, storage_errors
 
@@ -39,19 +40,12 @@ def atomic_output_dir(output_dir: Path) -> Iterator[Path]:
         try:
             yield staging
             check_output_dir(output_dir)
-            staging.chmod(0o777 & ~current_umask())
+            as_if_created(staging)
             if output_dir.exists():
                 output_dir.rmdir()
             staging.rename(output_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def current_umask() -> int:
-    """The process umask (read by setting it and putting it back: there is no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def save_model(

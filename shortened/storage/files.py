@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shortened.permissions import as_if_created
+
 from .errors import IntegrityError
 from .keys import check_key
 
@@ -98,6 +100,7 @@ def _staged_dir(dest: Path) -> Iterator[Path]:
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
         yield staged
+        as_if_created(staged)
         _swap_into(staged, dest)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

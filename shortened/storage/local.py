@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shortened.permissions import as_if_created
+
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFound
 from .files import _CHUNK, _fsync_dir, _tmp_path_next_to
@@ -49,6 +51,7 @@ class LocalStore(ArtifactStore):
                 f.flush()
                 os.fsync(f.fileno())
             target.parent.mkdir(parents=True, exist_ok=True)
+            as_if_created(tmp)
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
