@@ -4,7 +4,6 @@ rate quotas. Real HTTP through TestClient on a real SQLite job store."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,9 @@ from service.auth import create_api_key
 from service.main import create_app
 from shortened.config import Settings, TenantLimits
 from shortened.redact import redact
+from tests.service.test_hostile_input import EVAL, PRUNE, RETRAIN, put
 
 REPO = Path(__file__).resolve().parents[2]
-PRUNE = {
-    "model": "models/tiny-llama",
-    "num_blocks": 1,
-    "calibration": {"source": "data/calibration.jsonl", "n_samples": 4},
-}
-RETRAIN = {"model": "models/tiny-llama", "data": {"source": "data/alpaca_tiny.jsonl"}}
-EVAL = {"model": "models/tiny-llama", "perplexity": {"datasets": ["data/stdlib_docs_heldout.txt"]}}
 
 
 def make_client(tmp_path: Path, **values: Any) -> TestClient:
@@ -40,15 +33,6 @@ def make_client(tmp_path: Path, **values: Any) -> TestClient:
 def client(tmp_path: Path):
     with make_client(tmp_path) as client:
         yield client
-
-
-def put(body: dict, path: tuple, value: Any) -> dict:
-    body = json.loads(json.dumps(body))
-    node: Any = body
-    for part in path[:-1]:
-        node = node[part]
-    node[path[-1]] = value
-    return body
 
 
 # ---------------------------------------------------------------------------- locations
