@@ -285,7 +285,7 @@ def test_idempotency_key_returns_the_same_job(service: Service):
 
 
 def test_a_retry_after_a_broker_failure_creates_the_job_afresh(tmp_path: Path):
-    from test_service_api import closed_port
+    from tests.service.test_service_api import closed_port
 
     settings = make_settings(tmp_path, broker_url=f"redis://127.0.0.1:{closed_port()}/0")
     upgrade_database(settings)
