@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from service.errors import APIError
 from service.models import ROLES, ApiKey, utcnow
+from service.ratelimit import charge_write
 
 KEY_PREFIX = "sk_"
 
@@ -141,6 +142,7 @@ def get_principal(
     else:
         principal = Principal(tenant=settings.default_tenant, role="admin")
     request.state.principal = principal
+    charge_write(request, principal.tenant)  # every authenticated write, one bucket a tenant
     return principal
 
 

@@ -8,6 +8,10 @@ Each claim starts a numbered attempt (``jobs.attempts`` and a ``job_attempts`` r
 lease. Every write of the worker is fenced by its attempt number: once the reaper has
 re-queued a job whose lease expired, the old attempt can neither report progress nor finish
 it, so one job never has two live runs.
+
+Job error messages and event messages/data are written through ``shortened.redact``: what a
+tenant reads never holds a traceback, a server path or a library version (the worker logs
+the full text with the job id).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from service.jsonsafe import json_safe
 from service.models import FINISHED_STATUSES, Job, JobAttempt, JobEvent, utcnow
+from shortened.redact import redact, redact_data
 
 
 class InvalidCursor(ValueError):
@@ -76,7 +81,14 @@ def append_event(
         .execution_options(synchronize_session=False)
     ).scalar_one()
     session.add(
-        JobEvent(job_id=job_id, seq=seq, time=now, type=type, message=message, data=json_safe(data))
+        JobEvent(
+            job_id=job_id,
+            seq=seq,
+            time=now,
+            type=type,
+            message=redact(message),
+            data=redact_data(json_safe(data)),
+        )
     )
     if type == "status":
         # Webhook outbox: the notifications commit (or roll back) with the state change.
@@ -308,7 +320,7 @@ def fail_queued_job(session: Session, job_id: str, code: str, message: str) -> N
         .values(
             status="failed",
             error_code=code,
-            error_message=message,
+            error_message=redact(message),
             finished_at=now,
             updated_at=now,
             idempotency_key=None,
@@ -462,7 +474,7 @@ def finish_job(
             **done,
             status=status,
             error_code=error_code,
-            error_message=error_message,
+            error_message=None if error_message is None else redact(error_message),
             result=json_safe(result),
             artifacts=artifacts,
             finished_at=now,

@@ -14,10 +14,11 @@ from fastapi import FastAPI
 from service.api.docs import add_offline_docs
 from service.api.routes import batches, health, jobs, report, schedules, webhooks
 from service.db import is_sqlite, make_engine, make_sessionmaker, upgrade_database
-from service.errors import APIError, api_error_handler
-from service.limits import BodySizeLimit
+from service.errors import add_error_handlers
+from service.limits import BodyLimits
 from service.metrics import setup_metrics
 from service.queue import make_celery
+from service.ratelimit import RateLimiter
 from service.reaper import Reaper
 from service.scheduler import Scheduler
 from service.webhooks import WebhookDispatcher
@@ -71,9 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Used only to send task messages (by name): the API never imports the tasks or torch.
     app.state.celery = make_celery(settings)
     app.state.store = None  # opened on first use, see deps.get_store
+    app.state.rate_limiter = RateLimiter(settings)
     app.state.scheduler = Scheduler(settings, app.state.sessionmaker, app.state.celery)
-    app.add_exception_handler(APIError, api_error_handler)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    add_error_handlers(app)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(batches.router)
     app.include_router(jobs.router)

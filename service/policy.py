@@ -7,10 +7,14 @@ dataset (``dataset``) is checked, as is every size field (``n_samples``, ``seq_l
 ``cutoff_len``, ``input_length``). Problems are reported like FastAPI's own validation
 errors: a 422 whose ``detail`` names each offending field.
 
+Every location goes through ``parse_location`` first: no control characters (NUL included),
+URIs percent-decoded exactly once (a value still percent-encoded after that is refused, so no
+later decoding can reveal a ``..``), no ``..`` component after decoding. Messages never name
+anything outside the allowed roots (not even the roots' resolved paths).
+
 Sources:
-* local paths (plain or ``file://``): no ``..``, and the resolved path (symlinks followed)
-  must lie under one of ``allowed_local_roots`` (the API and the workers must see the same
-  paths there);
+* local paths (plain or ``file:///``): the resolved path (symlinks followed) must lie under
+  one of ``allowed_local_roots`` (the API and the workers must see the same paths there);
 * ``s3://bucket/...``: ``bucket`` must be in ``allowed_buckets`` (none by default; the
   artifact bucket is *not* implied, other tenants' outputs live there: use ``job://``);
 * ``job://<id>[/file]``: a job of the caller's tenant (any tenant for an admin);
@@ -22,8 +26,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.orm import Session
 
@@ -45,6 +51,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+OUTSIDE_ROOTS = "local path outside the allowed roots"
 
 Loc = tuple[str | int, ...]
 
@@ -68,6 +76,58 @@ def _walk(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, str, Any]]:
 
 def _has_dot_dot(path: str) -> bool:
     return any(part == ".." for part in re.split(r"[/\\]", path))
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value)
+
+
+class LocationError(ValueError):
+    """A location no consumer may be given; the message names only what the tenant sent."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A user-given model/data location, decoded once. ``scheme`` is "" for a plain path;
+    ``path`` is the decoded rest (``bucket/key`` for s3, ``id/file`` for job, the path for
+    local ones); ``raw_path`` the same before decoding (the engine opens ``file://`` paths
+    without decoding them, the storage layer decodes: both must be allowed)."""
+
+    scheme: str
+    path: str
+    raw_path: str
+
+
+def parse_location(value: str) -> Location:
+    """The one normalisation of a user-given location, shared by every field that names
+    one. Raises ``LocationError``."""
+    if _has_control(value):
+        raise LocationError("must not contain control characters")
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        scheme, rest = "", value  # a plain path is a file name, not a URI: never decoded
+        decoded = value
+    else:
+        if scheme == "file":
+            parts = urlsplit(value)
+            if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+                raise LocationError("a file:// URI must be absolute: file:///path")
+            if parts.query or parts.fragment:
+                raise LocationError("must not have a ?query or #fragment")
+            rest = parts.path
+        elif scheme == "s3" and ("?" in rest or "#" in rest):
+            raise LocationError("must not have a ?query or #fragment")
+        try:
+            decoded = unquote(rest, errors="strict")
+        except UnicodeDecodeError as exc:
+            raise LocationError("invalid percent-encoding") from exc
+        if _has_control(decoded):
+            raise LocationError("must not contain control characters")
+        if _PERCENT_ESCAPE.search(decoded):
+            raise LocationError("must not be percent-encoded more than once")
+    if _has_dot_dot(decoded) or _has_dot_dot(rest):
+        raise LocationError("must not contain '..'")
+    return Location(scheme, decoded, rest)
 
 
 def _under(path: Path, roots: list[Path]) -> bool:
@@ -97,23 +157,21 @@ class SourcePolicy:
 
     def check_source(self, value: str) -> str | None:
         """An error message for a disallowed source, or None."""
-        if any(ord(c) < 32 or ord(c) == 127 for c in value):
-            return "must not contain control characters"
-        if value.startswith("hf://"):
-            return self.check_hub_id(value[len("hf://") :], "models")
-        if value.startswith("s3://"):
-            bucket, _, key = value[len("s3://") :].partition("/")
+        try:
+            location = parse_location(value)
+        except LocationError as exc:
+            return str(exc)
+        if location.scheme == "hf":
+            return self.check_hub_id(location.raw_path, "models")
+        if location.scheme == "s3":
+            bucket, _, _key = location.path.partition("/")
             if not _BUCKET.match(bucket):
                 return f"invalid bucket name {bucket!r}"
-            if _has_dot_dot(key):
-                return "must not contain '..'"
             if bucket not in self.settings.allowed_buckets:
                 return f"bucket {bucket!r} is not an allowed source on this server"
             return None
-        if value.startswith("job://"):
-            job_id, _, rest = value[len("job://") :].partition("/")
-            if _has_dot_dot(rest):
-                return "must not contain '..'"
+        if location.scheme == "job":
+            job_id, _, _rest = location.path.partition("/")
             # The same answer for unknown ids and other tenants' jobs: no existence oracle.
             if (
                 not _JOB_ID.match(job_id)
@@ -121,13 +179,13 @@ class SourcePolicy:
             ):
                 return f"no job {job_id!r}"
             return None
-        path = value[len("file://") :] if value.startswith("file://") else value
-        if _has_dot_dot(path):
-            return "must not contain '..'"
+        if location.scheme not in ("", "file"):
+            return f"unsupported scheme {location.scheme!r}"
         roots = self.settings.allowed_local_roots
-        if not roots or not _under(Path(path), roots):
-            allowed = ", ".join(str(Path(root).resolve()) for root in roots) or "none"
-            return f"local path outside the allowed directories ({allowed})"
+        if not roots or not all(
+            _under(Path(path), roots) for path in {location.path, location.raw_path}
+        ):
+            return OUTSIDE_ROOTS
         return None
 
     def errors(self, spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -59,6 +59,7 @@ from service.loop import BackgroundLoop
 from service.models import Schedule, ScheduleRun, utcnow
 from service.queue import RUN_JOB_TASK, make_celery
 from shortened.config import Settings, get_settings
+from shortened.redact import redact
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -284,7 +285,8 @@ class Scheduler(BackgroundLoop):
         try:
             spec, picked = resolve_template(self.settings, session, schedule)
         except TemplateError as exc:
-            outcome, notes = "failed", [*notes, str(exc)]
+            log.warning("schedule %s slot %s: %s", schedule.id, slot_at.isoformat(), exc)
+            outcome, notes = "failed", [*notes, redact(str(exc))]
         else:
             if picked:
                 notes.append(f"model {picked}")

@@ -26,11 +26,16 @@ def is_loopback_host(host: str) -> bool:
 
 
 class TenantLimits(BaseModel):
-    """Per-tenant caps on what one submission may ask for (overrides of the global defaults)."""
+    """Per-tenant caps (overrides of the global defaults of the same names)."""
 
     max_concurrent_jobs: int | None = Field(default=None, ge=0)
     max_calibration_samples: int | None = Field(default=None, ge=1)
     max_seq_len: int | None = Field(default=None, ge=2)
+    max_schedules: int | None = Field(default=None, ge=0)
+    max_webhook_endpoints: int | None = Field(default=None, ge=0)
+    min_cron_interval_s: float | None = Field(default=None, ge=1)
+    write_rate_per_s: float | None = Field(default=None, gt=0)
+    write_burst: int | None = Field(default=None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -177,6 +182,27 @@ class Settings(BaseSettings):
         default=4096, ge=1, description="Largest calibration n_samples per job"
     )
     max_seq_len: int = Field(default=8192, ge=2, description="Largest seq_len / cutoff_len per job")
+    max_schedules: int = Field(
+        default=100, ge=0, description="Schedules per tenant (429 too_many_schedules above)"
+    )
+    max_webhook_endpoints: int = Field(
+        default=20,
+        ge=0,
+        description="Webhook endpoints per tenant (429 too_many_webhook_endpoints above)",
+    )
+    min_cron_interval_s: float = Field(
+        default=60.0,
+        ge=1,
+        description="Shortest interval between a schedule's slots (422 on cron below); lower it to allow per-second crons",
+    )
+    write_rate_per_s: float = Field(
+        default=50.0,
+        gt=0,
+        description="Token bucket of each tenant's write requests (submit, cancel, create, delete, ...): sustained rate per second, per API process (429 rate_limited with Retry-After above)",
+    )
+    write_burst: int = Field(
+        default=2000, ge=1, description="Write requests a tenant may make at once (bucket size)"
+    )
     tenant_limits: dict[str, TenantLimits] = Field(
         default_factory=dict,
         description="Per-tenant overrides, JSON: {tenant: {max_concurrent_jobs: ...}}",
@@ -237,15 +263,16 @@ class Settings(BaseSettings):
             )
 
     def limits_for(self, tenant: str) -> TenantLimits:
-        """The effective limits of ``tenant``: its overrides, else the global defaults."""
+        """The effective limits of ``tenant``: its overrides, else the global defaults
+        (every field set)."""
         override = self.tenant_limits.get(tenant) or TenantLimits()
         return TenantLimits(
-            max_concurrent_jobs=override.max_concurrent_jobs
-            if override.max_concurrent_jobs is not None
-            else self.max_concurrent_jobs,
-            max_calibration_samples=override.max_calibration_samples
-            or self.max_calibration_samples,
-            max_seq_len=override.max_seq_len or self.max_seq_len,
+            **{
+                name: value
+                if (value := getattr(override, name)) is not None
+                else getattr(self, name)
+                for name in TenantLimits.model_fields
+            }
         )
 
     @property

@@ -6,7 +6,7 @@ Pure pydantic: no torch, no Celery, no FastAPI, so every layer can import it che
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -18,8 +18,29 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 SOURCE_SCHEMES = ("s3://", "hf://", "job://", "file://")
 
 
+# Upper bounds of every count a spec may hold. Far above anything a real run uses, they
+# keep absurd values (and integers beyond 64 bits, which no database column or tensor API
+# takes) out at the door, with a 422 naming the field, instead of failing deep in a job.
+MAX_BLOCKS = 1024  # transformer blocks: no released LLM comes near
+MAX_SEQ_LEN = 131_072
+MAX_BATCH = 4096
+MAX_STEPS = 100_000_000  # optimizer steps, warm-up, checkpoint/log intervals
+MAX_TOKENS = 10**13  # a CPT token budget (LLaMA-3 was trained on 1.5e13)
+MAX_RECORDS = 1_000_000_000
+MAX_SEED = 2**32 - 1  # numpy's seed range, the narrowest of the libraries seeded
+MAX_EPOCHS = 1000.0
+MAX_LEARNING_RATE = 10.0
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description=f"Random seed, 0..{MAX_SEED}")]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Records = Annotated[int, Field(ge=1, le=MAX_RECORDS)]
+LearningRate = Annotated[float, Field(gt=0.0, le=MAX_LEARNING_RATE)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # allow_inf_nan=False: NaN and +-Infinity (which Python's json reads) are never a valid
+    # hyper-parameter, and JSON responses and PostgreSQL's jsonb cannot hold them.
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 def _check_source(value: str) -> str:
@@ -111,7 +132,7 @@ class CalibrationSpec(_Strict):
     field: str = Field(default="text", description="Text field in .jsonl/.parquet/HF records")
     n_samples: int = Field(default=10, ge=1, le=100_000, description="Calibration windows")
     seq_len: int = Field(default=128, ge=2, le=131_072, description="Tokens per window")
-    seed: int = Field(default=1234, description="Seed of the window sampling")
+    seed: Seed = Field(default=1234, description="Seed of the window sampling")
     add_bos_to_every: bool = Field(
         default=False, description="Prepend BOS to every window (needed for Gemma)"
     )
@@ -137,13 +158,19 @@ class PruneSpec(_JobSpec):
         description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>"
     )
     criterion: Criterion = Field(default="ppl", description="Block-importance criterion")
-    num_blocks: int | None = Field(default=None, ge=1, description="Number of blocks to remove")
+    num_blocks: int | None = Field(
+        default=None, ge=1, le=MAX_BLOCKS, description="Number of blocks to remove"
+    )
     target_ratio: float | None = Field(
         default=None, gt=0.0, lt=1.0, description="Fraction of parameters to remove"
     )
     calibration: CalibrationSpec
-    protect_first: int = Field(default=4, ge=0, description="Leading blocks never removed")
-    protect_last: int = Field(default=2, ge=0, description="Trailing blocks never removed")
+    protect_first: int = Field(
+        default=4, ge=0, le=MAX_BLOCKS, description="Leading blocks never removed"
+    )
+    protect_last: int = Field(
+        default=2, ge=0, le=MAX_BLOCKS, description="Trailing blocks never removed"
+    )
     score_all_blocks: bool = Field(
         default=False, description="ppl: also score protected blocks (full profile, slower)"
     )
@@ -219,15 +246,13 @@ class TrainDataSpec(_Strict):
     train_on_inputs: bool = Field(
         default=False, description="Alpaca: also compute the loss on the prompt"
     )
-    max_records: int | None = Field(
-        default=None, ge=1, description="Use at most this many training records"
+    max_records: Records | None = Field(
+        default=None, description="Use at most this many training records"
     )
     validation_fraction: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Held-out fraction of the records"
     )
-    validation_size: int | None = Field(
-        default=None, ge=1, description="Held-out number of records"
-    )
+    validation_size: Records | None = Field(default=None, description="Held-out number of records")
     validation_source: str | None = Field(
         default=None, description="Separate validation file or URI"
     )
@@ -265,7 +290,9 @@ class LoraSpec(_Strict):
     """LoRA hyper-parameters; the defaults are the paper's (from alpaca-lora)."""
 
     r: int = Field(default=8, ge=1, le=4096, description="LoRA rank")
-    alpha: int = Field(default=16, ge=1, description="LoRA scaling numerator (lora_alpha)")
+    alpha: int = Field(
+        default=16, ge=1, le=1_000_000, description="LoRA scaling numerator (lora_alpha)"
+    )
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1
@@ -283,13 +310,16 @@ class CptSpec(_Strict):
     """
 
     data: TrainDataSpec | None = None
-    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps")
+    max_steps: Steps | None = Field(default=None, description="Optimizer steps")
     max_tokens: int | None = Field(
-        default=None, ge=1, description="Training tokens (steps = tokens / (batch_size * seq_len))"
+        default=None,
+        ge=1,
+        le=MAX_TOKENS,
+        description="Training tokens (steps = tokens / (batch_size * seq_len))",
     )
-    learning_rate: float = Field(default=1e-4, gt=0.0)
-    warmup_steps: int = Field(default=100, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    learning_rate: LearningRate = 1e-4
+    warmup_steps: int = Field(default=100, ge=0, le=MAX_STEPS)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=10.0)
     seq_len: int | None = Field(
         default=None,
         ge=8,
@@ -321,8 +351,8 @@ class RetrainSpec(_JobSpec):
     cpt: CptSpec | None = Field(
         default=None, validate_default=True, description="Required for cpt and cpt_lora"
     )
-    learning_rate: float = Field(default=1e-4, gt=0.0)
-    epochs: float = Field(default=2.0, gt=0.0)
+    learning_rate: LearningRate = 1e-4
+    epochs: float = Field(default=2.0, gt=0.0, le=MAX_EPOCHS)
     micro_batch_size: int = Field(default=4, ge=1, le=4096)
     batch_size: int = Field(
         default=64,
@@ -333,20 +363,20 @@ class RetrainSpec(_JobSpec):
     cutoff_len: int = Field(
         default=256, ge=8, le=131_072, description="LoRA examples are truncated to this many tokens"
     )
-    warmup_steps: int = Field(default=100, ge=0)
-    max_steps: int | None = Field(
-        default=None, ge=1, description="Cap on optimizer steps of each stage"
+    warmup_steps: int = Field(default=100, ge=0, le=MAX_STEPS)
+    max_steps: Steps | None = Field(
+        default=None, description="Cap on optimizer steps of each stage"
     )
-    save_steps: int = Field(default=200, ge=1, description="Checkpoint every N steps")
-    save_total_limit: int = Field(default=2, ge=1)
-    eval_steps: int | None = Field(
-        default=None, ge=1, description="Validation loss every N steps (default: save_steps)"
+    save_steps: Steps = Field(default=200, description="Checkpoint every N steps")
+    save_total_limit: int = Field(default=2, ge=1, le=1000)
+    eval_steps: Steps | None = Field(
+        default=None, description="Validation loss every N steps (default: save_steps)"
     )
-    logging_steps: int = Field(default=10, ge=1)
+    logging_steps: Steps = 10
     gradient_checkpointing: bool | None = Field(
         default=None, description="Default: on for CUDA, off on CPU"
     )
-    seed: int = 1234
+    seed: Seed = 1234
     dtype: Dtype = Field(default="auto", description="Weights dtype (auto: chosen for the device)")
     device: str = Field(
         default="auto",
@@ -418,8 +448,8 @@ class PerplexitySpec(_Strict):
     )
     field: str = Field(default="text", description="Text field of .jsonl/.parquet files")
     batch_size: int = Field(default=4, ge=1, le=4096)
-    max_windows: int | None = Field(
-        default=None, ge=1, description="Evaluate only the first N windows"
+    max_windows: Records | None = Field(
+        default=None, description="Evaluate only the first N windows"
     )
 
     @field_validator("datasets")
@@ -436,7 +466,10 @@ class ZeroShotSpec(_Strict):
         default=None, description="Directory of custom lm-eval task YAMLs"
     )
     limit: float | None = Field(
-        default=None, gt=0, description="Examples per task (<1: a fraction); for testing only"
+        default=None,
+        gt=0,
+        le=MAX_RECORDS,
+        description="Examples per task (<1: a fraction); for testing only",
     )
     num_fewshot: int = Field(default=0, ge=0, le=64)
     batch_size: int = Field(default=8, ge=1, le=4096)
@@ -454,8 +487,13 @@ class EfficiencySpec(_Strict):
     """Generation latency/throughput as the paper's timing script: warm-up runs, timed repeats,
     output length forced (min_new_tokens = max_new_tokens), sampling with top-k 50 / top-p 0.95."""
 
-    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
-    output_lengths: list[int] = Field(default_factory=lambda: [128], min_length=1)
+    # Items bounded above here, below by _positive (one error naming the list).
+    batch_sizes: list[Annotated[int, Field(le=MAX_BATCH)]] = Field(
+        default_factory=lambda: [1], min_length=1, max_length=64
+    )
+    output_lengths: list[Annotated[int, Field(le=MAX_SEQ_LEN)]] = Field(
+        default_factory=lambda: [128], min_length=1, max_length=64
+    )
     input_length: int | None = Field(
         default=None,
         ge=1,
@@ -466,7 +504,7 @@ class EfficiencySpec(_Strict):
     repeats: int = Field(default=20, ge=1, le=10_000, description="Timed runs per configuration")
     warmup: int = Field(default=10, ge=0, le=10_000, description="Untimed runs first")
     do_sample: bool = True
-    seed: int = 1234
+    seed: Seed = 1234
 
     @field_validator("batch_sizes", "output_lengths")
     @classmethod

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -666,13 +665,10 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
                 "failed", message, error_code="artifact_upload_failed", error_message=message
             )
         except Exception as exc:
+            # The traceback is for operators: the server log, under the job id. The job's
+            # error is the exception's one line, redacted when written (crud).
             log.exception("job %s failed", job_id)
             message = f"{type(exc).__name__}: {exc}"
-            with sessions() as session:
-                crud.append_event(
-                    session, job_id, "log", "traceback", {"traceback": traceback.format_exc()}
-                )
-                session.commit()
             return finish("failed", message, error_code="internal_error", error_message=message)
         finally:
             # An earlier attempt killed mid-upload may have left objects there too.

@@ -113,6 +113,7 @@ def service(postgres_url, s3_server, tmp_path_factory):
             tenant_limits={"capped": {"max_concurrent_jobs": 0}},
             reaper_interval_s=0,
             scheduler_interval_s=0,  # the tests drive the schedulers themselves
+            min_cron_interval_s=1,  # per-second crons: the tests cannot wait minutes
         )
         with TestClient(create_app(settings)) as client:
             yield Service(client, bucket, s3_server, local_models)
@@ -533,6 +534,7 @@ def test_scheduled_prune_runs_on_a_real_worker_and_delete_stops_it(tmp_path: Pat
                 **common,
                 "SHORTENED_DATA_DIR": str(tmp_path / "api"),
                 "SHORTENED_SCHEDULER_INTERVAL_S": "0.2",
+                "SHORTENED_MIN_CRON_INTERVAL_S": "1",
             }
             api_process, url = start_api(base_env(api_env), free_port(), tmp_path / "api.log")
             try:

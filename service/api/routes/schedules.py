@@ -24,6 +24,7 @@ from service.auth import Principal, PrincipalDep, get_principal
 from service.errors import APIError, coded
 from service.models import Job, Schedule, ScheduleRun, utcnow
 from service.policy import PolicyViolation, check_submission
+from service.quotas import check_cron_interval, check_schedule_count
 from service.scheduler import (
     SELECTOR_KEY,
     Scheduler,
@@ -307,6 +308,8 @@ def create_schedule(
     concurrency limit applies (over it: run outcome ``skipped_limit``, no job), and a template
     that cannot be resolved (no model under the selector's prefix) gives a ``failed`` run;
     the schedule goes on either way."""
+    check_cron_interval(settings, principal.tenant, body.cron, body.timezone)
+    check_schedule_count(settings, session, principal.tenant)
     template = _validated_template(
         settings, session, principal, body.kind, body.template, body.model_selector
     )
@@ -385,6 +388,9 @@ def update_schedule(
             raise RequestValidationError(
                 [{"loc": ["body", name], "msg": "must not be null", "type": "value_error"}]
             )
+    if body.cron is not None or body.timezone is not None:
+        cron, timezone = body.cron or schedule.cron, body.timezone or schedule.timezone
+        check_cron_interval(settings, principal.tenant, cron, timezone)
     current = ScheduleOut.from_row(schedule)
     if given & {"kind", "template", "model_selector"}:
         kind = body.kind or schedule.kind

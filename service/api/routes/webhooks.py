@@ -25,6 +25,7 @@ from service.api.deps import SessionDep
 from service.auth import Principal, PrincipalDep, get_principal
 from service.errors import coded
 from service.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from service.quotas import check_webhook_endpoint_count
 from service.webhooks import (
     is_job_callback,
     new_endpoint_id,
@@ -233,6 +234,7 @@ def create_endpoint(
         message := target_error(body.url, settings.resolved_webhook_allow_private_targets)
     ) is not None:
         raise _url_error(message, body.url)
+    check_webhook_endpoint_count(settings, session, principal.tenant)
     row = WebhookEndpoint(
         id=new_endpoint_id(),
         tenant=principal.tenant,
