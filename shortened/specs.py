@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 Criterion = Literal["ppl", "taylor", "magnitude", "block_influence", "angular", "iterative_ppl"]
 CRITERIA: tuple[str, ...] = Criterion.__args__  # type: ignore[attr-defined]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Sampling = Literal["paper", "shuffle"]
+# Criteria that score blocks from the weights alone and so need no calibration data.
+DATA_FREE_CRITERIA: tuple[str, ...] = ("magnitude",)
 
 # Schemes a model or data source may use. Local paths are plain paths (no scheme).
 SOURCE_SCHEMES = ("s3://", "hf://", "job://", "file://")
@@ -98,12 +101,20 @@ class CalibrationSpec(_Strict):
 
     Exactly one of ``source`` (a local .txt/.jsonl/.parquet file or an object-storage URI)
     and ``dataset`` (a Hugging Face dataset name) is given.
+
+    ``sampling: "paper"`` draws the windows exactly as the paper's code (shortened-llm
+    ``get_examples``): seeded random document indices until one is long enough (with the
+    tokenizer's special tokens) and unused, then a random window start. ``"shuffle"`` is the
+    earlier scheme of this service: documents in a seeded shuffled order, the first
+    long-enough ones taken, tokenized without special tokens.
     """
 
     source: str | None = Field(
         default=None, description="Local .txt/.jsonl/.parquet file, s3:// or job:// URI"
     )
-    dataset: str | None = Field(default=None, description="Hugging Face dataset id, e.g. bookcorpus")
+    dataset: str | None = Field(
+        default=None, description="Hugging Face dataset id, e.g. bookcorpus"
+    )
     dataset_config: str | None = Field(default=None, description="HF dataset configuration name")
     split: str = "train"
     field: str = Field(default="text", description="Text field in .jsonl/.parquet/HF records")
@@ -112,6 +123,10 @@ class CalibrationSpec(_Strict):
     seed: int = 1234
     add_bos_to_every: bool = Field(
         default=False, description="Prepend BOS to every window (needed for Gemma)"
+    )
+    sampling: Sampling = Field(
+        default="paper",
+        description="paper: the paper's draw, token for token; shuffle: this service's earlier scheme",
     )
 
     @field_validator("source")
@@ -122,26 +137,38 @@ class CalibrationSpec(_Strict):
     @model_validator(mode="after")
     def _one_origin(self) -> CalibrationSpec:
         if (self.source is None) == (self.dataset is None):
-            raise ValueError("give exactly one of 'source' (file or URI) and 'dataset' (HF dataset)")
+            raise ValueError(
+                "give exactly one of 'source' (file or URI) and 'dataset' (HF dataset)"
+            )
         return self
 
 
 class PruneSpec(_JobSpec):
     """One-shot depth pruning: score blocks, remove the least important, save a checkpoint."""
 
-    model: str = Field(description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>")
+    model: str = Field(
+        description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>"
+    )
     criterion: Criterion = "ppl"
     num_blocks: int | None = Field(default=None, ge=1, description="Number of blocks to remove")
     target_ratio: float | None = Field(
         default=None, gt=0.0, lt=1.0, description="Fraction of parameters to remove"
     )
-    calibration: CalibrationSpec
+    calibration: CalibrationSpec | None = Field(
+        default=None, description="Calibration text; required by every criterion but magnitude"
+    )
     protect_first: int = Field(default=4, ge=0, description="Leading blocks never removed")
     protect_last: int = Field(default=2, ge=0, description="Trailing blocks never removed")
     score_all_blocks: bool = Field(
         default=False, description="ppl: also score protected blocks (full profile, slower)"
     )
     batch_size: int = Field(default=4, ge=1, le=1024, description="Calibration windows per forward")
+    taylor_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="taylor: windows per loss (the paper's --batch_size; default all n_samples at "
+        "once, as its code). Forwards still take batch_size windows; the gradient is exact.",
+    )
     dtype: Dtype = "auto"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     retrain: PipelineRetrain | None = Field(
@@ -162,7 +189,18 @@ class PruneSpec(_JobSpec):
     def _one_target(self) -> PruneSpec:
         if (self.num_blocks is None) == (self.target_ratio is None):
             raise ValueError("give exactly one of 'num_blocks' and 'target_ratio'")
+        if self.calibration is None and self.criterion not in DATA_FREE_CRITERIA:
+            raise ValueError(calibration_needed(self.criterion))
         return self
+
+
+def calibration_needed(criterion: str) -> str:
+    """Why a criterion cannot run without calibration data (API and CLI message)."""
+    return (
+        f"criterion {criterion!r} needs calibration data: it scores blocks from the model's "
+        "outputs (perplexity, gradients or hidden states) on calibration text; give 'calibration' "
+        f"with a 'source' or 'dataset' (only {', '.join(DATA_FREE_CRITERIA)} needs no data)"
+    )
 
 
 # --- Retraining (issue 4) -------------------------------------------------------------------
@@ -172,7 +210,15 @@ RETRAIN_METHODS: tuple[str, ...] = RetrainMethod.__args__  # type: ignore[attr-d
 DataFormat = Literal["auto", "alpaca", "text"]
 
 # The paper's LoRA targets: every attention and MLP projection of a LLaMA-style block.
-LORA_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 
 
 class TrainDataSpec(_Strict):
@@ -185,18 +231,34 @@ class TrainDataSpec(_Strict):
     number of records, or a separate file -- at most one of the three.
     """
 
-    source: str | None = Field(default=None, description="Local .txt/.jsonl/.json/.parquet file, s3:// or job:// URI")
-    dataset: str | None = Field(default=None, description="Hugging Face dataset id, e.g. yahma/alpaca-cleaned")
+    source: str | None = Field(
+        default=None, description="Local .txt/.jsonl/.json/.parquet file, s3:// or job:// URI"
+    )
+    dataset: str | None = Field(
+        default=None, description="Hugging Face dataset id, e.g. yahma/alpaca-cleaned"
+    )
     dataset_config: str | None = Field(default=None, description="HF dataset configuration name")
     split: str = "train"
-    streaming: bool = Field(default=False, description="Stream the HF dataset (large corpora); needs a step budget")
+    streaming: bool = Field(
+        default=False, description="Stream the HF dataset (large corpora); needs a step budget"
+    )
     format: DataFormat = "auto"
     field: str = Field(default="text", description="Text field of text-format records")
-    train_on_inputs: bool = Field(default=False, description="Alpaca: also compute the loss on the prompt")
-    max_records: int | None = Field(default=None, ge=1, description="Use at most this many training records")
-    validation_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, description="Held-out fraction of the records")
-    validation_size: int | None = Field(default=None, ge=1, description="Held-out number of records")
-    validation_source: str | None = Field(default=None, description="Separate validation file or URI")
+    train_on_inputs: bool = Field(
+        default=False, description="Alpaca: also compute the loss on the prompt"
+    )
+    max_records: int | None = Field(
+        default=None, ge=1, description="Use at most this many training records"
+    )
+    validation_fraction: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Held-out fraction of the records"
+    )
+    validation_size: int | None = Field(
+        default=None, ge=1, description="Held-out number of records"
+    )
+    validation_source: str | None = Field(
+        default=None, description="Separate validation file or URI"
+    )
 
     @field_validator("source", "validation_source")
     @classmethod
@@ -206,14 +268,24 @@ class TrainDataSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> TrainDataSpec:
         if (self.source is None) == (self.dataset is None):
-            raise ValueError("give exactly one of 'source' (file or URI) and 'dataset' (HF dataset)")
+            raise ValueError(
+                "give exactly one of 'source' (file or URI) and 'dataset' (HF dataset)"
+            )
         if self.streaming and self.dataset is None:
             raise ValueError("'streaming' applies to HF datasets ('dataset') only")
-        held_out = [self.validation_fraction > 0, self.validation_size is not None, self.validation_source is not None]
+        held_out = [
+            self.validation_fraction > 0,
+            self.validation_size is not None,
+            self.validation_source is not None,
+        ]
         if sum(held_out) > 1:
-            raise ValueError("give at most one of 'validation_fraction', 'validation_size' and 'validation_source'")
+            raise ValueError(
+                "give at most one of 'validation_fraction', 'validation_size' and 'validation_source'"
+            )
         if self.streaming and self.validation_fraction > 0:
-            raise ValueError("a streamed dataset has no known length: use 'validation_size' or 'validation_source'")
+            raise ValueError(
+                "a streamed dataset has no known length: use 'validation_size' or 'validation_source'"
+            )
         return self
 
 
@@ -223,8 +295,12 @@ class LoraSpec(_Strict):
     r: int = Field(default=8, ge=1, le=4096, description="LoRA rank")
     alpha: int = Field(default=16, ge=1, description="LoRA scaling numerator (lora_alpha)")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1)
-    merge: bool = Field(default=True, description="Also save the merged full model (merge_and_unload)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1
+    )
+    merge: bool = Field(
+        default=True, description="Also save the merged full model (merge_and_unload)"
+    )
 
 
 class CptSpec(_Strict):
@@ -236,11 +312,18 @@ class CptSpec(_Strict):
 
     data: TrainDataSpec | None = None
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps")
-    max_tokens: int | None = Field(default=None, ge=1, description="Training tokens (steps = tokens / (batch_size * seq_len))")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Training tokens (steps = tokens / (batch_size * seq_len))"
+    )
     learning_rate: float = Field(default=1e-4, gt=0.0)
     warmup_steps: int = Field(default=100, ge=0)
     weight_decay: float = Field(default=0.0, ge=0.0)
-    seq_len: int | None = Field(default=None, ge=8, le=131_072, description="Packed sequence length (default: min(2048, model context))")
+    seq_len: int | None = Field(
+        default=None,
+        ge=8,
+        le=131_072,
+        description="Packed sequence length (default: min(2048, model context))",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> CptSpec:
@@ -257,23 +340,40 @@ class RetrainSpec(_JobSpec):
     ``max_steps``, checkpointing and logging apply to every stage.
     """
 
-    model: str = Field(description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>")
+    model: str = Field(
+        description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>"
+    )
     method: RetrainMethod = "lora"
     data: TrainDataSpec
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    cpt: CptSpec | None = Field(default=None, validate_default=True, description="Required for cpt and cpt_lora")
+    cpt: CptSpec | None = Field(
+        default=None, validate_default=True, description="Required for cpt and cpt_lora"
+    )
     learning_rate: float = Field(default=1e-4, gt=0.0)
     epochs: float = Field(default=2.0, gt=0.0)
     micro_batch_size: int = Field(default=4, ge=1, le=4096)
-    batch_size: int = Field(default=64, ge=1, le=1_000_000, description="Effective batch: micro-batches x accumulation x devices")
-    cutoff_len: int = Field(default=256, ge=8, le=131_072, description="LoRA examples are truncated to this many tokens")
+    batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=1_000_000,
+        description="Effective batch: micro-batches x accumulation x devices",
+    )
+    cutoff_len: int = Field(
+        default=256, ge=8, le=131_072, description="LoRA examples are truncated to this many tokens"
+    )
     warmup_steps: int = Field(default=100, ge=0)
-    max_steps: int | None = Field(default=None, ge=1, description="Cap on optimizer steps of each stage")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Cap on optimizer steps of each stage"
+    )
     save_steps: int = Field(default=200, ge=1, description="Checkpoint every N steps")
     save_total_limit: int = Field(default=2, ge=1)
-    eval_steps: int | None = Field(default=None, ge=1, description="Validation loss every N steps (default: save_steps)")
+    eval_steps: int | None = Field(
+        default=None, ge=1, description="Validation loss every N steps (default: save_steps)"
+    )
     logging_steps: int = Field(default=10, ge=1)
-    gradient_checkpointing: bool | None = Field(default=None, description="Default: on for CUDA, off on CPU")
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="Default: on for CUDA, off on CPU"
+    )
     seed: int = 1234
     dtype: Dtype = "auto"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -287,7 +387,9 @@ class RetrainSpec(_JobSpec):
     @classmethod
     def _cpt_needed(cls, value: CptSpec | None, info: ValidationInfo) -> CptSpec | None:
         if value is None and info.data.get("method") in ("cpt", "cpt_lora"):
-            raise ValueError("method cpt/cpt_lora needs a budget: give cpt.max_steps or cpt.max_tokens")
+            raise ValueError(
+                "method cpt/cpt_lora needs a budget: give cpt.max_steps or cpt.max_tokens"
+            )
         return value
 
     @field_validator("batch_size")
@@ -325,10 +427,14 @@ class PerplexitySpec(_Strict):
         description="Named sets (wikitext2, ptb) or .txt/.jsonl/.parquet files / s3:// or job:// URIs",
     )
     seq_len: int = Field(default=128, ge=2, le=131_072)
-    bos_every_window: bool = Field(default=False, description="BOS before every window (Gemma) instead of once")
+    bos_every_window: bool = Field(
+        default=False, description="BOS before every window (Gemma) instead of once"
+    )
     field: str = Field(default="text", description="Text field of .jsonl/.parquet files")
     batch_size: int = Field(default=4, ge=1, le=4096)
-    max_windows: int | None = Field(default=None, ge=1, description="Evaluate only the first N windows")
+    max_windows: int | None = Field(
+        default=None, ge=1, description="Evaluate only the first N windows"
+    )
 
     @field_validator("datasets")
     @classmethod
@@ -340,8 +446,12 @@ class ZeroShotSpec(_Strict):
     """Zero-shot accuracy through lm-evaluation-harness (the paper's seven tasks by default)."""
 
     tasks: list[str] = Field(default_factory=lambda: list(PAPER_TASK_METRICS), min_length=1)
-    task_include_path: str | None = Field(default=None, description="Directory of custom lm-eval task YAMLs")
-    limit: float | None = Field(default=None, gt=0, description="Examples per task (<1: a fraction); for testing only")
+    task_include_path: str | None = Field(
+        default=None, description="Directory of custom lm-eval task YAMLs"
+    )
+    limit: float | None = Field(
+        default=None, gt=0, description="Examples per task (<1: a fraction); for testing only"
+    )
     num_fewshot: int = Field(default=0, ge=0, le=64)
     batch_size: int = Field(default=8, ge=1, le=4096)
 
@@ -360,7 +470,12 @@ class EfficiencySpec(_Strict):
 
     batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
     output_lengths: list[int] = Field(default_factory=lambda: [128], min_length=1)
-    input_length: int | None = Field(default=None, ge=1, le=131_072, description="Prompt tokens (default: the paper's prompt as is)")
+    input_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=131_072,
+        description="Prompt tokens (default: the paper's prompt as is)",
+    )
     prompt: str = "The Leaning Tower of Pisa is known for"
     repeats: int = Field(default=20, ge=1, le=10_000, description="Timed runs per configuration")
     warmup: int = Field(default=10, ge=0, le=10_000, description="Untimed runs first")
@@ -379,8 +494,12 @@ class EvalSpec(_JobSpec):
     """Evaluate a model (and optionally its parent, with deltas): perplexity, zero-shot
     accuracy, efficiency. At least one section is given."""
 
-    model: str = Field(description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>")
-    compare_with: str | None = Field(default=None, description="Baseline (e.g. the unpruned parent) evaluated the same way")
+    model: str = Field(
+        description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>"
+    )
+    compare_with: str | None = Field(
+        default=None, description="Baseline (e.g. the unpruned parent) evaluated the same way"
+    )
     perplexity: PerplexitySpec | None = None
     zero_shot: ZeroShotSpec | None = None
     efficiency: EfficiencySpec | None = None

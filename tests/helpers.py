@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "models" / "tiny-llama"
@@ -22,17 +22,36 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "llama": {"tie_word_embeddings": True},
     "mistral": {"sliding_window": 4},
     "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 3},
-    "qwen3": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2, "head_dim": 8},
+    "qwen3": {
+        "use_sliding_window": True,
+        "sliding_window": 4,
+        "max_window_layers": 2,
+        "head_dim": 8,
+    },
     "gemma": {"head_dim": 8},
     "gemma2": {
         "head_dim": 8,
         "sliding_window": 4,
-        "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        "layer_types": [
+            "sliding_attention",
+            "full_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
     },
     "gemma3_text": {
         "head_dim": 8,
         "sliding_window": 4,
-        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "full_attention", "sliding_attention", "full_attention"],
+        "layer_types": [
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
     },
     "phi3": {},
 }
@@ -41,9 +60,17 @@ FAMILY_CONFIGS: dict[str, dict] = {
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False
+    )
     tokenizer.train_from_iterator([" ".join(_WORDS)] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
 
 
 def tiny_model(model_type: str, num_layers: int = 6, seed: int = 0, **overrides):
@@ -68,6 +95,19 @@ def tiny_model(model_type: str, num_layers: int = 6, seed: int = 0, **overrides)
     return model.eval()
 
 
+def trained_tiny(n_samples: int = 10, seq_len: int = 128):
+    """The repository's trained tiny model (fp32, eval), its tokenizer and calibration windows
+    drawn from data/calibration.jsonl the default (paper's) way."""
+    from shortened.specs import CalibrationSpec
+    from worker.engine.calibration import calibration_windows
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    spec = CalibrationSpec(source=str(CALIBRATION), n_samples=n_samples, seq_len=seq_len)
+    return model, tokenizer, calibration_windows(spec, tokenizer)
+
+
 def save_tiny(model, path: Path) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
@@ -87,6 +127,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
     total, count = 0.0, 0
     for chunk in windows.split(batch_size):
         logits = model(input_ids=chunk, use_cache=False).logits[:, :-1]
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
+        ).item()
         count += chunk[:, 1:].numel()
     return float(torch.exp(torch.tensor(total / count)))

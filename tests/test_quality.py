@@ -14,13 +14,10 @@ import random
 import statistics
 
 import pytest
-import torch
-from helpers import CALIBRATION, TINY_MODEL, heldout_windows, perplexity
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from helpers import heldout_windows, perplexity, trained_tiny
 
-from shortened.specs import CRITERIA, CalibrationSpec
+from shortened.specs import CRITERIA
 from worker.engine.architectures import adapter_for, keep_blocks
-from worker.engine.calibration import calibration_windows
 from worker.engine.criteria import CRITERIA as CRITERION_FUNCTIONS
 from worker.engine.criteria import ScoringContext, ppl_scores_naive
 from worker.engine.prune import removable_blocks
@@ -31,10 +28,7 @@ PROTECT_FIRST, PROTECT_LAST = 1, 1
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
-    windows = calibration_windows(CalibrationSpec(source=str(CALIBRATION)), tokenizer)
+    model, tokenizer, windows = trained_tiny()
     return model, tokenizer, windows, heldout_windows(tokenizer)
 
 
@@ -57,7 +51,9 @@ def heldout_ppl_after(trained, criterion: str) -> float:
     model, _, windows, heldout = trained
     adapter = adapter_for(model)
     candidates = removable_blocks(adapter.num_layers(model), PROTECT_FIRST, PROTECT_LAST)
-    result = CRITERION_FUNCTIONS[criterion](ScoringContext(model, adapter, windows, candidates, NUM_REMOVED))
+    result = CRITERION_FUNCTIONS[criterion](
+        ScoringContext(model, adapter, windows, candidates, NUM_REMOVED)
+    )
     removed = result.removal_order[:NUM_REMOVED]
     score = pruned_ppl(model, removed, heldout)
     print(f"{criterion}: removed {sorted(removed)} held-out ppl {score:.2f}")
@@ -78,6 +74,8 @@ def test_magnitude_is_the_weak_baseline(trained, random_median):
 def test_ppl_scores_equal_naive_on_trained_model(trained):
     model, _, windows, _ = trained
     adapter = adapter_for(model)
-    fast = CRITERION_FUNCTIONS["ppl"](ScoringContext(model, adapter, windows, [], 0, score_all_blocks=True)).block_scores
+    fast = CRITERION_FUNCTIONS["ppl"](
+        ScoringContext(model, adapter, windows, [], 0, score_all_blocks=True)
+    ).block_scores
     naive = ppl_scores_naive(model, windows)
     assert max(abs(a - b) / b for a, b in zip(fast, naive, strict=True)) < 1e-4

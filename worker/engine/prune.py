@@ -25,9 +25,9 @@ from shortened.render import block_score_svg
 from shortened.specs import PruneSpec
 
 from .architectures import keep_blocks
-from .calibration import calibration_windows, fingerprint
+from .calibration import SAMPLING_VERSIONS, calibration_draw, fingerprint
 from .checkpoint import CHECKPOINT_NAME, ScoreCheckpoint, checkpoint_key
-from .criteria import CRITERIA, CriterionResult, ScoringContext
+from .criteria import CRITERIA, CRITERION_VERSIONS, CriterionResult, ScoringContext
 from .errors import NothingToPrune, OutputExists
 from .models import count_parameters, load_model
 from .progress import Progress, ProgressCallback, no_progress
@@ -51,10 +51,14 @@ def removable_blocks(num_layers: int, protect_first: int, protect_last: int) -> 
     return list(range(min(protect_first, num_layers), max(num_layers - protect_last, 0)))
 
 
-def blocks_for_ratio(total_params: int, block_params: Sequence[int], ratio: float, max_blocks: int) -> int:
+def blocks_for_ratio(
+    total_params: int, block_params: Sequence[int], ratio: float, max_blocks: int
+) -> int:
     """The block count whose removal brings the removed-parameter fraction closest to ``ratio``."""
     mean_block = sum(block_params) / len(block_params)
-    return min(range(1, max_blocks + 1), key=lambda k: (abs(k * mean_block / total_params - ratio), k))
+    return min(
+        range(1, max_blocks + 1), key=lambda k: (abs(k * mean_block / total_params - ratio), k)
+    )
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -81,7 +85,11 @@ def atomic_output_dir(output_dir: Path) -> Iterator[Path]:
 def library_versions() -> dict[str, str]:
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def write_scores_csv(path: Path, report: dict[str, Any]) -> None:
@@ -92,7 +100,15 @@ def write_scores_csv(path: Path, report: dict[str, Any]) -> None:
         writer.writerow(["block", "score", "removed", "protected", "removal_rank"])
         rank = {block: i for i, block in enumerate(report["removal_order"])}
         for block, score in enumerate(report["block_scores"]):
-            writer.writerow([block, "" if score is None else f"{score:.8g}", int(block in removed), int(block in protected), rank.get(block, "")])
+            writer.writerow(
+                [
+                    block,
+                    "" if score is None else f"{score:.8g}",
+                    int(block in removed),
+                    int(block in protected),
+                    rank.get(block, ""),
+                ]
+            )
 
 
 def prune_model(
@@ -131,7 +147,9 @@ def prune_model(
         clock = now
 
     progress(Progress("loading", message=spec.model))
-    loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device, store=store, cache_dir=cache_dir)
+    loaded = load_model(
+        spec.model, dtype=spec.dtype, device=spec.device, store=store, cache_dir=cache_dir
+    )
     model, adapter = loaded.model, loaded.adapter
     num_layers = adapter.num_layers(model)
     params_before = count_parameters(model)
@@ -145,7 +163,9 @@ def prune_model(
         if not candidates:
             num_blocks = 0
         else:
-            num_blocks = blocks_for_ratio(params_before, block_params, spec.target_ratio, len(candidates))
+            num_blocks = blocks_for_ratio(
+                params_before, block_params, spec.target_ratio, len(candidates)
+            )
     if not candidates or num_blocks > len(candidates):
         raise NothingToPrune(
             f"asked to remove {num_blocks} of {num_layers} blocks but only {len(candidates)} are removable "
@@ -153,16 +173,36 @@ def prune_model(
         )
     phase("load_s")
 
-    progress(Progress("calibration", message=str(spec.calibration.source or spec.calibration.dataset)))
-    windows = calibration_windows(spec.calibration, loaded.tokenizer, store=store, cache_dir=cache_dir)
-    phase("calibration_s")
-
-    calibration_fp = fingerprint(windows)
+    calibration_report: dict[str, Any] | None = None
+    if spec.calibration is not None:
+        progress(
+            Progress(
+                "calibration", message=str(spec.calibration.source or spec.calibration.dataset)
+            )
+        )
+        draw = calibration_draw(
+            spec.calibration, loaded.tokenizer, store=store, cache_dir=cache_dir
+        )
+        windows = draw.tokens
+        calibration_fp = fingerprint(windows)
+        sampling = SAMPLING_VERSIONS[draw.sampling]
+        calibration_report = {
+            **spec.calibration.model_dump(),
+            **draw.record(),
+            "windows": list(windows.shape),
+            "fingerprint": calibration_fp,
+        }
+        phase("calibration_s")
+    else:  # a data-free criterion (magnitude) without calibration data
+        windows = torch.empty((0, 0), dtype=torch.long)
+        calibration_fp = sampling = "none"
+    criterion_version = CRITERION_VERSIONS[spec.criterion]
     checkpoint = None
     if resume_dir is not None:
         key = checkpoint_key(
-            model=spec.model, criterion=spec.criterion, calibration=calibration_fp, num_layers=num_layers,
-            candidates=candidates, num_blocks=num_blocks, dtype=str(loaded.dtype), device=loaded.device.type,
+            model=spec.model, criterion=spec.criterion, criterion_version=criterion_version, calibration=calibration_fp,
+            sampling=sampling, num_layers=num_layers, candidates=candidates, num_blocks=num_blocks,
+            dtype=str(loaded.dtype), device=loaded.device.type,
         )  # fmt: skip
         checkpoint = ScoreCheckpoint(Path(resume_dir) / CHECKPOINT_NAME, key)
     resumed = checkpoint.resumed if checkpoint else 0
@@ -174,16 +214,33 @@ def prune_model(
             memo_path=Path(cache_dir) / "fingerprints.json" if cache_dir else None,
         )  # fmt: skip
         cache_key_ = cache_key(
-            model=model_fp, criterion=spec.criterion, calibration=calibration_fp, dtype=str(loaded.dtype),
-            device_type=loaded.device.type, num_layers=num_layers, candidates=candidates, num_blocks=num_blocks,
+            model=model_fp, criterion=spec.criterion, criterion_version=criterion_version, calibration=calibration_fp,
+            sampling=sampling, dtype=str(loaded.dtype), device_type=loaded.device.type, num_layers=num_layers,
+            candidates=candidates, num_blocks=num_blocks,
         )  # fmt: skip
-        cache_info = {"key": cache_key_, "model_fingerprint": model_fp, "location": score_cache.location(cache_key_)}
+        cache_info = {
+            "key": cache_key_,
+            "model_fingerprint": model_fp,
+            "location": score_cache.location(cache_key_),
+        }
         phase("fingerprint_s")
 
     def waiting() -> None:
-        progress(Progress("scoring", 0, 0, "blocks", message="waiting for another job scoring the same model, criterion and calibration"))
+        progress(
+            Progress(
+                "scoring",
+                0,
+                0,
+                "blocks",
+                message="waiting for another job scoring the same model, criterion and calibration",
+            )
+        )
 
-    lock = score_cache.lock(cache_key_, waiting) if score_cache is not None and cache_key_ else nullcontext()
+    lock = (
+        score_cache.lock(cache_key_, waiting)
+        if score_cache is not None and cache_key_
+        else nullcontext()
+    )
     with lock:
         cached = score_cache.load(cache_key_) if score_cache is not None and cache_key_ else None
         result = None
@@ -196,7 +253,11 @@ def prune_model(
                 checkpoint = ScoreCheckpoint(None, "score-cache")  # collects scores to cache
         elif cached is not None and "block_scores" in cached:
             scores = cached["block_scores"]
-            order = sorted(candidates, key=lambda b: (scores[b], b)) if spec.criterion in ORDER_FROM_SCORES else cached["removal_order"]
+            order = (
+                sorted(candidates, key=lambda b: (scores[b], b))
+                if spec.criterion in ORDER_FROM_SCORES
+                else cached["removal_order"]
+            )
             result = CriterionResult(scores, order, cached.get("details", {}))
             reused = sum(score is not None for score in scores)
         message: str = spec.criterion
@@ -206,14 +267,25 @@ def prune_model(
             message = f"{spec.criterion} (resuming {resumed} saved block scores)"
         progress(Progress("scoring", 0, 0, "blocks", message=message))
         if result is None:
-            context = ScoringContext(model, adapter, windows, candidates, num_blocks, spec.batch_size, progress, spec.score_all_blocks, checkpoint)
+            context = ScoringContext(
+                model, adapter, windows, candidates, num_blocks, spec.batch_size, progress,
+                gradient_batch_size=spec.taylor_batch_size, score_all_blocks=spec.score_all_blocks, checkpoint=checkpoint,
+            )  # fmt: skip
             result = CRITERIA[spec.criterion](context)
             if score_cache is not None and cache_key_:
-                entry: dict[str, Any] = {"version": CACHE_VERSION, "criterion": spec.criterion, "model_fingerprint": cache_info and cache_info["model_fingerprint"]}
+                entry: dict[str, Any] = {
+                    "version": CACHE_VERSION,
+                    "criterion": spec.criterion,
+                    "model_fingerprint": cache_info and cache_info["model_fingerprint"],
+                }
                 if spec.criterion in PER_SCOPE and checkpoint is not None:
                     entry["scopes"] = checkpoint.scopes
                 else:
-                    entry.update(block_scores=result.block_scores, removal_order=result.removal_order, details=result.details)
+                    entry.update(
+                        block_scores=result.block_scores,
+                        removal_order=result.removal_order,
+                        details=result.details,
+                    )
                 try:
                     score_cache.save(cache_key_, entry)
                 except Exception as exc:  # the scores are still good for this run
@@ -235,6 +307,7 @@ def prune_model(
         "architecture": adapter.name,
         "model_type": model.config.model_type,
         "criterion": spec.criterion,
+        "criterion_version": criterion_version,
         "block_scores": result.block_scores,
         "score_meaning": "lower = less important (removed first)",
         "removal_order": result.removal_order,
@@ -253,11 +326,9 @@ def prune_model(
         # Block scores taken from the score cache instead of computed (0: none).
         "scores_reused": cache_info["reused_scores"] if cache_info else 0,
         "score_cache": cache_info,
-        "calibration": {
-            **spec.calibration.model_dump(),
-            "windows": list(windows.shape),
-            "fingerprint": calibration_fp,
-        },
+        # What was drawn: sampling name and version, seed, document indices and window starts,
+        # so a run can be reproduced and compared with the paper's code (None: no data used).
+        "calibration": calibration_report,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "versions": library_versions(),
@@ -275,5 +346,7 @@ def prune_model(
         (staging / "report.json").write_text(json.dumps(report, indent=2))
         write_scores_csv(staging / "block_scores.csv", report)
         (staging / "block_scores.svg").write_text(block_score_svg(report))
-    log.info("pruned %s: removed %s, %d -> %d params", spec.model, removed, params_before, params_after)
+    log.info(
+        "pruned %s: removed %s, %d -> %d params", spec.model, removed, params_before, params_after
+    )
     return report
