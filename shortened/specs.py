@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 Criterion = Literal["ppl", "taylor", "magnitude", "block_influence", "angular", "iterative_ppl"]
 CRITERIA: tuple[str, ...] = Criterion.__args__  # type: ignore[attr-defined]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Sampling = Literal["paper", "shuffle"]
+# Criteria that score blocks from the weights alone and so need no calibration data.
+DATA_FREE_CRITERIA: tuple[str, ...] = ("magnitude",)
 
 # Schemes a model or data source may use. Local paths are plain paths (no scheme).
 SOURCE_SCHEMES = ("s3://", "hf://", "job://", "file://")
@@ -119,6 +122,12 @@ class CalibrationSpec(_Strict):
 
     Exactly one of ``source`` (a local .txt/.jsonl/.parquet file or an object-storage URI)
     and ``dataset`` (a Hugging Face dataset name) is given.
+
+    ``sampling: "paper"`` draws the windows exactly as the paper's code (shortened-llm
+    ``get_examples``): seeded random document indices until one is long enough (with the
+    tokenizer's special tokens) and unused, then a random window start. ``"shuffle"`` is the
+    earlier scheme of this service: documents in a seeded shuffled order, the first
+    long-enough ones taken, tokenized without special tokens.
     """
 
     source: str | None = Field(
@@ -135,6 +144,10 @@ class CalibrationSpec(_Strict):
     seed: Seed = Field(default=1234, description="Seed of the window sampling")
     add_bos_to_every: bool = Field(
         default=False, description="Prepend BOS to every window (needed for Gemma)"
+    )
+    sampling: Sampling = Field(
+        default="paper",
+        description="paper: the paper's draw, token for token; shuffle: this service's earlier scheme",
     )
 
     @field_validator("source")
@@ -164,7 +177,9 @@ class PruneSpec(_JobSpec):
     target_ratio: float | None = Field(
         default=None, gt=0.0, lt=1.0, description="Fraction of parameters to remove"
     )
-    calibration: CalibrationSpec
+    calibration: CalibrationSpec | None = Field(
+        default=None, description="Calibration text; required by every criterion but magnitude"
+    )
     protect_first: int = Field(
         default=4, ge=0, le=MAX_BLOCKS, description="Leading blocks never removed"
     )
@@ -175,6 +190,13 @@ class PruneSpec(_JobSpec):
         default=False, description="ppl: also score protected blocks (full profile, slower)"
     )
     batch_size: int = Field(default=4, ge=1, le=1024, description="Calibration windows per forward")
+    taylor_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="taylor: windows per loss (the paper's --batch_size; default all n_samples at "
+        "once, as its code). Forwards still take batch_size windows; the gradient is exact.",
+    )
     dtype: Dtype = Field(default="auto", description="Weights dtype (auto: chosen for the device)")
     device: str = Field(
         default="auto",
@@ -199,7 +221,18 @@ class PruneSpec(_JobSpec):
     def _one_target(self) -> PruneSpec:
         if (self.num_blocks is None) == (self.target_ratio is None):
             raise ValueError("give exactly one of 'num_blocks' and 'target_ratio'")
+        if self.calibration is None and self.criterion not in DATA_FREE_CRITERIA:
+            raise ValueError(calibration_needed(self.criterion))
         return self
+
+
+def calibration_needed(criterion: str) -> str:
+    """Why a criterion cannot run without calibration data (API and CLI message)."""
+    return (
+        f"criterion {criterion!r} needs calibration data: it scores blocks from the model's "
+        "outputs (perplexity, gradients or hidden states) on calibration text; give 'calibration' "
+        f"with a 'source' or 'dataset' (only {', '.join(DATA_FREE_CRITERIA)} needs no data)"
+    )
 
 
 # --- Retraining -------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "models" / "tiny-llama"
@@ -93,6 +93,20 @@ def tiny_model(model_type: str, num_layers: int = 6, seed: int = 0, **overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+def trained_tiny(n_samples: int = 10, seq_len: int = 128):
+    """The repository's trained tiny model (fp32, eval), its tokenizer and calibration windows
+    drawn from data/calibration.jsonl the default (paper's) way."""
+    from worker.engine.calibration import calibration_windows
+
+    from shortened.specs import CalibrationSpec
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    spec = CalibrationSpec(source=str(CALIBRATION), n_samples=n_samples, seq_len=seq_len)
+    return model, tokenizer, calibration_windows(spec, tokenizer)
 
 
 def save_tiny(model, path: Path) -> Path:

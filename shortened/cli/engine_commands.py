@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..specs import (
+    DATA_FREE_CRITERIA,
     PAPER_TASK_METRICS,
     CalibrationSpec,
     CptSpec,
@@ -18,6 +19,7 @@ from ..specs import (
     RetrainSpec,
     TrainDataSpec,
     ZeroShotSpec,
+    calibration_needed,
 )
 from .display import TerminalProgress, aligned
 from .spec_options import given, spec_option
@@ -49,10 +51,12 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     spec_option(p, CalibrationSpec, "seq_len")
     spec_option(p, CalibrationSpec, "seed")
     spec_option(p, CalibrationSpec, "add_bos_to_every")
+    spec_option(p, CalibrationSpec, "sampling")
     spec_option(p, PruneSpec, "protect_first")
     spec_option(p, PruneSpec, "protect_last")
     p.add_argument("--no-protect", action="store_true", help="allow removing any block")
     spec_option(p, PruneSpec, "batch_size")
+    spec_option(p, PruneSpec, "taylor_batch_size")
     spec_option(p, PruneSpec, "device")
     spec_option(p, PruneSpec, "dtype")
     p.add_argument("--output", required=True, type=Path, help="new or empty directory")
@@ -76,7 +80,18 @@ def prune_spec(args: argparse.Namespace) -> PruneSpec:
         seq_len=args.seq_len,
         seed=args.seed,
         add_bos_to_every=args.add_bos_to_every,
+        sampling=args.sampling,
     )
+    criterion = args.criterion or PruneSpec.model_fields["criterion"].default
+    if args.calibration is None and args.calibration_dataset is None:
+        if criterion not in DATA_FREE_CRITERIA:
+            from ..admission import AdmissionError, Problem
+
+            hint = "pass --calibration FILE or --calibration-dataset NAME"
+            raise AdmissionError(
+                [Problem("calibration", f"{calibration_needed(criterion)}; {hint}")]
+            )
+        calibration = None
     protection = (
         {"protect_first": 0, "protect_last": 0}
         if args.no_protect
@@ -92,6 +107,7 @@ def prune_spec(args: argparse.Namespace) -> PruneSpec:
                 num_blocks=args.num_blocks,
                 target_ratio=args.ratio,
                 batch_size=args.batch_size,
+                taylor_batch_size=args.taylor_batch_size,
                 device=args.device,
                 dtype=args.dtype,
             ),

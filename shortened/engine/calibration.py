@@ -1,7 +1,9 @@
-"""Calibration windows, with the semantics of the paper's code.
+"""Calibration windows.
 
-Documents are visited in a seeded random order; each document long enough gives one
-window of exactly ``seq_len`` tokens at a random offset; no document is used twice.
+``sampling: "paper"`` (the default) reproduces the paper's code token for token (see
+``_paper_draw``); ``sampling: "shuffle"`` is this service's earlier scheme, kept so older
+runs can be reproduced. Every draw records the document indices and window starts, so a
+report says exactly which text was used.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,9 +52,14 @@ def read_parquet(path: Path, error: type[EngineError] = CalibrationError) -> Any
         raise error(f"{path.name} is not a readable parquet file") from exc
 
 
-def read_documents(path: Path, field: str = "text") -> list[str]:
+# Bumped whenever a sampling's windows change for the same inputs (score cache keys carry it).
+SAMPLING_VERSIONS = {"paper": "paper/1", "shuffle": "shuffle/1"}
+
+
+def read_documents(path: Path, field: str = "text", *, keep_empty: bool = False) -> list[str]:
     """Documents of a local file: blank-line separated paragraphs of a .txt, one record per
-    line of a .jsonl, or a column of a .parquet file."""
+    line of a .jsonl, or a column of a .parquet file. Records whose text is empty are dropped,
+    unless ``keep_empty`` (then a .jsonl/.parquet document's index is its record number)."""
     if not path.is_file():
         raise CalibrationError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
@@ -77,12 +85,15 @@ def read_documents(path: Path, field: str = "text") -> list[str]:
             raise CalibrationError(
                 f"{path.name}: no column {field!r} (columns: {table.column_names})"
             )
-        documents = [str(value) for value in table.column(field).to_pylist() if value is not None]
+        documents = [
+            "" if value is None else str(value) for value in table.column(field).to_pylist()
+        ]
     else:
         raise CalibrationError(f"unsupported data file type {suffix!r}; use one of {TEXT_SUFFIXES}")
-    documents = [doc for doc in documents if doc.strip()]
-    if not documents:
+    if not any(doc.strip() for doc in documents):
         raise CalibrationError(f"data file {path.name} contains no text")
+    if suffix == ".txt" or not keep_empty:
+        documents = [doc for doc in documents if doc.strip()]
     return documents
 
 
@@ -121,6 +132,31 @@ def fetch_data_file(source: str, *, store: ArtifactStore | None, cache_dir: Path
     return dest
 
 
+class _Column(Sequence[str]):
+    """One text field of an HF dataset, read by index on demand (the paper draws indices)."""
+
+    def __init__(self, dataset: Any, field: str) -> None:
+        self.dataset, self.field = dataset, field
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        return str(self.dataset[index][self.field])
+
+
+def _hf_column(spec: CalibrationSpec) -> _Column:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(spec.dataset, spec.dataset_config, split=spec.split)
+    except Exception as exc:  # datasets raises many types for a bad name/split
+        raise CalibrationError(f"cannot open HF dataset {spec.dataset!r}: {exc}") from exc
+    if spec.field not in dataset.column_names:
+        raise CalibrationError(f"HF dataset {spec.dataset!r} has no field {spec.field!r}")
+    return _Column(dataset, spec.field)
+
+
 def _hf_documents(spec: CalibrationSpec) -> Iterator[str]:
     from datasets import load_dataset
 
@@ -134,34 +170,177 @@ def _hf_documents(spec: CalibrationSpec) -> Iterator[str]:
         yield str(record[spec.field])
 
 
-def sample_windows(
-    documents: Iterable[str], tokenizer: Any, spec: CalibrationSpec, *, shuffle: bool = True
-) -> torch.Tensor:
-    """``[n_samples, seq_len]`` token ids: one random window from each of n distinct long-enough documents."""
+def _tokenize(tokenizer: Any, text: str, *, special_tokens: bool) -> list[int]:
+    # Whole documents are tokenized on purpose (a window is cut afterwards), so the
+    # "sequence longer than the model's maximum" warning is silenced (verbose=False).
+    return list(tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"])
+
+
+@dataclass
+class CalibrationDraw:
+    """The windows drawn and where they came from: ``documents[i]`` is the index of the
+    document (record) window ``i`` was cut from, ``starts[i]`` its first token's offset in
+    that document's token ids."""
+
+    tokens: torch.Tensor  # [n_samples, seq_len]
+    sampling: str
+    documents: list[int]
+    starts: list[int]
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "sampling": self.sampling,
+            "sampling_version": SAMPLING_VERSIONS[self.sampling],
+            "document_indices": self.documents,
+            "window_starts": self.starts,
+        }
+
+
+def _paper_draw(documents: Sequence[str], tokenizer: Any, spec: CalibrationSpec) -> CalibrationDraw:
+    """The paper's sampling (shortened-llm ``src/dataset.py``, ``get_examples``).
+
+    With ``random`` seeded by ``seed``, for each window: draw a document index uniformly
+    (``randint(0, len - 1)``) until the document is long enough -- at least ``seq_len`` tokens,
+    tokenized *with* the tokenizer's special tokens (so BOS counts), or without them when
+    ``add_bos_to_every`` -- and was not used before; then draw the start
+    ``randint(0, len(ids) - seq_len)`` and cut ``seq_len`` tokens. With ``add_bos_to_every``
+    the window is BOS followed by its first ``seq_len - 1`` tokens.
+
+    The paper's loop never ends when fewer than ``n_samples`` documents are long enough.
+    Here, after as many fruitless draws in a row as there are documents, every document not
+    yet tokenized is measured; if no unused document is long enough a ``CalibrationError`` is
+    raised, otherwise drawing continues -- the random stream, hence the windows, are the
+    paper's whenever the paper's loop terminates.
+    """
+    n_docs, seq_len = len(documents), spec.seq_len
+    if spec.add_bos_to_every and tokenizer.bos_token_id is None:
+        raise CalibrationError("add_bos_to_every is set but the tokenizer has no BOS token")
+    if spec.n_samples > n_docs:
+        raise CalibrationError(
+            f"need {spec.n_samples} documents of at least {seq_len} tokens but the data has only "
+            f"{n_docs} documents; lower n_samples, or add data"
+        )
+    rng = random.Random(spec.seed)
+    cache: dict[int, list[int]] = {}
+
+    def ids_of(index: int) -> list[int]:
+        if index not in cache:
+            cache[index] = _tokenize(
+                tokenizer, documents[index], special_tokens=not spec.add_bos_to_every
+            )
+        return cache[index]
+
+    windows: list[list[int]] = []
+    used: list[int] = []
+    starts: list[int] = []
+    used_set: set[int] = set()
+    for _ in range(spec.n_samples):
+        fruitless = 0
+        while True:
+            index = rng.randint(0, n_docs - 1)
+            ids = ids_of(index)
+            if len(ids) >= seq_len and index not in used_set:
+                break
+            fruitless += 1
+            if fruitless >= n_docs:
+                fruitless = 0
+                eligible = [i for i in range(n_docs) if len(ids_of(i)) >= seq_len]
+                if not set(eligible) - used_set:
+                    longest = max(len(ids_of(i)) for i in range(n_docs))
+                    raise _too_few(spec, len(eligible), n_docs, longest)
+        used.append(index)
+        used_set.add(index)
+        start = rng.randint(0, len(ids) - seq_len)
+        window = ids[start : start + seq_len]
+        if spec.add_bos_to_every:
+            window = [tokenizer.bos_token_id, *window[:-1]]
+        windows.append(window)
+        starts.append(start)
+    return CalibrationDraw(torch.tensor(windows, dtype=torch.long), "paper", used, starts)
+
+
+def _too_few(spec: CalibrationSpec, found: int, among: int, longest: int) -> CalibrationError:
+    return CalibrationError(
+        f"need {spec.n_samples} documents of at least {spec.seq_len} tokens, found {found} "
+        f"among {among} documents (longest has {longest} tokens); lower n_samples or seq_len, or add data"
+    )
+
+
+def _shuffle_draw(
+    documents: Iterable[str], tokenizer: Any, spec: CalibrationSpec, *, shuffle: bool
+) -> CalibrationDraw:
+    """The ``shuffle`` sampling (this service's earlier default, kept for reproducing old runs):
+    documents visited in a seeded shuffled order (or the order given), each long enough one
+    (``seq_len`` tokens without special tokens; ``seq_len - 1`` with ``add_bos_to_every``)
+    gives a window at a seeded random offset, until ``n_samples``. Document indices are
+    positions in the list given (for a streamed HF dataset: in the shuffled stream)."""
     rng = random.Random(spec.seed)
     if shuffle:
         documents = list(documents)
-        rng.shuffle(documents)
+        order = list(range(len(documents)))
+        rng.shuffle(order)  # the same permutation as shuffling the documents themselves
+        visited: Iterable[tuple[int, str]] = ((i, documents[i]) for i in order)
+    else:
+        visited = enumerate(documents)
     bos = tokenizer.bos_token_id
     if spec.add_bos_to_every and bos is None:
         raise CalibrationError("add_bos_to_every is set but the tokenizer has no BOS token")
     body_len = spec.seq_len - 1 if spec.add_bos_to_every else spec.seq_len
     windows: list[list[int]] = []
+    used: list[int] = []
+    starts: list[int] = []
     seen = longest = 0
-    for document in documents:
+    for index, document in visited:
         seen += 1
-        ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+        ids = _tokenize(tokenizer, document, special_tokens=False)
         longest = max(longest, len(ids))
         if len(ids) < body_len:
             continue
         start = rng.randint(0, len(ids) - body_len)
         window = ids[start : start + body_len]
         windows.append([bos, *window] if spec.add_bos_to_every else window)
+        used.append(index)
+        starts.append(start)
         if len(windows) == spec.n_samples:
-            return torch.tensor(windows, dtype=torch.long)
+            return CalibrationDraw(torch.tensor(windows, dtype=torch.long), "shuffle", used, starts)
     raise CalibrationError(
         f"need {spec.n_samples} documents of at least {body_len} tokens, found {len(windows)} "
         f"among {seen} documents (longest has {longest} tokens); lower n_samples or seq_len, or add data"
+    )
+
+
+def draw_windows(
+    documents: Sequence[str], tokenizer: Any, spec: CalibrationSpec
+) -> CalibrationDraw:
+    """``[n_samples, seq_len]`` windows from a list of documents, by ``spec.sampling``."""
+    if spec.sampling == "paper":
+        return _paper_draw(documents, tokenizer, spec)
+    return _shuffle_draw(documents, tokenizer, spec, shuffle=True)
+
+
+def sample_windows(documents: Sequence[str], tokenizer: Any, spec: CalibrationSpec) -> torch.Tensor:
+    """The token windows of ``draw_windows``."""
+    return draw_windows(documents, tokenizer, spec).tokens
+
+
+def calibration_draw(
+    spec: CalibrationSpec,
+    tokenizer: Any,
+    *,
+    store: ArtifactStore | None = None,
+    cache_dir: Path | None = None,
+) -> CalibrationDraw:
+    """Calibration windows for a spec (local file, object-storage URI or HF dataset)."""
+    if spec.dataset is not None:
+        if spec.sampling == "paper":
+            return _paper_draw(_hf_column(spec), tokenizer, spec)
+        return _shuffle_draw(_hf_documents(spec), tokenizer, spec, shuffle=False)
+    assert spec.source is not None
+    path = fetch_data_file(spec.source, store=store, cache_dir=cache_dir)
+    # The paper's indices are record numbers: records with empty text stay in the list
+    # (they are never long enough, but they are drawn, as in the paper's code).
+    return draw_windows(
+        read_documents(path, spec.field, keep_empty=spec.sampling == "paper"), tokenizer, spec
     )
 
 
@@ -172,12 +351,8 @@ def calibration_windows(
     store: ArtifactStore | None = None,
     cache_dir: Path | None = None,
 ) -> torch.Tensor:
-    """Calibration token windows for a spec (local file, object-storage URI or HF dataset)."""
-    if spec.dataset is not None:
-        return sample_windows(_hf_documents(spec), tokenizer, spec, shuffle=False)
-    assert spec.source is not None
-    path = fetch_data_file(spec.source, store=store, cache_dir=cache_dir)
-    return sample_windows(read_documents(path, spec.field), tokenizer, spec)
+    """The token windows of ``calibration_draw``."""
+    return calibration_draw(spec, tokenizer, store=store, cache_dir=cache_dir).tokens
 
 
 def fingerprint(windows: torch.Tensor) -> str:

@@ -30,6 +30,8 @@ class ScoringContext:
     num_blocks: int  # how many will be removed (angular and iterative_ppl depend on it)
     batch_size: int = 4
     progress: ProgressCallback = no_progress
+    # taylor: windows per loss (the paper's batch; None: all windows in one loss, its default)
+    gradient_batch_size: int | None = None
     # ppl: also score protected blocks (the full profile, as in the paper's figures). The
     # first protected blocks are the most expensive to score, so this is off by default.
     score_all_blocks: bool = False
@@ -274,7 +276,9 @@ def _ascending(candidates: Sequence[int], scores: Sequence[float | None]) -> lis
 
 
 def ppl(ctx: ScoringContext) -> CriterionResult:
-    """Perplexity with the block removed (the paper's PPL criterion). Protected blocks are
+    """PPL (Kim et al. 2024, Shortened LLaMA, Sec. 3.1 and ``anal_block_sensitivity_ppl.py``):
+    block i's score is the calibration perplexity of the model without block i,
+    ``exp(mean NLL)`` over every next-token prediction of every window. Protected blocks are
     scored only with ``score_all_blocks`` (their score is None otherwise)."""
     all_blocks = list(range(ctx.num_layers))
     targets = all_blocks if ctx.score_all_blocks else ctx.candidates
@@ -312,70 +316,87 @@ def iterative_ppl(ctx: ScoringContext) -> CriterionResult:
     )
 
 
-def _weight_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """View a parameter as [output rows, inputs] (a 1-D parameter is one entry per row)."""
-    return tensor.reshape(tensor.shape[0], -1)
+def _block_weights(block: nn.Module) -> list[nn.Parameter]:
+    """A block's weights as the paper's code selects them: parameters named ``...weight``
+    (projections and norm weights; biases are not scored)."""
+    return [
+        param for name, param in block.named_parameters() if "weight" in name.rsplit(".", 1)[-1]
+    ]
 
 
 def taylor(ctx: ScoringContext) -> CriterionResult:
-    """Taylor+ (the paper): per weight matrix, |sum_j w_ij * dL/dw_ij| for each output row i,
-    summed over rows (L1), then over the block's weights. Embeddings and the LM head are
-    excluded.
+    """Taylor+ (Kim et al. 2024, Shortened LLaMA, Sec. 3.1 and ``anal_block_sensitivity_taylor.py``).
 
-    Each gradient is folded into a per-row accumulator the moment it is complete and then
-    freed, so no second full-size copy of the weights (a full gradient) is ever held.
+    The salience of weight ``w`` is ``w * dL/dw``, summed *signed* over the loss batches
+    (``L``: the mean next-token cross-entropy of one batch of windows, the paper's
+    ``model(x, labels=x).loss``). A weight matrix's score is ``sum_i sum_j |s_ij|`` (element-wise
+    absolute value, L1 over each output row, summed over rows; norm_power 1, weight and block
+    reduction ``sum``); a norm weight's is ``sum_i |s_i|``. A block's score is the sum over its
+    weights (biases excluded, as the paper's ``"weight" in name``). Embeddings and the LM head
+    are not blocks and are not scored.
+
+    Loss batches are ``gradient_batch_size`` windows (default: all of them, the paper's
+    10-of-10). Each is computed in forwards of ``batch_size`` windows whose gradients add up
+    in ``param.grad`` (scaled by the loss batch's token count, so the sum is that batch's exact
+    gradient): since ``sum_b w * g_b = w * sum_b g_b`` the gradient buffer is the only
+    accumulator, one per block weight in the model's dtype. With a single forward in all, each
+    weight's salience is reduced the moment its gradient is complete and the gradient freed,
+    so no full gradient is ever held.
     """
     model = ctx.model
     layers = ctx.adapter.layers(model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
-    accumulators: dict[int, tuple[int, torch.Tensor]] = {}
-    hooks = []
+    owner: dict[int, int] = {}
+    block_scores: list[float | None] = [0.0] * len(layers)
+    device = model.get_input_embeddings().weight.device  # type: ignore[operator]  # torch/transformers stubs
+    forwards = [
+        (chunk, loss_batch.shape[0] * (loss_batch.shape[1] - 1))
+        for loss_batch in ctx.windows.split(ctx.gradient_batch_size or ctx.windows.shape[0])
+        for chunk in loss_batch.split(ctx.batch_size)
+    ]
+    last_forward = False
 
-    def fold(param: torch.Tensor) -> None:
-        _, accumulator = accumulators[id(param)]
-        accumulator += _weight_rows(param.detach() * param.grad).sum(dim=1, dtype=torch.float64)  # type: ignore[operator]  # torch/transformers stubs
+    def reduce(param: torch.Tensor) -> None:
+        if not last_forward:  # more gradient to come: it keeps adding up in param.grad
+            return
+        salience = torch.mul(param.detach(), param.grad).abs_()  # type: ignore[arg-type]
+        block_scores[owner[id(param)]] += salience.sum(dtype=torch.float64).item()  # type: ignore[operator]
         param.grad = None
 
+    hooks = []
     for block_index, block in enumerate(layers):
-        for param in block.parameters():
+        for param in _block_weights(block):
             param.requires_grad_(True)
-            accumulators[id(param)] = (
-                block_index,
-                torch.zeros(param.shape[0], dtype=torch.float64, device=param.device),
-            )
-            hooks.append(param.register_post_accumulate_grad_hook(fold))
-    tokens = _token_count(ctx.windows)
+            owner[id(param)] = block_index
+            hooks.append(param.register_post_accumulate_grad_hook(reduce))
     try:
-        batches = ctx.batches()
-        for count, batch in enumerate(batches, 1):
-            logits = model(input_ids=batch, use_cache=False).logits
-            (_nll_sum(logits, batch) / tokens).backward()
+        for count, (chunk, loss_tokens) in enumerate(forwards, 1):
+            last_forward = count == len(forwards)
+            chunk = chunk.to(device)
+            logits = model(input_ids=chunk, use_cache=False).logits
+            (_nll_sum(logits, chunk) / loss_tokens).backward()
             del logits
-            ctx.progress(Progress("scoring", count, len(batches), "batches"))
+            ctx.progress(Progress("scoring", count, len(forwards), "batches"))
     finally:
         for hook in hooks:
             hook.remove()
         for name, param in model.named_parameters():
             param.requires_grad_(flags[name])
             param.grad = None
-    block_scores = [0.0] * len(layers)
-    for block_index, accumulator in accumulators.values():
-        block_scores[block_index] += accumulator.abs().sum().item()
-    return CriterionResult(list(block_scores), _ascending(ctx.candidates, block_scores))
+    return CriterionResult(block_scores, _ascending(ctx.candidates, block_scores))
 
 
 @torch.no_grad()
 def magnitude(ctx: ScoringContext) -> CriterionResult:
-    """Weight magnitude: the Taylor+ aggregation applied to |w| (the paper's baseline)."""
+    """Magnitude (the paper's baseline, ``anal_block_sensitivity_magnitude.py``): Taylor+'s
+    aggregation applied to ``|w|`` -- a block's score is ``sum |w|`` over its weights (norm
+    weights included, biases excluded). Uses no data."""
     layers = ctx.adapter.layers(ctx.model)
     block_scores: list[float | None] = []
     for block_index, block in enumerate(layers):
         block_scores.append(
-            sum(
-                _weight_rows(p.abs()).sum(dim=1, dtype=torch.float64).sum().item()
-                for p in block.parameters()
-            )
+            sum(p.abs().sum(dtype=torch.float64).item() for p in _block_weights(block))
         )
         ctx.progress(Progress("scoring", block_index + 1, len(layers), "blocks"))
     return CriterionResult(block_scores, _ascending(ctx.candidates, block_scores))
@@ -398,7 +419,10 @@ def _hidden_profile(ctx: ScoringContext) -> list[list[torch.Tensor]]:
 
 
 def block_influence(ctx: ScoringContext) -> CriterionResult:
-    """ShortGPT's Block Influence: 1 - cos(h_in, h_out), averaged over all tokens."""
+    """Block Influence (Men et al. 2024, ShortGPT, Eq. 3): ``BI_i = 1 - E_{X,t} cos(x_{i,t},
+    x_{i+1,t})`` with ``x_i`` the hidden state entering block i and ``x_{i+1}`` the one leaving
+    it (for the last block: entering the final norm), the mean over every token of every
+    calibration window."""
     profile = _hidden_profile(ctx)
     block_scores: list[float | None] = []
     for block in range(ctx.num_layers):
@@ -409,19 +433,24 @@ def block_influence(ctx: ScoringContext) -> CriterionResult:
     return CriterionResult(block_scores, _ascending(ctx.candidates, block_scores))
 
 
-def _angular_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over samples of arccos(cos(a, b)) / pi at the last token (Gromov et al.)."""
-    return (torch.arccos(_cosine(a[:, -1], b[:, -1]).clamp(-1.0, 1.0)) / math.pi).mean().item()
+def _angular_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample, arccos(cos(a, b)) / pi at the last token (Gromov et al.)."""
+    return torch.arccos(_cosine(a[:, -1], b[:, -1]).clamp(-1.0, 1.0)) / math.pi
 
 
 def angular(ctx: ScoringContext) -> CriterionResult:
-    """Gromov et al.: remove the contiguous run of n blocks whose input and output are the
-    closest in angular distance. Per-block scores are the n=1 distances."""
+    """Angular distance (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper
+    Layers", Eq. 7): ``d(x^l, x^(l+n)) = arccos(cos(x^l_T, x^(l+n)_T)) / pi`` between the hidden
+    states entering block l and block l+n (or the final norm) at the last token T, averaged over
+    the calibration windows; the contiguous run of n = ``num_blocks`` removable blocks with the
+    smallest distance is removed. Per-block scores are the n=1 distances."""
     profile = _hidden_profile(ctx)
 
     def distance(start: int, length: int) -> float:
-        parts = [_angular_distance(states[start], states[start + length]) for states in profile]
-        return sum(parts) / len(parts)
+        per_sample = torch.cat(
+            [_angular_distances(states[start], states[start + length]) for states in profile]
+        )
+        return per_sample.mean().item()
 
     block_scores: list[float | None] = [distance(block, 1) for block in range(ctx.num_layers)]
     n = ctx.num_blocks
@@ -442,6 +471,19 @@ def angular(ctx: ScoringContext) -> CriterionResult:
         block_scores, run + rest, {"run_start": start, "run_distance": runs[start]}
     )
 
+
+# Bumped whenever a criterion's definition changes, so cached scores of the old definition
+# are never reused (the score cache key carries it). 2: taylor takes |.| element-wise (was
+# per row after summing w*g), magnitude and taylor score weights only (not biases), angular
+# averages over windows (was a mean of per-batch means).
+CRITERION_VERSIONS: dict[str, int] = {
+    "ppl": 1,
+    "taylor": 2,
+    "magnitude": 2,
+    "block_influence": 1,
+    "angular": 2,
+    "iterative_ppl": 1,
+}
 
 CRITERIA: dict[str, Callable[[ScoringContext], CriterionResult]] = {
     "ppl": ppl,

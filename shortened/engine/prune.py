@@ -21,13 +21,14 @@ from shortened.render import block_score_svg
 from shortened.specs import PruneSpec
 
 from .architectures import keep_blocks
-from .calibration import calibration_windows, fingerprint
+from .calibration import SAMPLING_VERSIONS, calibration_draw, fingerprint
+from .criteria import CRITERION_VERSIONS
 from .errors import NothingToPrune
 from .models import LoadedModel, count_parameters, load_model
 from .outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions, save_model
 from .progress import Progress, ProgressCallback, no_progress
 from .score_cache import ScoreCache
-from .scoring import BlockScores, score_blocks
+from .scoring import BlockScores, Calibrated, score_blocks
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -115,20 +116,13 @@ def prune_model(
     plan = plan_removal(spec, loaded)
     timer("load_s")
 
-    progress(
-        Progress("calibration", message=str(spec.calibration.source or spec.calibration.dataset))
-    )
-    windows = calibration_windows(
-        spec.calibration, loaded.tokenizer, store=store, cache_dir=cache_dir
-    )
+    calibrated = calibrate(spec, loaded, progress=progress, store=store, cache_dir=cache_dir)
     timer("calibration_s")
 
-    calibration_fp = fingerprint(windows)
     scores = score_blocks(
         spec,
         loaded,
-        windows,
-        calibration_fp,
+        calibrated,
         plan.candidates,
         plan.num_blocks,
         progress=progress,
@@ -143,7 +137,7 @@ def prune_model(
     removed = remove_blocks(loaded, scores, plan)
     timer("pruning_s")
 
-    report = prune_report(spec, loaded, plan, scores, removed, windows, calibration_fp, timer)
+    report = prune_report(spec, loaded, plan, scores, removed, calibrated, timer)
     progress(Progress("saving", message=str(output_dir)))
     save_pruned(loaded, report, output_dir, timer)
     log.info(
@@ -154,6 +148,31 @@ def prune_model(
         report["params_after"],
     )
     return report
+
+
+def calibrate(
+    spec: PruneSpec,
+    loaded: LoadedModel,
+    *,
+    progress: ProgressCallback,
+    store: ArtifactStore | None,
+    cache_dir: Path | None,
+) -> Calibrated:
+    """The calibration windows (drawn as ``spec.calibration.sampling`` says), or none for a
+    data-free criterion given no data."""
+    if spec.calibration is None:
+        return Calibrated(torch.empty((0, 0), dtype=torch.long), "none", "none", None)
+    source = spec.calibration.source or spec.calibration.dataset
+    progress(Progress("calibration", message=str(source)))
+    draw = calibration_draw(spec.calibration, loaded.tokenizer, store=store, cache_dir=cache_dir)
+    calibration_fp = fingerprint(draw.tokens)
+    report = {
+        **spec.calibration.model_dump(),
+        **draw.record(),
+        "windows": list(draw.tokens.shape),
+        "fingerprint": calibration_fp,
+    }
+    return Calibrated(draw.tokens, calibration_fp, SAMPLING_VERSIONS[draw.sampling], report)
 
 
 def plan_removal(spec: PruneSpec, loaded: LoadedModel) -> RemovalPlan:
@@ -200,8 +219,7 @@ def prune_report(
     plan: RemovalPlan,
     scores: BlockScores,
     removed: list[int],
-    windows: torch.Tensor,
-    calibration_fp: str,
+    calibrated: Calibrated,
     timer: PhaseTimer,
 ) -> dict[str, Any]:
     result, cache_info = scores.result, scores.cache_info
@@ -212,6 +230,7 @@ def prune_report(
         "architecture": loaded.adapter.name,
         "model_type": loaded.model.config.model_type,
         "criterion": spec.criterion,
+        "criterion_version": CRITERION_VERSIONS[spec.criterion],
         "block_scores": result.block_scores,
         "score_meaning": "lower = less important (removed first)",
         "removal_order": result.removal_order,
@@ -230,11 +249,9 @@ def prune_report(
         # Block scores taken from the score cache instead of computed (0: none).
         "scores_reused": cache_info["reused_scores"] if cache_info else 0,
         "score_cache": cache_info,
-        "calibration": {
-            **spec.calibration.model_dump(),
-            "windows": list(windows.shape),
-            "fingerprint": calibration_fp,
-        },
+        # What was drawn: sampling name and version, seed, document indices and window starts,
+        # so a run can be reproduced and compared with the paper's code (None: no data used).
+        "calibration": calibrated.report,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "versions": library_versions(),

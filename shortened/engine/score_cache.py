@@ -1,9 +1,12 @@
 """Block scores shared between runs: a grid over block counts scores a model once.
 
 Scores are keyed by what they depend on and nothing else: the model's *content* (a hash of
-its weight and config files, or the hub commit), the criterion, the calibration token
-windows (their fingerprint, so two specs that yield the same tokens share scores), the
-compute dtype and device type, and the block count. They do not depend on how many blocks
+its weight and config files, or the hub commit), the criterion and the version of its
+definition (``criteria.CRITERION_VERSIONS``), the calibration token windows (their
+fingerprint, so two specs that yield the same tokens share scores) and the version of the
+sampling that drew them (``calibration.SAMPLING_VERSIONS``), the compute dtype and device
+type, and the block count. The versions make sure scores computed under an earlier
+definition are never reused as if they were the current (the paper's) one. They do not depend on how many blocks
 a job removes or which are protected, except for ``angular``, whose choice of a contiguous
 run depends on both (those are in its key).
 
@@ -94,7 +97,9 @@ def cache_key(
     *,
     model: str,
     criterion: str,
+    criterion_version: int,
     calibration: str,
+    sampling: str,
     dtype: str,
     device_type: str,
     num_layers: int,
@@ -105,7 +110,9 @@ def cache_key(
         "version": CACHE_VERSION,
         "model": model,
         "criterion": criterion,
+        "criterion_version": criterion_version,
         "calibration": calibration,
+        "sampling": sampling,
         "dtype": dtype,
         "device": device_type,
         "num_layers": num_layers,

@@ -16,7 +16,7 @@ import torch
 from shortened.specs import PruneSpec
 
 from .checkpoint import CHECKPOINT_NAME, ScoreCheckpoint, checkpoint_key
-from .criteria import CRITERIA, CriterionResult, ScoringContext
+from .criteria import CRITERIA, CRITERION_VERSIONS, CriterionResult, ScoringContext
 from .models import LoadedModel
 from .outputs import PhaseTimer
 from .progress import Progress, ProgressCallback
@@ -39,11 +39,20 @@ class BlockScores:
     cache_info: dict[str, Any] | None  # what the score cache reused and computed; None: no cache
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    """The calibration windows a run scores on, and what identifies them in keys and reports."""
+
+    windows: torch.Tensor  # [n_samples, seq_len]; empty for a data-free criterion
+    fingerprint: str  # of the token ids ("none" without data)
+    sampling: str  # the sampling's version ("none" without data)
+    report: dict[str, Any] | None  # report.json's "calibration" block
+
+
 def score_blocks(
     spec: PruneSpec,
     loaded: LoadedModel,
-    windows: torch.Tensor,
-    calibration_fp: str,
+    calibrated: Calibrated,
     candidates: list[int],
     num_blocks: int,
     *,
@@ -61,7 +70,9 @@ def score_blocks(
         key = checkpoint_key(
             model=spec.model,
             criterion=spec.criterion,
-            calibration=calibration_fp,
+            criterion_version=CRITERION_VERSIONS[spec.criterion],
+            calibration=calibrated.fingerprint,
+            sampling=calibrated.sampling,
             num_layers=num_layers,
             candidates=candidates,
             num_blocks=num_blocks,
@@ -74,7 +85,7 @@ def score_blocks(
     cache_key_ = None
     if score_cache is not None:
         cache_key_, cache_info = _cache_identity(
-            spec, loaded, calibration_fp, candidates, num_blocks, score_cache, cache_dir
+            spec, loaded, calibrated, candidates, num_blocks, score_cache, cache_dir
         )
         timer("fingerprint_s")
 
@@ -117,13 +128,14 @@ def score_blocks(
             context = ScoringContext(
                 loaded.model,
                 loaded.adapter,
-                windows,
+                calibrated.windows,
                 candidates,
                 num_blocks,
                 spec.batch_size,
                 progress,
-                spec.score_all_blocks,
-                checkpoint,
+                gradient_batch_size=spec.taylor_batch_size,
+                score_all_blocks=spec.score_all_blocks,
+                checkpoint=checkpoint,
             )
             result = CRITERIA[spec.criterion](context)
             if score_cache is not None and cache_key_:
@@ -137,7 +149,7 @@ def score_blocks(
 def _cache_identity(
     spec: PruneSpec,
     loaded: LoadedModel,
-    calibration_fp: str,
+    calibrated: Calibrated,
     candidates: list[int],
     num_blocks: int,
     score_cache: ScoreCache,
@@ -153,7 +165,9 @@ def _cache_identity(
     key = cache_key(
         model=model_fp,
         criterion=spec.criterion,
-        calibration=calibration_fp,
+        criterion_version=CRITERION_VERSIONS[spec.criterion],
+        calibration=calibrated.fingerprint,
+        sampling=calibrated.sampling,
         dtype=str(loaded.dtype),
         device_type=loaded.device.type,
         num_layers=loaded.adapter.num_layers(loaded.model),

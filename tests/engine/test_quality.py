@@ -14,16 +14,13 @@ import random
 import statistics
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortened.engine.architectures import adapter_for, keep_blocks
-from shortened.engine.calibration import calibration_windows
 from shortened.engine.criteria import CRITERIA as CRITERION_FUNCTIONS
 from shortened.engine.criteria import ScoringContext, ppl_scores_naive
 from shortened.engine.prune import removable_blocks
-from shortened.specs import CRITERIA, CalibrationSpec
-from tests.helpers import CALIBRATION, TINY_MODEL, heldout_windows, perplexity
+from shortened.specs import CRITERIA
+from tests.helpers import heldout_windows, perplexity, trained_tiny
 
 NUM_REMOVED = 5
 PROTECT_FIRST, PROTECT_LAST = 1, 1
@@ -31,10 +28,7 @@ PROTECT_FIRST, PROTECT_LAST = 1, 1
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
-    windows = calibration_windows(CalibrationSpec(source=str(CALIBRATION)), tokenizer)
+    model, tokenizer, windows = trained_tiny()
     return model, tokenizer, windows, heldout_windows(tokenizer)
 
 
