@@ -98,7 +98,7 @@ def tiny_model(model_type: str, num_layers: int = 6, seed: int = 0, **overrides)
 def trained_tiny(n_samples: int = 10, seq_len: int = 128):
     """The repository's trained tiny model (fp32, eval), its tokenizer and calibration windows
     drawn from data/calibration.jsonl the default (paper's) way."""
-    from worker.engine.calibration import calibration_windows
+    from shortened.engine.calibration import calibration_windows
 
     from shortened.specs import CalibrationSpec
 

@@ -251,7 +251,7 @@ def test_cli_prune_success_and_errors(workspace, tmp_path):
 
     cases = [
         (["--num-blocks", "2", "--output", str(tmp_path / "out")], "exists and is not empty"),
-        (["--num-blocks", "5", "--output", str(tmp_path / "o2")], "only 2 are removable"),
+        (["--num-blocks", "5", "--output", str(tmp_path / "o2")], "so at most 2 can go"),
         (["--num-blocks", "0", "--output", str(tmp_path / "o2")], "num_blocks"),
         (["--ratio", "1.5", "--output", str(tmp_path / "o2")], "target_ratio"),
         (["--num-blocks", "1", "--seq-len", "5000", "--output", str(tmp_path / "o2")], "tokens"),
