@@ -2,8 +2,15 @@
 
 PostgreSQL advisory locks are keyed by a number; ``hashtext(:key)`` turns a readable name
 (``submit:acme``, ``score-cache:...``) into one, so every caller locking the same name locks
-the same thing. SQLite has no such locks and needs none here: it serialises writers on the
-database file, which already makes the checks these locks protect atomic.
+the same thing.
+
+SQLite has no named locks, only one write lock for the whole file, and the driver begins a
+transaction lazily, at its first write: a count read before it is read outside any
+transaction and may be stale by the time the insert commits (two submissions could both pass
+a limit). So there a transaction lock takes the database's write lock at once, with a write
+that changes nothing; the reads after it see every committed row, and other writers wait
+(busy timeout) until the commit. Coarser than a per-tenant lock, which costs little in
+embedded mode, where one machine's jobs go through one file anyway.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ def is_postgres(session: Session) -> bool:
 
 def xact_lock(session: Session, key: str) -> None:
     """Hold the lock named ``key`` until the session's transaction ends (commit or
-    rollback); waits while another transaction holds it. A no-op on SQLite."""
+    rollback); waits while another transaction holds it. On SQLite: the database's write
+    lock, whatever the key (see the module docstring)."""
     if is_postgres(session):
         session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+    else:
+        session.execute(text("UPDATE jobs SET id = id WHERE 0"))
 
 
 def tenant_lock(session: Session, tenant: str) -> None:
