@@ -63,9 +63,10 @@ DISPATCH_DEFERRED = (
 class LimitExceeded(Exception):
     """The tenant's queued and running jobs plus the ones being added exceed its limit."""
 
-    def __init__(self, tenant: str, active: int, adding: int, limit: int) -> None:
+    def __init__(self, tenant: str, active: int, adding: int, limit: int, batch: bool) -> None:
         self.tenant, self.active, self.adding, self.limit = tenant, active, adding, limit
-        adds = f"; this adds {adding}" if adding > 1 else ""
+        self.batch = batch
+        adds = f"; this batch adds {adding}" if batch else ""
         super().__init__(
             f"tenant {tenant!r} has {active} queued or running jobs{adds} (limit {limit})"
         )
@@ -104,16 +105,19 @@ def request_hash(payload: Any) -> str:
 # ---------------------------------------------------------------------------- the steps
 
 
-def reserve(session: Session, settings: Settings, tenant: str, adding: int = 1) -> None:
+def reserve(
+    session: Session, settings: Settings, tenant: str, adding: int = 1, *, batch: bool = False
+) -> None:
     """Take the tenant lock (held until the caller's transaction ends) and check that
-    ``adding`` more jobs fit under its concurrency limit; raises ``LimitExceeded``."""
+    ``adding`` more jobs (of one ``batch``) fit under its concurrency limit; raises
+    ``LimitExceeded``."""
     tenant_lock(session, tenant)
     limit = settings.limits_for(tenant).max_concurrent_jobs
     if limit is None:
         return
     active = crud.count_active_jobs(session, tenant)
     if active + adding > limit:
-        raise LimitExceeded(tenant, active, adding, limit)
+        raise LimitExceeded(tenant, active, adding, limit, batch)
 
 
 def admit(
@@ -260,7 +264,7 @@ def submit_batch(
                 raise PolicyViolation(
                     [{**e, "msg": f"combination {where}: {e['msg']}"} for e in exc.errors]
                 ) from exc
-        reserve(session, settings, tenant, len(points))
+        reserve(session, settings, tenant, len(points), batch=True)
     except (PolicyViolation, LimitExceeded):
         session.rollback()
         raise

@@ -76,8 +76,8 @@ def refusals_as_http() -> Iterator[None]:
         raise _key_error(str(exc)) from exc
     except LimitExceeded as exc:
         hint = (
-            "split the grid or retry when enough have finished"
-            if exc.adding > 1
-            else ("retry when one has finished")
+            "retry when enough have finished or split the grid"
+            if exc.batch
+            else "retry when one has finished"
         )
         raise APIError(429, "too_many_jobs", f"{exc}; {hint}", {"Retry-After": "30"}) from exc
