@@ -18,13 +18,15 @@ from __future__ import annotations
 import copy
 import itertools
 import statistics
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.models import Batch, Job
+from service.models import Batch, Job, utcnow
 from service.pipeline import pipeline_of
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 
@@ -166,6 +168,67 @@ def _eval_figures(result: dict[str, Any] | None, role: str = "model") -> dict[st
     if "params" in part:
         figures["params"] = part["params"]
     return figures
+
+
+# ---------------------------------------------------------------------------- store
+
+
+class DuplicateBatchKey(Exception):
+    """Another batch of the tenant was created with the same Idempotency-Key."""
+
+
+def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Batch | None:
+    return session.scalar(select(Batch).where(Batch.tenant == tenant, Batch.idempotency_key == key))
+
+
+def get_batch(session: Session, batch_id: str, tenant: str | None = None) -> Batch | None:
+    """The batch, or None when unknown or (with ``tenant``) owned by another tenant."""
+    batch = session.get(Batch, batch_id)
+    if batch is None or (tenant is not None and batch.tenant != tenant):
+        return None
+    return batch
+
+
+def list_batches(session: Session, tenant: str | None, limit: int) -> list[Batch]:
+    """Newest first: the tenant's, or every tenant's with ``tenant`` None."""
+    query = select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
+    if tenant is not None:
+        query = query.where(Batch.tenant == tenant)
+    return list(session.scalars(query))
+
+
+def create_batch(
+    session: Session,
+    request: BatchRequest,
+    *,
+    tenant: str,
+    job_count: int,
+    idempotency_key: str | None,
+    request_hash: str,
+) -> Batch:
+    """Insert the batch row, flushed in the caller's transaction (its jobs follow). Raises
+    ``DuplicateBatchKey``, with the transaction rolled back, when the key is taken."""
+    batch = Batch(
+        id=uuid.uuid4().hex,
+        tenant=tenant,
+        name=request.name,
+        kind=request.kind,
+        request={},
+        job_count=job_count,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        created_at=utcnow(),
+    )
+    session.add(batch)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise DuplicateBatchKey(idempotency_key) from exc
+    return batch
+
+
+# ---------------------------------------------------------------------------- comparison
 
 
 COLUMNS = [

@@ -23,9 +23,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
-from sqlalchemy import CursorResult, Result, and_, case, func, or_, select, update
+from sqlalchemy import CursorResult, Result, Select, and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -217,8 +217,15 @@ def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | N
     return job
 
 
-def encode_cursor(job: Job) -> str:
-    raw = json.dumps({"t": job.created_at.isoformat(), "id": job.id}, separators=(",", ":"))
+class Paged(Protocol):
+    """A row listed newest first, one page at a time: by (created_at, id)."""
+
+    created_at: Any
+    id: Any
+
+
+def encode_cursor(row: Paged) -> str:
+    raw = json.dumps({"t": row.created_at.isoformat(), "id": row.id}, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
@@ -227,12 +234,32 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = json.loads(raw)
         created_at = datetime.fromisoformat(data["t"])
-        job_id = str(data["id"])
+        row_id = str(data["id"])
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
         raise InvalidCursor("invalid cursor") from exc
     if created_at.tzinfo is None:
         raise InvalidCursor("invalid cursor")
-    return created_at, job_id
+    return created_at, row_id
+
+
+def newest_first(
+    session: Session, query: Select[Any], model: Any, *, limit: int, after: str | None
+) -> tuple[list[Any], str | None]:
+    """One page of ``query``'s rows of ``model``, newest first, and the cursor of the next
+    page (None on the last). Ordered by (created_at, id), so that pages never overlap or
+    skip, whatever is inserted meanwhile. Raises ``InvalidCursor``."""
+    if after:
+        created_at, row_id = decode_cursor(after)
+        query = query.where(
+            or_(
+                model.created_at < created_at,
+                and_(model.created_at == created_at, model.id < row_id),
+            )
+        )
+    query = query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
 
 
 def list_jobs(
@@ -244,7 +271,7 @@ def list_jobs(
     after: str | None = None,
     tenant: str | None = None,
 ) -> tuple[list[Job], str | None]:
-    """Newest first, ordered by (created_at, id) so that pages never overlap or skip."""
+    """Newest first, one page at a time (see ``newest_first``)."""
     query = select(Job)
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
@@ -252,15 +279,7 @@ def list_jobs(
         query = query.where(Job.kind == kind)
     if status is not None:
         query = query.where(Job.status == status)
-    if after:
-        created_at, job_id = decode_cursor(after)
-        query = query.where(
-            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
-        )
-    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    jobs = list(session.scalars(query))
-    next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
-    return jobs[:limit], next_cursor
+    return newest_first(session, query, Job, limit=limit, after=after)
 
 
 @dataclass(frozen=True)
@@ -307,29 +326,6 @@ def request_cancel(
     if job.status in FINISHED_STATUSES:
         raise JobFinished(job)
     return CancelOutcome(job, immediate=False)
-
-
-def fail_queued_job(session: Session, job_id: str, code: str, message: str) -> None:
-    """Used when the task message could not be sent at submission: the request fails, so
-    the job was never accepted. Its Idempotency-Key is released, so that retrying the same
-    request creates the job afresh instead of returning this failed one."""
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(
-            status="failed",
-            error_code=code,
-            error_message=redact(message),
-            finished_at=now,
-            updated_at=now,
-            idempotency_key=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if _rowcount(result):
-        append_event(session, job_id, "status", message, {"status": "failed", "code": code})
-    session.commit()
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -647,15 +643,18 @@ def due_for_redispatch(
     return due
 
 
-def dispatch_failed(session: Session, job_id: str) -> None:
+def dispatch_failed(session: Session, job_id: str, warning: str | None = None) -> None:
     """The message could not be sent (broker down): retry at the next reaper round rather
-    than after the backoff meant for duplicates of a message that did go out."""
-    session.execute(
+    than after the backoff meant for duplicates of a message that did go out. With
+    ``warning``, the job also gets a warning event saying so."""
+    marked = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "queued")
         .values(dispatched_at=None)
         .execution_options(synchronize_session=False)
     )
+    if warning is not None and _rowcount(marked):
+        append_event(session, job_id, "warning", warning, {"reason": "broker_unavailable"})
     session.commit()
 
 

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from service import crud
 from service.db import make_engine, make_sessionmaker
 from service.loop import BackgroundLoop
-from service.queue import RUN_JOB_TASK, make_celery
+from service.queue import make_celery
+from service.submission import dispatch
 from shortened.config import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -65,16 +66,9 @@ class Reaper(BackgroundLoop):
         self._store: Any = None
 
     def _send(self, job_id: str, report: ReapReport) -> None:
-        try:
-            self.celery.send_task(RUN_JOB_TASK, args=[job_id])
-        except Exception as exc:  # broker down: the next round tries again
-            report.send_errors += 1
-            log.warning("could not send job %s: %s", job_id, exc)
-            try:
-                with self.sessions() as session:
-                    crud.dispatch_failed(session, job_id)
-            except Exception:
-                log.exception("could not mark job %s for re-sending", job_id)
+        # Broker down: the job stays queued and the next round tries again.
+        with self.sessions() as session:
+            report.send_errors += len(dispatch(session, self.celery, [job_id], first=False))
 
     def _drop_leftovers(self, job_id: str) -> None:
         """The scratch data and any unpublished upload of a job that ended without

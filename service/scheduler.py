@@ -10,14 +10,13 @@ slot in ONE transaction:
    compare-and-set on its old value: a scheduler that read the same slot changes no row;
 2. the slot's ``schedule_runs`` row is inserted: UNIQUE (schedule_id, slot_at) is the
    backstop that makes a second run of one slot impossible whatever happens above;
-3. the template is resolved (``model_selector``: the newest model directory under a prefix),
-   the tenant's concurrency limit checked (under the same advisory lock as ``POST /jobs``)
-   and the queued job inserted, with ``schedule_id`` and an idempotency key naming the slot
-   (a third guard: UNIQUE (tenant, idempotency_key) of ``jobs``).
+3. the template is resolved (``model_selector``: the newest model directory under a prefix)
+   and the job admitted by ``service.submission.admit`` like any other (the tenant lock and
+   concurrency limit of ``POST /jobs``), with ``schedule_id`` and an idempotency key naming
+   the slot (a third guard: UNIQUE (tenant, idempotency_key) of ``jobs``).
 
-Only after the commit is the task message sent. If the broker is down the job stays queued
-and the reaper re-sends it (``crud.due_for_redispatch``), as for any job whose message was
-lost.
+Only after the commit is the task message sent (``service.submission.dispatch``). If the
+broker is down the job stays queued and the reaper re-sends it, as on every admission path.
 
 Outcomes of a run: ``created`` (a job), ``skipped_limit`` (the tenant had
 ``max_concurrent_jobs`` queued or running), ``failed`` (the template could not be resolved at
@@ -50,14 +49,16 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from sqlalchemy import CursorResult, select, text, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 
 from service import crud
 from service.db import make_engine, make_sessionmaker
+from service.locks import is_postgres
 from service.loop import BackgroundLoop
 from service.models import Schedule, ScheduleRun, utcnow
-from service.queue import RUN_JOB_TASK, make_celery
+from service.queue import make_celery
+from service.submission import LimitExceeded, admit, dispatch
 from shortened.config import Settings, get_settings
 from shortened.redact import redact
 
@@ -231,10 +232,6 @@ def default_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def _is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
-
 def _rowcount(result: Any) -> int:
     return int(result.rowcount) if isinstance(result, CursorResult) else 0
 
@@ -290,32 +287,22 @@ class Scheduler(BackgroundLoop):
         else:
             if picked:
                 notes.append(f"model {picked}")
-            tenant = schedule.tenant
-            if _is_postgres(session):  # the same lock as POST /jobs: one limit check at a time
-                session.execute(
-                    text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                    {"key": f"submit:{tenant}"},
+            try:
+                job = admit(
+                    session,
+                    self.settings,
+                    tenant=schedule.tenant,
+                    kind=schedule.kind,
+                    spec=spec,
+                    idempotency_key=f"schedule:{schedule.id}:{slot_at.isoformat()}",
+                    schedule_id=schedule.id,
                 )
-            limit = self.settings.limits_for(tenant).max_concurrent_jobs
-            active = crud.count_active_jobs(session, tenant)
-            if limit is not None and active >= limit:
+            except LimitExceeded as exc:
                 outcome = "skipped_limit"
-                notes.append(
-                    f"tenant {tenant!r} has {active} queued or running jobs (limit {limit})"
-                )
+                notes.append(str(exc))
+            except crud.DuplicateIdempotencyKey as exc:  # rolled back already
+                raise SlotTaken from exc
             else:
-                try:
-                    job = crud.create_job(
-                        session,
-                        schedule.kind,
-                        spec,
-                        tenant=tenant,
-                        idempotency_key=f"schedule:{schedule.id}:{slot_at.isoformat()}",
-                        schedule_id=schedule.id,
-                        commit=False,
-                    )
-                except crud.DuplicateIdempotencyKey as exc:  # rolled back already
-                    raise SlotTaken from exc
                 outcome, job_id = "created", job.id
         run.outcome = outcome
         run.job_id = job_id
@@ -324,17 +311,10 @@ class Scheduler(BackgroundLoop):
         return Fired(schedule.id, slot_at, outcome, job_id, run.message or "")
 
     def _send(self, job_id: str, report: TickReport | None = None) -> None:
-        try:
-            self.celery.send_task(RUN_JOB_TASK, args=[job_id])
-        except Exception as exc:  # broker down: the job stays queued, the reaper re-sends it
-            if report is not None:
-                report.send_errors += 1
-            log.warning("could not send job %s: %s (the reaper will re-send it)", job_id, exc)
-            try:
-                with self.sessions() as session:
-                    crud.dispatch_failed(session, job_id)
-            except Exception:
-                log.exception("could not mark job %s for re-sending", job_id)
+        with self.sessions() as session:
+            unsent = dispatch(session, self.celery, [job_id])
+        if report is not None:
+            report.send_errors += len(unsent)
 
     def fire_due_slot(self, schedule_id: str, report: TickReport) -> Fired | None:
         """Handle the schedule's due slot, if it still has one and nobody else is on it."""
@@ -345,7 +325,7 @@ class Scheduler(BackgroundLoop):
                 Schedule.enabled.is_(True),
                 Schedule.next_run_at <= now,
             )
-            if _is_postgres(session):
+            if is_postgres(session):
                 query = query.with_for_update(skip_locked=True)
             schedule = session.scalars(query.execution_options(populate_existing=True)).first()
             if schedule is None:  # not due any more, disabled, deleted, or locked by another
@@ -405,7 +385,7 @@ class Scheduler(BackgroundLoop):
             query = select(Schedule).where(Schedule.id == schedule_id)
             if tenant is not None:
                 query = query.where(Schedule.tenant == tenant)
-            if _is_postgres(session):
+            if is_postgres(session):
                 query = query.with_for_update()
             schedule = session.scalars(query.execution_options(populate_existing=True)).first()
             if schedule is None:

@@ -99,7 +99,6 @@ def trained_tiny(n_samples: int = 10, seq_len: int = 128):
     """The repository's trained tiny model (fp32, eval), its tokenizer and calibration windows
     drawn from data/calibration.jsonl the default (paper's) way."""
     from shortened.engine.calibration import calibration_windows
-
     from shortened.specs import CalibrationSpec
 
     torch.manual_seed(0)

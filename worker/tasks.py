@@ -32,7 +32,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
 from service.db import make_engine, make_sessionmaker
+from service.locks import session_lock
 from service.reaper import job_prefix, scratch_prefix
+from service.submission import submit_job
 from shortened.config import Settings, get_settings
 from shortened.engine.errors import Cancelled, EngineError, storage_errors
 from shortened.engine.progress import Progress, ProgressLines
@@ -42,6 +44,8 @@ from worker.celery_app import RUN_JOB_TASK, app
 from worker.processes import pid_alive, worker_id_for
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from shortened.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -300,28 +304,9 @@ def score_lock_factory(settings: Settings) -> Callable[[str, Callable[[], None]]
     url = settings.resolved_database_url
     if not url.startswith("postgresql"):
         return lambda key, on_wait: file_lock(settings.data_dir / "locks" / f"{key}.lock", on_wait)
-
-    @contextlib.contextmanager
-    def pg_lock(key: str, on_wait: Callable[[], None]) -> Any:
-        from sqlalchemy import text
-
-        engine = session_factory(settings).kw["bind"]
-        with engine.connect() as conn:
-            params = {"key": f"score-cache:{key}"}
-            while not conn.execute(
-                text("SELECT pg_try_advisory_lock(hashtext(:key))"), params
-            ).scalar():
-                conn.rollback()
-                on_wait()  # reports progress; raises Cancelled when the job is cancelled
-                time.sleep(1.0)
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), params)
-                conn.commit()
-
-    return pg_lock
+    engine = session_factory(settings).kw["bind"]
+    # on_wait reports progress, and raises Cancelled when the job is cancelled meanwhile.
+    return lambda key, on_wait: session_lock(engine, f"score-cache:{key}", on_wait)
 
 
 def _checkpoint_dir(settings: Settings, job_id: str) -> Path:
@@ -389,10 +374,17 @@ ENGINE_CALLS: dict[
 }
 
 
-def queue_followups(sessions: sessionmaker[Session], job_id: str) -> list[str]:
-    """Create and queue a pipeline's next job(s) now that ``job_id`` has succeeded. Each is
-    created at most once (an idempotency key per step); a follow-up that cannot be created
-    or queued is recorded, never failing the finished job."""
+def queue_followups(
+    sessions: sessionmaker[Session],
+    job_id: str,
+    settings: Settings,
+    celery: Celery | None = None,
+) -> list[str]:
+    """Admit a pipeline's next job(s) now that ``job_id`` has succeeded (through
+    ``service.submission``, like every job). Each is created at most once (an idempotency
+    key per step: a redelivered message creates nothing new); one that cannot be created is
+    recorded as a warning, never failing the finished job. A broker outage leaves it queued
+    for the reaper to send, as everywhere. Returns the ids created now."""
     from service.pipeline import followup_specs
 
     created: list[str] = []
@@ -405,17 +397,21 @@ def queue_followups(sessions: sessionmaker[Session], job_id: str) -> list[str]:
             steps = followup_specs(session, job)
         for kind, spec in steps:
             with sessions() as session:
-                try:
-                    child = crud.create_job(
-                        session,
-                        kind,
-                        spec,
-                        parent_id=job_id,
-                        tenant=tenant,
-                        idempotency_key=f"pipeline:{job_id}:{kind}",
-                    )
-                except crud.DuplicateIdempotencyKey:
+                submitted = submit_job(
+                    session,
+                    settings,
+                    celery or app,
+                    tenant=tenant,
+                    kind=kind,
+                    spec=spec,
+                    idempotency_key=f"pipeline:{job_id}:{kind}",
+                    # It continues admitted work, in the place of the step that just ended.
+                    check_limit=False,
+                    parent_id=job_id,
+                )
+                if submitted.replayed:
                     continue  # already created (a redelivered message)
+                child = submitted.job
                 crud.append_event(
                     session,
                     job_id,
@@ -424,14 +420,6 @@ def queue_followups(sessions: sessionmaker[Session], job_id: str) -> list[str]:
                     {"child_id": child.id, "kind": kind},
                 )
                 session.commit()
-                try:
-                    app.send_task(RUN_JOB_TASK, args=[child.id])
-                except Exception as exc:
-                    log.exception("could not queue follow-up job %s", child.id)
-                    crud.fail_queued_job(
-                        session, child.id, "enqueue_failed", f"could not queue the job: {exc}"
-                    )
-                    continue
                 created.append(child.id)
     except Exception as exc:
         log.exception("job %s: could not create its pipeline's next step", job_id)
@@ -645,7 +633,7 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
                 session.commit()
             status = finish("succeeded", "succeeded", result=report, artifacts=artifacts)
             if status == "succeeded":
-                queue_followups(sessions, job_id)
+                queue_followups(sessions, job_id, settings)
             return status
         except LeaseLost:
             # Another attempt owns the job now: record nothing, delete nothing it may use.

@@ -284,24 +284,34 @@ def test_idempotency_key_returns_the_same_job(service: Service):
     assert len(listed) == 2
 
 
-def test_a_retry_after_a_broker_failure_creates_the_job_afresh(tmp_path: Path):
-    from tests.service.test_service_api import closed_port
+def test_a_submission_while_the_broker_is_down_is_kept_and_sent_when_it_is_back(tmp_path: Path):
+    from service.queue import make_celery
+    from service.reaper import Reaper
+    from tests.e2e_service import free_port
 
-    settings = make_settings(tmp_path, broker_url=f"redis://127.0.0.1:{closed_port()}/0")
+    settings = make_settings(tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0")
     upgrade_database(settings)
     with TestClient(create_app(settings)) as client:
         with client.app.state.sessionmaker() as session:
             key = create_api_key(session, "acme")[1]
         headers = {**bearer(key), "Idempotency-Key": "retry-me"}
         response = client.post("/jobs/prune", json=spec(), headers=headers)
-        assert response.status_code == 503, response.text
-        assert response.json()["code"] == "broker_unavailable"
-        assert "retry" in response.json()["detail"] and response.headers["retry-after"]
-        [failed] = client.get("/jobs", headers=bearer(key)).json()["items"]
-        assert failed["status"] == "failed" and failed["error"]["code"] == "enqueue_failed"
-        # Retrying is not answered with the failed job: a new attempt to create it is made.
+        assert response.status_code == 202, response.text
+        kept = response.json()
+        assert kept["status"] == "queued"
+        # A retry of the same request is the same job, not a second one.
         again = client.post("/jobs/prune", json=spec(), headers=headers)
-        assert again.status_code == 503 and failed["id"] not in again.json()["detail"]
+        assert again.status_code == 200 and again.json()["id"] == kept["id"]
+        assert [j["id"] for j in client.get("/jobs", headers=bearer(key)).json()["items"]] == [
+            kept["id"]
+        ]
+        # The broker is back (here: the filesystem transport): the reaper's next round
+        # sends the message, and the job is still queued, ready for a worker.
+        working = settings.model_copy(update={"broker_url": None})
+        report = Reaper(working, client.app.state.sessionmaker, make_celery(working)).run_once()
+        assert report.redispatched == [kept["id"]] and report.send_errors == 0
+        assert broker_messages(working) == 1
+        assert client.get(f"/jobs/{kept['id']}", headers=bearer(key)).json()["status"] == "queued"
     figures.fault("broker_down_at_submission", 2)
 
 

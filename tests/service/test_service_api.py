@@ -119,16 +119,24 @@ def test_invalid_submission_creates_no_job(client: TestClient):
     assert client.get("/jobs").json()["items"] == []
 
 
-def test_broker_down_fails_the_job_with_503(tmp_path: Path):
+def test_broker_down_keeps_the_job_queued_for_the_reaper(tmp_path: Path):
     settings = Settings(
-        data_dir=tmp_path / "var", broker_url=f"redis://127.0.0.1:{closed_port()}/0"
+        data_dir=tmp_path / "var",
+        broker_url=f"redis://127.0.0.1:{closed_port()}/0",
+        reaper_interval_s=0,
     )
     upgrade_database(settings)
     with TestClient(create_app(settings)) as client:
         response = client.post("/jobs/prune", json=spec())
-        assert response.status_code == 503
-        [job] = client.get("/jobs").json()["items"]
-        assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert job["status"] == "queued" and response.headers["location"] == f"/jobs/{job['id']}"
+        assert client.get(f"/jobs/{job['id']}").json()["status"] == "queued"
+        types = [(e["type"], e["data"]) for e in client.get(f"/jobs/{job['id']}/events").json()]
+        assert types == [
+            ("status", {"status": "queued"}),
+            ("warning", {"reason": "broker_unavailable"}),
+        ]
 
 
 # ---------------------------------------------------------------------------- read

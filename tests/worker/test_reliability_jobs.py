@@ -248,7 +248,7 @@ def test_queued_jobs_whose_message_was_lost_are_resent_with_backoff(sessions, re
 
 
 def test_a_message_that_cannot_be_sent_is_retried_at_the_next_round(sessions, settings):
-    from tests.service.test_service_api import closed_port
+    from tests.e2e_service import free_port
 
     job_id = new_job(sessions)
     with sessions() as session:
@@ -258,7 +258,7 @@ def test_a_message_that_cannot_be_sent_is_retried_at_the_next_round(sessions, se
             .values(dispatched_at=utcnow() - timedelta(seconds=10))
         )
         session.commit()
-    broker_down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{closed_port()}/0"})
+    broker_down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
     report = Reaper(settings, sessions, make_celery(broker_down)).run_once()
     assert report.redispatched == [job_id] and report.send_errors == 1
     assert job_row(sessions, job_id).dispatched_at is None

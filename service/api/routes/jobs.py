@@ -1,37 +1,38 @@
 """Job routes: submit, inspect, list, follow events, cancel, download artifacts.
 
 Every route is authenticated (``service.auth``) and scoped to the caller's tenant: another
-tenant's job answers 404, exactly like an unknown id. Submissions go through the source and
-size policy (``service.policy``), the tenant's concurrency limit, and ``Idempotency-Key``.
+tenant's job answers 404, exactly like an unknown id. Submissions are admitted by
+``service.submission`` (policy, concurrency limit, ``Idempotency-Key``, dispatch).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path as PathLib
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import text
 
 from service import crud
+from service.api.admission import (
+    SUBMIT_RESPONSES,
+    IdempotencyKey,
+    checked_idempotency_key,
+    refusals_as_http,
+    replayed,
+)
 from service.api.deps import SessionDep, SettingsDep, get_celery, get_store
 from service.auth import Principal, PrincipalDep, get_principal
 from service.errors import APIError, coded
 from service.models import Job
 from service.pipeline import pipeline_of
-from service.policy import PolicyViolation, check_submission
-from service.queue import RUN_JOB_TASK
 from service.schemas import ArtifactLink, EventOut, JobKind, JobOut, JobPage, JobStatus
+from service.submission import submit_job
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 
 log = logging.getLogger(__name__)
@@ -45,26 +46,6 @@ router = APIRouter(
 
 JobId = Annotated[str, Path(max_length=64, description="Job id")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No job with this id"}}
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        pattern=IDEMPOTENCY_KEY.pattern,
-        description="Retrying with the same key returns the same job (200) instead of a new one; "
-        "the same key with a different body is a 422. Scoped to the tenant.",
-    ),
-]
-SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "model": JobOut,
-        "description": "Replay: the job created earlier with this Idempotency-Key",
-    },
-    400: {"description": "The body is not JSON"},
-    413: coded("Request body too large"),
-    429: coded("The tenant has too many queued or running jobs"),
-    503: coded("The broker is unreachable; the job is not accepted (it is marked failed)"),
-}
 
 
 def _job_or_404(session: Any, job_id: str, principal: Principal | None = None) -> Job:
@@ -74,106 +55,26 @@ def _job_or_404(session: Any, job_id: str, principal: Principal | None = None) -
     return job
 
 
-def _request_hash(kind: str, spec: dict[str, Any]) -> str:
-    canonical = json.dumps({"kind": kind, "spec": spec}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not IDEMPOTENCY_KEY.match(key):
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("header", "Idempotency-Key"),
-                    "msg": "must be 1 to 255 printable ASCII characters without spaces",
-                    "type": "value_error",
-                }
-            ]
-        )
-    return key
-
-
-def _replay(job: Job, request_hash: str, response: Response) -> JobOut:
-    if job.request_hash != request_hash:
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("header", "Idempotency-Key"),
-                    "msg": f"this Idempotency-Key was used for job {job.id} with a different request",
-                    "type": "value_error",
-                }
-            ]
-        )
-    response.status_code = 200
-    response.headers["Location"] = f"/jobs/{job.id}"
-    response.headers["Idempotent-Replayed"] = "true"
-    return JobOut.from_row(job)
-
-
-def _lock_tenant(session: Any, tenant: str) -> None:
-    """Serialise a tenant's submissions until commit, so two concurrent requests cannot
-    both pass its concurrency limit (PostgreSQL; SQLite serialises writers anyway)."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"submit:{tenant}"}
-        )
-
-
 def _submit(
     request: Request, response: Response, session: Any, kind: str, spec: dict[str, Any]
 ) -> JobOut:
     principal: Principal = request.state.principal
-    settings = request.app.state.settings
-    key = _idempotency_key(request)
-    request_hash = _request_hash(kind, spec)
-    if key is not None and (
-        existing := crud.find_by_idempotency_key(session, principal.tenant, key)
-    ):
-        return _replay(existing, request_hash, response)
-    try:
-        check_submission(settings, session, principal, spec)
-    except PolicyViolation as exc:
-        raise RequestValidationError(exc.errors) from exc
-    _lock_tenant(session, principal.tenant)
-    limit = settings.limits_for(principal.tenant).max_concurrent_jobs
-    active = crud.count_active_jobs(session, principal.tenant)
-    if active >= limit:
-        session.rollback()
-        raise APIError(
-            429,
-            "too_many_jobs",
-            f"tenant {principal.tenant!r} has {active} queued or running jobs (limit {limit}); "
-            "retry when one has finished",
-            {"Retry-After": "30"},
-        )
-    try:
-        job = crud.create_job(
+    with refusals_as_http():
+        submitted = submit_job(
             session,
-            kind,
-            spec,
+            request.app.state.settings,
+            get_celery(request),
             tenant=principal.tenant,
-            idempotency_key=key,
-            request_hash=request_hash,
+            kind=kind,
+            spec=spec,
+            principal=principal,
+            idempotency_key=checked_idempotency_key(request),
         )
-    except crud.DuplicateIdempotencyKey:  # a concurrent retry of the same request won
-        existing = crud.find_by_idempotency_key(session, principal.tenant, key or "")
-        assert existing is not None
-        return _replay(existing, request_hash, response)
-    try:
-        # The message carries the id only; the worker reads the spec from the job store.
-        get_celery(request).send_task(RUN_JOB_TASK, args=[job.id])
-    except Exception as exc:
-        log.exception("could not queue job %s", job.id)
-        crud.fail_queued_job(session, job.id, "enqueue_failed", f"could not queue the job: {exc}")
-        raise APIError(
-            503,
-            "broker_unavailable",
-            f"job {job.id} could not be queued: the broker is unavailable; retry later",
-            {"Retry-After": "10"},
-        ) from exc
-    response.headers["Location"] = f"/jobs/{job.id}"
-    return JobOut.from_row(job)
+    if submitted.replayed:
+        replayed(response, f"/jobs/{submitted.job.id}")
+    else:
+        response.headers["Location"] = f"/jobs/{submitted.job.id}"
+    return JobOut.from_row(submitted.job)
 
 
 @router.post("/prune", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)

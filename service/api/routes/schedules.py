@@ -8,7 +8,6 @@ the source and size policy), with 422s naming the field (``template.num_blocks``
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -16,13 +15,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from service import schedule_store as store
 from service.api.deps import SessionDep, SettingsDep
 from service.auth import Principal, PrincipalDep, get_principal
 from service.errors import APIError, coded
-from service.models import Job, Schedule, ScheduleRun, utcnow
+from service.models import Schedule, ScheduleRun, utcnow
 from service.policy import PolicyViolation, check_submission
 from service.quotas import check_cron_interval, check_schedule_count
 from service.scheduler import (
@@ -252,8 +251,8 @@ def _validated_template(
 
 
 def _schedule_or_404(session: Session, schedule_id: str, principal: Principal) -> Schedule:
-    schedule = session.get(Schedule, schedule_id, populate_existing=True)
-    if schedule is None or (principal.scope is not None and schedule.tenant != principal.scope):
+    schedule = store.get_schedule(session, schedule_id, principal.scope)
+    if schedule is None:
         raise HTTPException(404, detail=f"schedule {schedule_id} not found")
     return schedule
 
@@ -267,14 +266,7 @@ def _scheduler(request: Request) -> Scheduler:
 
 
 def _runs(session: Session, schedule_id: str, limit: int) -> list[ScheduleRunOut]:
-    rows = session.execute(
-        select(ScheduleRun, Job.status, Job.spec)
-        .outerjoin(Job, Job.id == ScheduleRun.job_id)
-        .where(ScheduleRun.schedule_id == schedule_id)
-        .order_by(ScheduleRun.slot_at.desc(), ScheduleRun.id.desc())
-        .limit(limit)
-    ).all()
-    return [_run_out(run, status, spec) for run, status, spec in rows]
+    return [_run_out(*row) for row in store.list_runs(session, schedule_id, limit)]
 
 
 def _run_out(run: ScheduleRun, status: str | None, spec: dict[str, Any] | None) -> ScheduleRunOut:
@@ -313,9 +305,8 @@ def create_schedule(
     template = _validated_template(
         settings, session, principal, body.kind, body.template, body.model_selector
     )
-    now = utcnow()
-    schedule = Schedule(
-        id=uuid.uuid4().hex,
+    schedule = store.create_schedule(
+        session,
         tenant=principal.tenant,
         name=body.name,
         cron=body.cron,
@@ -323,12 +314,8 @@ def create_schedule(
         kind=body.kind,
         template=template,
         enabled=body.enabled,
-        next_run_at=next_slot(body.cron, body.timezone, now),
-        created_at=now,
-        updated_at=now,
+        next_run_at=next_slot(body.cron, body.timezone, utcnow()),
     )
-    session.add(schedule)
-    session.commit()
     response.headers["Location"] = f"/schedules/{schedule.id}"
     return ScheduleOut.from_row(schedule)
 
@@ -341,13 +328,8 @@ def list_schedules(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> SchedulePage:
     """The tenant's schedules (an admin's: all), newest first."""
-    query = select(Schedule)
-    if principal.scope is not None:
-        query = query.where(Schedule.tenant == principal.scope)
-    if enabled is not None:
-        query = query.where(Schedule.enabled.is_(enabled))
-    query = query.order_by(Schedule.created_at.desc(), Schedule.id.desc()).limit(limit)
-    return SchedulePage(items=[ScheduleOut.from_row(s) for s in session.scalars(query)])
+    rows = store.list_schedules(session, principal.scope, enabled=enabled, limit=limit)
+    return SchedulePage(items=[ScheduleOut.from_row(row) for row in rows])
 
 
 @router.get("/{schedule_id}", response_model=ScheduleDetail, responses=NOT_FOUND)
@@ -428,8 +410,7 @@ def delete_schedule(schedule_id: ScheduleId, session: SessionDep, principal: Pri
     handled at that moment commits first); its jobs are kept, unlinked (``schedule_id``
     null), and keep running."""
     _schedule_or_404(session, schedule_id, principal)
-    session.execute(delete(Schedule).where(Schedule.id == schedule_id))
-    session.commit()
+    store.delete_schedule(session, schedule_id)
 
 
 @router.post(
@@ -461,11 +442,5 @@ def trigger_schedule(
         raise APIError(429, "too_many_jobs", fired.message, {"Retry-After": "30"})
     if fired.outcome == "failed":
         raise APIError(409, "template_failed", fired.message)
-    run = session.scalars(
-        select(ScheduleRun).where(
-            ScheduleRun.schedule_id == schedule_id, ScheduleRun.slot_at == fired.slot_at
-        )
-    ).one()
-    job = session.get(Job, fired.job_id) if fired.job_id else None
     response.headers["Location"] = f"/jobs/{fired.job_id}"
-    return _run_out(run, job.status if job else None, job.spec if job else None)
+    return _run_out(*store.get_run(session, schedule_id, fired.slot_at))

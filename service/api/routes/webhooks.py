@@ -8,31 +8,21 @@ once only, when it is created (endpoint) or rotated (signing secret).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from service import crud
 from service.api.deps import SessionDep
 from service.auth import Principal, PrincipalDep, get_principal
 from service.errors import coded
-from service.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from service.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from service.quotas import check_webhook_endpoint_count
-from service.webhooks import (
-    is_job_callback,
-    new_endpoint_id,
-    new_secret,
-    rotate_signing_secret,
-    target_error,
-)
+from service.webhooks import is_job_callback, rotate_signing_secret, store, target_error
 from shortened.specs import WebhookEventType, check_webhook_url
 
 router = APIRouter(
@@ -170,45 +160,15 @@ def _url_error(message: str, value: str) -> RequestValidationError:
 
 
 def _endpoint_or_404(session: Session, endpoint_id: str, principal: Principal) -> WebhookEndpoint:
-    row = session.get(WebhookEndpoint, endpoint_id, populate_existing=True)
-    if row is None or (principal.scope is not None and row.tenant != principal.scope):
+    row = store.get_endpoint(session, endpoint_id, principal.scope)
+    if row is None:
         raise HTTPException(404, detail=f"webhook endpoint {endpoint_id} not found")
     return row
 
 
 def _with_attempts(session: Session, rows: list[WebhookDelivery]) -> list[WebhookDeliveryOut]:
-    by_delivery: dict[str, list[WebhookAttempt]] = {row.id: [] for row in rows}
-    if rows:
-        for attempt in session.scalars(
-            select(WebhookAttempt)
-            .where(WebhookAttempt.delivery_id.in_(list(by_delivery)))
-            .order_by(WebhookAttempt.delivery_id, WebhookAttempt.attempt)
-        ):
-            by_delivery[attempt.delivery_id].append(attempt)
-    return [WebhookDeliveryOut.from_row(row, by_delivery[row.id]) for row in rows]
-
-
-def _encode_cursor(row: WebhookDelivery) -> str:
-    raw = json.dumps({"t": row.created_at.isoformat(), "id": row.id}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        created_at = datetime.fromisoformat(data["t"])
-        delivery_id = str(data["id"])
-    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
-        raise HTTPException(
-            422,
-            detail=[{"loc": ["query", "after"], "msg": "invalid cursor", "type": "value_error"}],
-        ) from exc
-    if created_at.tzinfo is None:
-        raise HTTPException(
-            422,
-            detail=[{"loc": ["query", "after"], "msg": "invalid cursor", "type": "value_error"}],
-        )
-    return created_at, delivery_id
+    attempts = store.attempts_of(session, rows)
+    return [WebhookDeliveryOut.from_row(row, attempts[row.id]) for row in rows]
 
 
 # ---------------------------------------------------------------------------- endpoints
@@ -235,18 +195,13 @@ def create_endpoint(
     ) is not None:
         raise _url_error(message, body.url)
     check_webhook_endpoint_count(settings, session, principal.tenant)
-    row = WebhookEndpoint(
-        id=new_endpoint_id(),
+    row = store.create_endpoint(
+        session,
         tenant=principal.tenant,
         url=body.url,
-        secret=new_secret(),
         event_types=list(body.event_types) if body.event_types else None,
         description=body.description,
-        enabled=True,
-        created_at=utcnow(),
     )
-    session.add(row)
-    session.commit()
     response.headers["Location"] = f"/webhooks/{row.id}"
     return WebhookEndpointCreated(
         **WebhookEndpointOut.from_row(row).model_dump(), secret=row.secret
@@ -256,10 +211,9 @@ def create_endpoint(
 @router.get("/webhooks", response_model=list[WebhookEndpointOut])
 def list_endpoints(session: SessionDep, principal: PrincipalDep) -> list[WebhookEndpointOut]:
     """The tenant's endpoints, oldest first (an admin's: every tenant's). No secrets."""
-    query = select(WebhookEndpoint).order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
-    if principal.scope is not None:
-        query = query.where(WebhookEndpoint.tenant == principal.scope)
-    return [WebhookEndpointOut.from_row(row) for row in session.scalars(query)]
+    return [
+        WebhookEndpointOut.from_row(row) for row in store.list_endpoints(session, principal.scope)
+    ]
 
 
 @router.post("/webhooks/signing-secret", status_code=201, response_model=SigningSecretOut)
@@ -281,24 +235,21 @@ def list_deliveries(
     after: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> DeliveryPage:
     """Messages, newest first, each with every try: the tenant's (an admin's: all)."""
-    d = WebhookDelivery
-    query = select(d)
-    if principal.scope is not None:
-        query = query.where(d.tenant == principal.scope)
-    if job_id is not None:
-        query = query.where(d.job_id == job_id)
-    if status is not None:
-        query = query.where(d.status == status)
-    if endpoint_id is not None:
-        query = query.where(d.endpoint_id == endpoint_id)
-    if after:
-        created_at, last_id = _decode_cursor(after)
-        query = query.where(
-            or_(d.created_at < created_at, and_(d.created_at == created_at, d.id < last_id))
+    try:
+        rows, next_cursor = store.list_deliveries(
+            session,
+            principal.scope,
+            job_id=job_id,
+            status=status,
+            endpoint_id=endpoint_id,
+            limit=limit,
+            after=after,
         )
-    rows = list(session.scalars(query.order_by(d.created_at.desc(), d.id.desc()).limit(limit + 1)))
-    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return DeliveryPage(items=_with_attempts(session, rows[:limit]), next_cursor=next_cursor)
+    except crud.InvalidCursor as exc:
+        raise HTTPException(
+            422, detail=[{"loc": ["query", "after"], "msg": str(exc), "type": "value_error"}]
+        ) from exc
+    return DeliveryPage(items=_with_attempts(session, rows), next_cursor=next_cursor)
 
 
 @router.post(
@@ -311,29 +262,16 @@ def retry_delivery(
     delivery_id: Id, session: SessionDep, principal: PrincipalDep
 ) -> WebhookDeliveryOut:
     """Send a failed message again (same webhook-id), with a fresh round of retries."""
-    row = session.get(WebhookDelivery, delivery_id)
-    if row is None or (principal.scope is not None and row.tenant != principal.scope):
+    row = store.get_delivery(session, delivery_id, principal.scope)
+    if row is None:
         raise HTTPException(404, detail=f"delivery {delivery_id} not found")
     if row.endpoint_id is None and not is_job_callback(session, row):
         raise HTTPException(409, detail=f"delivery {delivery_id}: its endpoint was deleted")
-    requeued = session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "failed")
-        .values(
-            status="pending",
-            attempts=0,
-            next_attempt_at=utcnow(),
-            claimed_until=None,
-            delivered_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    if not getattr(requeued, "rowcount", 0):
+    if not store.requeue_failed(session, delivery_id):
         raise HTTPException(
             409, detail=f"delivery {delivery_id} is {row.status}; only failed ones are retried"
         )
-    row = session.get(WebhookDelivery, delivery_id, populate_existing=True)
+    row = store.get_delivery(session, delivery_id, None, fresh=True)
     assert row is not None
     return _with_attempts(session, [row])[0]
 
@@ -357,15 +295,7 @@ def get_endpoint(
 def delete_endpoint(endpoint_id: Id, session: SessionDep, principal: PrincipalDep) -> Response:
     """Remove an endpoint. Its messages not yet delivered are marked failed; its delivery
     log stays (with ``endpoint_id`` null)."""
-    row = _endpoint_or_404(session, endpoint_id, principal)
-    session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.endpoint_id == row.id, WebhookDelivery.status == "pending")
-        .values(status="failed", claimed_until=None, last_error="the endpoint was deleted")
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(delete(WebhookEndpoint).where(WebhookEndpoint.id == row.id))
-    session.commit()
+    store.delete_endpoint(session, _endpoint_or_404(session, endpoint_id, principal))
     return Response(status_code=204)
 
 
@@ -381,11 +311,4 @@ def job_deliveries(
     with every try."""
     if crud.get_job(session, job_id, principal.scope) is None:
         raise HTTPException(404, detail=f"job {job_id} not found")
-    rows = list(
-        session.scalars(
-            select(WebhookDelivery)
-            .where(WebhookDelivery.job_id == job_id)
-            .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
-        )
-    )
-    return _with_attempts(session, rows)
+    return _with_attempts(session, store.job_deliveries(session, job_id))
