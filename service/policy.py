@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.orm import Session
@@ -139,6 +139,10 @@ def _under(path: Path, roots: list[Path]) -> bool:
     return False
 
 
+if TYPE_CHECKING:
+    from shortened.admission import Lookups
+
+
 class SourcePolicy:
     def __init__(self, settings: Settings, session: Session, principal: Principal) -> None:
         self.settings = settings
@@ -188,6 +192,56 @@ class SourcePolicy:
             return OUTSIDE_ROOTS
         return None
 
+    def admission_errors(
+        self, kind: str, spec: dict[str, Any], *, check_model: bool = True
+    ) -> list[dict[str, Any]]:
+        """``shortened.admission``'s problems as 422 errors (only for sources the policy
+        allowed: nothing outside the allowed roots is looked at)."""
+        from shortened.admission import problems
+        from shortened.specs import JOB_SPECS
+
+        parsed = JOB_SPECS[kind].model_validate(spec)
+        if not check_model:
+            parsed = parsed.model_copy(update={"model": None})
+        return [
+            {
+                "loc": ["body", *(int(p) if p.isdigit() else p for p in problem.field.split("."))],
+                "msg": problem.message,
+                "type": "value_error",
+            }
+            for problem in problems(kind, parsed, self.lookups())
+        ]
+
+    def lookups(self) -> Lookups:
+        """How admission looks up what is not on this host: objects with a short timeout, and
+        ``job://`` sources in the job store (a running job's output cannot be checked yet)."""
+        from shortened.admission import Lookups, Missing, s3_lookups
+
+        lookups = Lookups()
+        if self.settings.allowed_buckets:
+            lookups = s3_lookups(
+                self.settings.s3_endpoint_url,
+                self.settings.s3_region,
+                timeout_s=self.settings.admission_timeout_s,
+            )
+
+        def job_config(job_id: str) -> dict[str, Any] | None:
+            job = crud.get_job(self.session, job_id.partition("/")[0], self.principal.scope)
+            if job is None:
+                raise Missing(f"no job {job_id!r}")
+            if job.status in ("failed", "cancelled"):
+                raise Missing(f"job {job.id} {job.status}: it has no model to use")
+            result = job.result or {}
+            if job.status != "succeeded" or job.kind != "prune" or "model_type" not in result:
+                return None  # not finished yet, or no layer count recorded: the worker checks
+            return {
+                "model_type": result["model_type"],
+                "num_hidden_layers": result.get("num_layers_after"),
+            }
+
+        lookups.job_config = job_config
+        return lookups
+
     def errors(self, spec: dict[str, Any]) -> list[dict[str, Any]]:
         limits = self.settings.limits_for(self.principal.tenant)
         errors: list[dict[str, Any]] = []
@@ -236,9 +290,23 @@ class SourcePolicy:
 
 
 def check_submission(
-    settings: Settings, session: Session, principal: Principal, spec: dict[str, Any]
+    settings: Settings,
+    session: Session,
+    principal: Principal,
+    spec: dict[str, Any],
+    kind: str | None = None,
+    *,
+    check_model: bool = True,
 ) -> None:
-    """Raise ``PolicyViolation`` listing every disallowed source or over-limit size."""
-    errors = SourcePolicy(settings, session, principal).errors(spec)
+    """Raise ``PolicyViolation`` listing every disallowed source or over-limit size; then,
+    with ``kind``, every reason the job could not run (``shortened.admission``: the model's
+    config, the block target, the data files), so it is refused now rather than failing in
+    the queue. ``check_model=False`` for a schedule whose model is picked at each slot."""
+    policy = SourcePolicy(settings, session, principal)
+    errors = policy.errors(spec)
     if errors:
         raise PolicyViolation(errors)
+    if kind is not None:
+        errors = policy.admission_errors(kind, spec, check_model=check_model)
+        if errors:
+            raise PolicyViolation(errors)

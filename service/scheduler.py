@@ -157,9 +157,9 @@ class TemplateError(Exception):
 
 
 def spec_class(kind: str) -> Any:
-    from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
+    from shortened.specs import JOB_SPECS
 
-    return {"prune": PruneSpec, "retrain": RetrainSpec, "eval": EvalSpec}[kind]
+    return JOB_SPECS[kind]
 
 
 def split_template(template: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -6,8 +6,10 @@ through here, in this order:
 
 1. idempotency: a key the tenant already used returns that job (or batch) instead of a new
    one, and the same key with a different request is refused (:class:`IdempotencyConflict`);
-2. policy (``service.policy``): sources and sizes, for requests a tenant wrote (a schedule's
-   template was checked when it was saved, a follow-up's spec is part of its root's);
+2. policy and admission (``service.policy``, ``shortened.admission``): sources and sizes,
+   then whether the job can run at all (the model's config and layer count against the
+   target, the data files), for requests a tenant wrote (a schedule's template was checked
+   when it was saved, a follow-up's spec is part of its root's);
 3. the tenant lock (``service.locks.tenant_lock``) and the concurrency limit, counted over
    every job being added (:class:`LimitExceeded`); a pipeline's next step is exempt, since it
    continues work admitted already and takes the place of the step that just finished;
@@ -139,7 +141,7 @@ def admit(
     calls :func:`dispatch`. Raises ``PolicyViolation``, ``LimitExceeded``, or
     ``crud.DuplicateIdempotencyKey`` (the transaction is rolled back then)."""
     if principal is not None:
-        check_submission(settings, session, principal, spec)
+        check_submission(settings, session, principal, spec, kind)
     if check_limit:
         reserve(session, settings, tenant)
     return crud.create_job(
@@ -258,7 +260,7 @@ def submit_batch(
     try:
         for values, spec in points:
             try:
-                check_submission(settings, session, principal, spec)
+                check_submission(settings, session, principal, spec, body.kind)
             except PolicyViolation as exc:
                 where = ", ".join(f"{k}={v!r}" for k, v in values.items())
                 raise PolicyViolation(

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         default=None, description="S3-compatible endpoint (MinIO), empty for AWS"
     )
     s3_region: str = "us-east-1"
+    admission_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="How long admission waits for object storage (a HEAD of the model's config.json or a data file) before accepting the job and letting the worker decide",
+    )
     presign_expiry_s: int = 3600
     model_cache_dir: Path | None = Field(
         default=None,

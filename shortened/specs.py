@@ -618,3 +618,10 @@ class PipelineEval(EvalSpec):
 
 
 PruneSpec.model_rebuild()
+
+
+JOB_SPECS: dict[str, type[_JobSpec]] = {
+    "prune": PruneSpec,
+    "retrain": RetrainSpec,
+    "eval": EvalSpec,
+}

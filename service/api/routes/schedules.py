@@ -235,7 +235,9 @@ def _validated_template(
         details = exc.errors(include_url=False, include_context=False)
         raise RequestValidationError(_errors(("body", "template"), details)) from exc
     try:
-        check_submission(settings, session, principal, validated)
+        check_submission(
+            settings, session, principal, validated, kind, check_model=selector is None
+        )
     except PolicyViolation as exc:
         errors: list[dict[str, Any]] = []
         for error in exc.errors:
