@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from shortened.engine.families import FAMILIES
+from shortened.locations import local_path
 from shortened.specs import DATA_FILE_SUFFIXES, NAMED_TEXTS, EvalSpec, PruneSpec, RetrainSpec
 
 SUPPORTED_MODEL_TYPES = {t for family in FAMILIES for t in family.model_types}
@@ -146,8 +147,7 @@ def model_config(source: str, lookups: Lookups) -> dict[str, Any] | None:
         except ValueError:
             raise Missing(f"{uri} is not readable JSON") from None
         return config if isinstance(config, dict) else None
-    path = Path(source[len("file://") :] if source.startswith("file://") else source)
-    return _read_local_config(path)
+    return _read_local_config(local_path(source))
 
 
 def check_data_file(source: str, lookups: Lookups) -> str | None:
@@ -168,7 +168,7 @@ def check_data_file(source: str, lookups: Lookups) -> str | None:
         except Unknown:
             return None
         return f"{source} is empty" if info.size == 0 else None
-    path = Path(source[len("file://") :] if source.startswith("file://") else source)
+    path = local_path(source)
     if not path.is_file():
         return f"file {source!r} does not exist"
     try:

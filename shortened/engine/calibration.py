@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shortened.locations import local_path
 from shortened.specs import DATA_FILE_SUFFIXES, CalibrationSpec
 
 from .errors import CalibrationError, EngineError
@@ -101,7 +102,7 @@ def fetch_data_file(source: str, *, store: ArtifactStore | None, cache_dir: Path
     """A local path for a data source: local paths as they are, ``s3://`` and ``job://<id>/<file>``
     objects downloaded to the cache."""
     if source.startswith("file://"):
-        return Path(source[len("file://") :])
+        return local_path(source)
     if not source.startswith(("s3://", "job://")):
         return Path(source)
     from shortened.storage import ArtifactNotFound, open_store

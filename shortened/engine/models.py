@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shortened.locations import local_path
+
 from .architectures import FamilyAdapter, adapter_for_model_type
 from .errors import CorruptModel, DeviceUnavailable, ModelNotFound
 
@@ -70,7 +72,7 @@ def resolve_source(
         except ArtifactNotFound as exc:
             raise ModelNotFound(f"job {job_id} has no published model: {exc}") from exc
         return ResolvedSource(source, str(dest))
-    path = Path(source[len("file://") :] if source.startswith("file://") else source)
+    path = local_path(source)
     if not path.is_dir():
         raise ModelNotFound(f"model directory {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
