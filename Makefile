@@ -42,6 +42,7 @@ serve: install
 
 test: install
 	bash scripts/test-services.sh
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 
 test-fast: install

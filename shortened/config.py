@@ -58,25 +58,35 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO), empty for AWS"
     )
-    s3_region: str = "us-east-1"
+    s3_region: str = Field(default="us-east-1", description="Region of the S3 client")
     admission_timeout_s: float = Field(
         default=2.0,
         gt=0,
         le=60,
         description="How long admission waits for object storage (a HEAD of the model's config.json or a data file) before accepting the job and letting the worker decide",
     )
-    presign_expiry_s: int = 3600
+    presign_expiry_s: int = Field(
+        default=3600, gt=0, description="Lifetime of presigned artifact download URLs"
+    )
     model_cache_dir: Path | None = Field(
         default=None,
         description="Where s3:// and job:// models are downloaded; default <data_dir>/cache",
     )
     queue: str = Field(default="gpu", description="Celery queue the heavy tasks go to")
-    worker_concurrency: int = 1
-    worker_max_tasks_per_child: int = 1
-    visibility_timeout_s: int = 12 * 3600
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
-    log_level: str = "INFO"
+    worker_concurrency: int = Field(default=1, ge=1, description="Jobs per worker (one per GPU)")
+    worker_max_tasks_per_child: int = Field(
+        default=1, ge=1, description="Jobs per worker child process (1: all GPU memory returned)"
+    )
+    visibility_timeout_s: int = Field(
+        default=12 * 3600,
+        gt=0,
+        description="Redis redelivery timeout of an unacknowledged message; longer than the longest job",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address `shortened serve` listens on")
+    api_port: int = Field(
+        default=8000, ge=1, le=65535, description="Port `shortened serve` listens on"
+    )
+    log_level: str = Field(default="INFO", description="Log level of the API, worker and CLI")
     score_cache: bool = Field(
         default=True,
         description="Reuse block scores across prune jobs (same model content, criterion, calibration); kept under score-cache/ in the artifact store",
@@ -301,3 +311,22 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_reference() -> str:
+    """The Markdown table of every setting (``docs/configuration.md``), from the fields
+    themselves: one source for names, defaults and meanings."""
+    import json
+
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if default is None:
+            shown = "unset"
+        elif isinstance(default, (list, dict, bool)):
+            shown = f"`{json.dumps(default, default=str)}`"
+        else:
+            shown = f"`{default}`"
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `SHORTENED_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"

@@ -10,16 +10,6 @@ from typing import Any
 _BAR = "█"
 
 
-def _scaled(scores: list[float | None]) -> list[float]:
-    values = [s for s in scores if s is not None]
-    if not values:
-        return [0.0 for _ in scores]
-    low, high = min(values), max(values)
-    span = (high - low) or 1.0
-    # Keep a sliver for the smallest score so every computed block shows a bar.
-    return [0.0 if s is None else 0.05 + 0.95 * (s - low) / span for s in scores]
-
-
 # In the HTML report, scores above this multiple of the median are clipped: one critical block
 # (often the first, whose removal multiplies perplexity) would otherwise flatten every other
 # bar, and the differences that decide which blocks go are among the ordinary ones.
@@ -38,16 +28,27 @@ def _clip_cap(scores: list[float | None]) -> float | None:
 
 
 def block_score_chart(report: dict[str, Any], width: int = 40) -> str:
-    """One line per block: index, bar, score, and R (removed) / P (protected) marks."""
+    """One line per block: index, bar, score, and R (removed) / P (protected) marks. Bars
+    start at the axis bottom the header names (as in the SVG chart), so close scores do not
+    look many times apart."""
     scores = report["block_scores"]
     removed, protected = set(report["removed_blocks"]), set(report.get("protected_blocks", []))
+    values = [s for s in scores if s is not None]
+    bottom, top, ticks = value_axis(values) if values else (0.0, 1.0, [0.0, 1.0])
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    decimals = max(0, -math.floor(math.log10(step)) + 1) if step < 10 else 0
     lines = [
-        f"block scores ({report['criterion']}, lower = less important; R removed, P protected)"
+        f"block scores ({report['criterion']}, lower = less important; R removed, P protected; "
+        f"bars from {_tick_label(bottom, step)} to {_tick_label(top, step)})"
     ]
-    for block, (score, scale) in enumerate(zip(scores, _scaled(scores), strict=True)):
+    for block, score in enumerate(scores):
         mark = "R" if block in removed else "P" if block in protected else " "
-        bar = _BAR * max(1, round(scale * width)) if score is not None else ""
-        value = "n/a" if score is None else f"{score:.4g}"
+        if score is None:
+            bar, value = "", "n/a"
+        else:
+            fraction = (score - bottom) / (top - bottom)
+            bar = _BAR * max(1, round(fraction * width))
+            value = f"{score:,.{decimals}f}" if abs(score) < 1e6 else f"{score:.4g}"
         lines.append(f"{block:>4} {mark} {bar:<{width}} {value}")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from shortened.locations import local_path
 
 from .architectures import FamilyAdapter, adapter_for_model_type
 from .errors import CorruptModel, DeviceUnavailable, ModelNotFound
+from .outputs import quiet_progress_bars
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -159,7 +160,8 @@ def load_model(
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, **load_kwargs)
+        with quiet_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, **load_kwargs)
     except SafetensorError as exc:
         # A truncated download or a damaged file: the tenant's data, not our bug.
         raise CorruptModel(f"the weights of {source!r} cannot be read: {exc}") from exc

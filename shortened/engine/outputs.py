@@ -63,10 +63,26 @@ def save_model(
     cast = source_dtype is not None and source_dtype != current
     if cast:
         model.to(source_dtype)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    with quiet_progress_bars():
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
     if cast and restore_dtype:
         model.to(current)
+
+
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' own bars ("Writing model shards", "Loading weights") off: progress is the
+    caller's to report (stage lines, the job's events), and a bar redrawn into a log is noise."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 class PhaseTimer:
