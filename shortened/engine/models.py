@@ -165,6 +165,9 @@ def load_model(
     except SafetensorError as exc:
         # A truncated download or a damaged file: the tenant's data, not our bug.
         raise CorruptModel(f"the weights of {source!r} cannot be read: {exc}") from exc
+    except OSError as exc:
+        # A config.json without weight files next to it (or unreadable ones).
+        raise ModelNotFound(f"no readable weights for {source!r}: {exc}") from exc
     if "device_map" not in load_kwargs:
         model.to(target)  # type: ignore[arg-type]  # torch/transformers stubs
     model.eval()

@@ -333,17 +333,18 @@ def test_bad_spec_is_a_usage_error_naming_the_field(stack, tmp_path: Path):
 
 
 def test_a_failed_job_exits_1_with_its_error_code(stack):
-    spec = tiny_spec(model=str(REPO / "models" / "no-such-model"))
+    spec = tiny_spec(calibration={"source": str(CALIBRATION), "n_samples": 4, "seq_len": 4096})
     result = cli(
         stack, "submit", "prune", "-", "--wait", "--poll-interval", "0.2", stdin=json.dumps(spec)
     )
     assert result.returncode == 1
     job_id = result.stdout.strip()
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"shortened jobs submit: error: job {job_id} failed: model_not_found: ")
-    assert "no-such-model" in last
+    assert last.startswith(
+        f"shortened jobs submit: error: job {job_id} failed: bad_calibration_data: "
+    )
     human = cli(stack, "get", job_id).stdout
-    assert "status    failed" in human and "error     model_not_found: " in human
+    assert "status    failed" in human and "error     bad_calibration_data: " in human
 
 
 def test_unknown_job_is_a_clear_error(stack, tmp_path: Path):

@@ -22,6 +22,7 @@ from tests.e2e_service import (
     TINY_MODEL,
     base_env,
     download_artifacts,
+    failing_in_worker_spec,
     free_port,
     generate,
     postgres_database,
@@ -227,12 +228,17 @@ def test_cancel_running_job(stack):
     )
 
 
-def test_missing_model_fails_with_its_code(stack):
+def test_missing_model_is_refused_and_a_bad_job_fails_with_its_code(stack):
     api = stack["api"]
-    job_id = submit(api, prune_spec(model=str(TINY_MODEL.parent / "no-such-model")))
+    # A missing model is knowable at the door: 422 naming the field, no job.
+    refused = api.post("/jobs/prune", json=prune_spec(model=str(TINY_MODEL.parent / "no-such")))
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"] == ["body", "model"]
+    # One that fails only in the worker fails with its own code and publishes nothing.
+    job_id = submit(api, failing_in_worker_spec())
     job = wait_for_job(api, job_id, worker=stack["worker"])
     assert job["status"] == "failed"
-    assert job["error"]["code"] == "model_not_found" and "no-such-model" in job["error"]["message"]
+    assert job["error"]["code"] == "bad_calibration_data" and "4096" in job["error"]["message"]
     assert s3_keys(stack, job_id) == []
     assert api.get(f"/jobs/{job_id}/artifacts").status_code == 409
     listed = api.get("/jobs", params={"status": "failed"}).json()["items"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from service.models import ApiKey
 from shortened.config import Settings
 from shortened.storage import open_store, publish_directory
 from tests import reliability_figures as figures
+from tests.helpers import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = str(REPO / "models" / "tiny-llama")
@@ -417,6 +419,9 @@ def test_symlinks_out_of_the_allowed_roots_and_disabled_hub_are_refused(tmp_path
     root = tmp_path / "models"
     root.mkdir()
     (root / "escape").symlink_to("/etc")
+    (root / "m").mkdir()  # a checkpoint as far as admission can tell, and calibration text
+    shutil.copy(TINY_MODEL / "config.json", root / "m" / "config.json")
+    (root / "c.jsonl").write_text('{"text": "calibration text"}\n')
     settings = make_settings(tmp_path, allowed_local_roots=[root], hub_allowed=False)
     upgrade_database(settings)
     with TestClient(create_app(settings)) as client:

@@ -16,6 +16,7 @@ import pytest
 
 from tests.e2e_service import (
     REPO,
+    failing_in_worker_spec,
     prune_spec,
     redis_namespace,
     submit,
@@ -199,8 +200,8 @@ def test_eval_job_page_compares_model_with_baseline(stack, pipeline):
 
 def test_pending_and_failed_jobs_get_a_page(stack):
     api = stack["api"]
-    # More blocks than can be removed: the engine fails once the model is loaded.
-    job_id = submit(api, prune_spec(num_blocks=11))
+    # No calibration document is long enough: the worker fails once the data is tokenized.
+    job_id = submit(api, failing_in_worker_spec())
     pending = api.get(f"/jobs/{job_id}/report")
     assert pending.status_code == 200
     assert 'id="pending-note"' in pending.text

@@ -35,6 +35,7 @@ from shortened.config import Settings
 from tests.e2e_service import (
     REPO,
     base_env,
+    failing_in_worker_spec,
     free_port,
     postgres_database,
     prune_spec,
@@ -590,8 +591,8 @@ def job_webhooks(api: httpx.Client, job_id: str) -> list[dict]:
 
 
 def failing_spec(**overrides) -> dict:
-    """A job the worker fails at once (no such model): only its notifications matter."""
-    return prune_spec(model=str(REPO / "models" / "no-such-model"), **overrides)
+    """A job the worker fails at once: only its notifications matter."""
+    return failing_in_worker_spec(**overrides)
 
 
 @pytest.fixture(scope="module")
