@@ -21,6 +21,7 @@ from service.queue import make_celery
 from service.ratelimit import RateLimiter
 from service.reaper import Reaper
 from service.scheduler import Scheduler
+from service.tracing import instrument_app
 from service.webhooks import WebhookDispatcher
 from shortened.config import Settings, get_settings
 from shortened.logs import configure_logging
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     add_offline_docs(app)
     setup_metrics(app)  # request metrics and GET /metrics
+    instrument_app(app)  # traces, when OTEL_EXPORTER_OTLP_ENDPOINT is set
     return app
 
 

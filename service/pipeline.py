@@ -76,13 +76,14 @@ def pipeline_of(session: Session, job: Job) -> PipelineOut | None:
 
 def followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any]]]:
     """The jobs to create now that ``job`` has succeeded: ``[(kind, spec)]``. A follow-up
-    without a ``webhook`` of its own inherits its parent's callback URL."""
+    without a ``webhook`` or ``tracking`` of its own inherits its parent's."""
     steps = _followup_specs(session, job)
-    hook = job.spec.get("webhook") if isinstance(job.spec, dict) else None
-    if hook:
-        for _kind, spec in steps:
-            if not spec.get("webhook"):
-                spec["webhook"] = hook
+    for inherited in ("webhook", "tracking"):
+        value = job.spec.get(inherited) if isinstance(job.spec, dict) else None
+        if value:
+            for _kind, spec in steps:
+                if not spec.get(inherited):
+                    spec[inherited] = value
     return steps
 
 

@@ -286,6 +286,10 @@ class SourcePolicy:
                 allow = self.settings.resolved_webhook_allow_private_targets
                 if (message := target_error(value, allow)) is not None:
                     error(loc, message, value)
+            elif field == "mlflow" and loc[-2:-1] == ("tracking",) and isinstance(value, dict):
+                uri = value.get("tracking_uri")
+                if (message := self.settings.mlflow_uri_refusal(uri)) is not None:
+                    error((*loc, "tracking_uri"), message, uri)
         return errors
 
 

@@ -44,6 +44,7 @@ from service.locks import tenant_lock
 from service.models import Batch, Job
 from service.policy import PolicyViolation, check_submission
 from service.queue import RUN_JOB_TASK
+from service.tracing import annotate_job
 from shortened.config import Settings
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ def dispatch(
     for job_id in job_ids:
         try:
             # The message carries the id only; the worker reads the spec from the job store.
+            annotate_job(job_id)
             celery.send_task(RUN_JOB_TASK, args=[job_id])
         except Exception as exc:
             unsent.append(job_id)

@@ -258,6 +258,54 @@ class Settings(BaseSettings):
         description="Public base URL of the API, prefixed to the links in webhook payloads (default: relative links)",
     )
 
+    # --- platform integration: MLflow ------------------------------------------------------
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking server (http(s) URL) every job is logged to; a spec's "
+        "tracking.mlflow section may also name it or one of mlflow_allowed_tracking_uris",
+    )
+    mlflow_experiment: str = Field(
+        default="shortened",
+        description="Experiment of jobs whose spec names none (with mlflow_tracking_uri)",
+    )
+    mlflow_allowed_tracking_uris: list[str] = Field(
+        default_factory=list,
+        description="Further tracking servers a spec's tracking.mlflow.tracking_uri may name "
+        "(JSON list); the worker calls no other",
+    )
+    mlflow_request_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="Timeout of one request to the tracking server"
+    )
+    mlflow_request_retries: int = Field(
+        default=1,
+        ge=0,
+        le=10,
+        description="Retries of a failed request to the tracking server (each job waits for "
+        "them, so few: tracking never fails a job, but it can slow one)",
+    )
+
+    def mlflow_uri_refusal(self, uri: str | None) -> str | None:
+        """Why a spec's tracking server may not be used here (None: it may). Only the
+        configured servers: the worker must not be made to call a host of the tenant's
+        choosing (an internal service, a metadata endpoint)."""
+        allowed = [
+            u.rstrip("/")
+            for u in (self.mlflow_tracking_uri, *self.mlflow_allowed_tracking_uris)
+            if u
+        ]
+        if uri is None:
+            return (
+                None
+                if self.mlflow_tracking_uri
+                else "no MLflow tracking server is configured on this server"
+            )
+        if uri.rstrip("/") in allowed:
+            return None
+        return (
+            "this MLflow tracking server is not allowed here; use the server's default (omit tracking_uri)"
+            + (f" or one of {', '.join(allowed)}" if len(allowed) > 1 else "")
+        )
+
     @property
     def resolved_webhook_allow_private_targets(self) -> bool:
         if self.webhook_allow_private_targets is None:

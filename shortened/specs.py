@@ -108,12 +108,55 @@ class WebhookSpec(_Strict):
         return check_webhook_url(value)
 
 
+# --- Experiment tracking --------------------------------------------------------------
+
+# MLflow's own limits: experiment names up to 500 characters, registered model names 256;
+# narrower here, and printable, since both show up in other teams' UIs and URLs.
+MLFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.:/@+-]{0,199}$"
+
+
+class MlflowTrackingSpec(_Strict):
+    """Where this job's MLflow run goes. The worker calls the tracking server, so a URI of
+    the spec's own is accepted only when the server allows it (``SHORTENED_MLFLOW_*``):
+    a tenant never points the worker at an arbitrary host."""
+
+    tracking_uri: str | None = Field(
+        default=None,
+        description="http(s) URL of the MLflow tracking server (default: the server's "
+        "SHORTENED_MLFLOW_TRACKING_URI); must be one the server allows",
+    )
+    experiment: str = Field(
+        pattern=MLFLOW_NAME_PATTERN, description="MLflow experiment name (created if missing)"
+    )
+    register_as: str | None = Field(
+        default=None,
+        pattern=MLFLOW_NAME_PATTERN,
+        description="prune/retrain: register the output model under this registered-model name",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri_ok(cls, value: str | None) -> str | None:
+        # The same syntax rules as a webhook URL: http(s), a host, no credentials.
+        return None if value is None else check_webhook_url(value).rstrip("/")
+
+
+class TrackingSpec(_Strict):
+    """Experiment trackers this job reports to (pipeline follow-ups inherit it)."""
+
+    mlflow: MlflowTrackingSpec | None = None
+
+
 class _JobSpec(_Strict):
     """What every job kind's spec has."""
 
     webhook: WebhookSpec | None = Field(
         default=None,
         description="Callback URL for this job's state changes (pipeline follow-ups inherit it)",
+    )
+    tracking: TrackingSpec | None = Field(
+        default=None,
+        description="Log this job as an MLflow run (pipeline follow-ups inherit it)",
     )
 
 

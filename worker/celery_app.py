@@ -33,6 +33,14 @@ def connect_observability() -> None:
 
     signals.setup_logging.connect(setup_celery_logging, weak=False)
     connect_signals()
+    # Per pool process: the span exporter's thread does not survive the fork.
+    signals.worker_process_init.connect(_start_tracing, weak=False)
+
+
+def _start_tracing(**_: Any) -> None:
+    from service.tracing import configure
+
+    configure("worker")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 
 def connect_shutdown() -> None:

@@ -35,6 +35,7 @@ from service.db import make_engine, make_sessionmaker
 from service.locks import session_lock
 from service.reaper import job_prefix, scratch_prefix
 from service.submission import submit_job
+from service.tracing import annotate_job, stage_spans
 from shortened.config import Settings, get_settings
 from shortened.engine.errors import Cancelled, EngineError, storage_errors
 from shortened.engine.progress import Progress, ProgressLines
@@ -42,6 +43,7 @@ from shortened.logs import job_context
 from worker import metrics as worker_metrics
 from worker.celery_app import RUN_JOB_TASK, app
 from worker.processes import pid_alive, worker_id_for
+from worker.tracking import start_tracking
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -169,6 +171,9 @@ class JobReporter:
         self.lease = lease
         self.deadline = deadline  # time.monotonic() value
         self.on_block = on_block  # after each block's progress is written
+        # Told of every report that passed the checks (tracking, stage spans); their
+        # failures are theirs, never the job's.
+        self.listeners: list[Callable[[Progress], None]] = []
         # Where the engine may keep state for a retry (block scores); synced to the store.
         self.resume_dir: Path | None = None
         self.stage: str | None = None
@@ -195,6 +200,11 @@ class JobReporter:
             # reach the store even if this report stops the run (cancel, lease lost).
             self.on_block()
         self.check(progress.stage)
+        for listener in self.listeners:
+            try:
+                listener(progress)
+            except Exception:
+                log.exception("job %s: a progress listener failed", self.job_id)
         if line := self.lines(progress):
             log.info("%s", line)
         events: list[tuple[str, str, dict[str, Any] | None]] = []
@@ -562,6 +572,8 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
     published = False
     lost = False
 
+    output_dir = work_dir / "output"
+
     with Lease(sessions, job_id, attempt, settings) as lease:
         reporter = JobReporter(
             sessions,
@@ -571,9 +583,21 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
             deadline=deadline,
             log_interval_s=settings.progress_log_interval_s,
         )
+        annotate_job(job_id, job.kind)  # the Celery task's span
+        spans = stage_spans(job_id, job.kind)
+        if spans is not None:
+            reporter.listeners.append(lambda progress: spans(progress.stage))
+        tracking = start_tracking(sessions, job, settings)
+        reporter.listeners.append(tracking.on_progress)
 
         def finish(status: str, message: str, **fields: Any) -> str:
             nonlocal lost
+            if spans is not None:
+                spans.close(status)
+            # Before the final status: a client that sees it finds the run complete too.
+            tracking.end(status, fields.get("result"), output_dir)
+            if status == "succeeded" and tracking.info is not None:
+                fields["result"] = {**fields["result"], "mlflow": tracking.info}
             lease.stop()
             reporter.flush_warnings()
             with sessions() as session:
@@ -607,7 +631,6 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
                     )
                 reporter.resume_dir = scratch.local_dir
                 reporter.on_block = scratch.push
-                output_dir = work_dir / "output"
                 report = run(job.spec, output_dir, reporter, store, settings)
                 # A cancel that arrives while the checkpoint is being saved is still honoured.
                 reporter.stage_change("publishing", f"publishing to {prefix}/")
