@@ -104,9 +104,8 @@ def _followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any
         parent = session.get(Job, job.parent_id)
         if parent is None or parent.kind not in PRUNING_KINDS or not parent.spec.get("eval"):
             return []
-        parsed = JOB_SPECS[parent.kind].model_validate(parent.spec)
-        assert isinstance(parsed, PruneSpec | SearchSpec) and parsed.eval is not None
-        spec = parsed
-        evaluated = spec.eval.for_model(f"job://{job.id}", f"job://{parent.id}")
+        parent_spec = JOB_SPECS[parent.kind].model_validate(parent.spec)
+        assert isinstance(parent_spec, PruneSpec | SearchSpec) and parent_spec.eval is not None
+        evaluated = parent_spec.eval.for_model(f"job://{job.id}", f"job://{parent.id}")
         return [("eval", evaluated.model_dump(mode="json"))]
     return []

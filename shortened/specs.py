@@ -280,7 +280,7 @@ class SearchSpec(_PruningJob):
     (every count whose ideal depth speed-up L / (L - k) reaches it)."""
 
     criteria: list[Criterion] = Field(
-        default_factory=lambda: list(ONE_SHOT_CRITERIA),
+        default_factory=lambda: list(ONE_SHOT_CRITERIA),  # type: ignore[arg-type]  # names checked against Criterion by a test
         min_length=1,
         max_length=len(CRITERIA),
         description="Criteria to try (default: every one-shot criterion)",

@@ -110,7 +110,7 @@ def shared_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def prune_spec(args: argparse.Namespace) -> PruneSpec:
     """The spec of ``shortened prune``: the options given, the spec's defaults for the rest."""
-    calibration = calibration_options(args)
+    calibration: dict[str, Any] | None = calibration_options(args)
     criterion = args.criterion or PruneSpec.model_fields["criterion"].default
     if args.calibration is None and args.calibration_dataset is None:
         if criterion not in DATA_FREE_CRITERIA:

@@ -177,3 +177,13 @@ def test_a_budget_nothing_can_meet_is_refused(tmp_path):
     with pytest.raises(NothingToPrune, match="no block count within the budget"):
         search_model(spec(num_blocks=None, min_speedup=2.5), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_default_criteria_are_the_registry_s_one_shot_ones():
+    from shortened.engine.criteria import CRITERIA as REGISTRY
+    from shortened.specs import ONE_SHOT_CRITERIA
+
+    assert set(ONE_SHOT_CRITERIA) == set(REGISTRY) - {"iterative_ppl"}
+    assert SearchSpec.model_validate(
+        {"model": "m", "calibration": {"source": "c.jsonl"}, "target_ratio": 0.2}
+    ).criteria == list(ONE_SHOT_CRITERIA)
