@@ -132,3 +132,27 @@ def test_search_publishes_the_best_model_and_its_ranking(stack):
     assert evaluated["spec"]["model"] == f"job://{job_id}"
     assert evaluated["spec"]["compare_with"] == str(TINY_MODEL)
     assert evaluated["parent_id"] == job_id
+
+
+def test_client_and_jobs_cli_submit_a_search(stack, tmp_path, capsys):
+    from shortened.cli import main
+    from shortened.client import ShortenedClient
+
+    url = str(stack["api"].base_url)
+    spec = search_spec(criteria=["magnitude", "block_influence"], min_speedup=1.5, num_blocks=None)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    assert main(["jobs", "--url", url, "submit", "search", str(path)]) == 0
+    cli_id = capsys.readouterr().out.strip().splitlines()[-1]
+    with ShortenedClient(url) as client:
+        submitted = client.submit_search(spec)
+        assert submitted.kind == "search"
+        for job_id in (cli_id, submitted.id):
+            job = client.wait(job_id, timeout=300)
+            assert job.status == "succeeded", job
+            ranking = job.result["search"]["ranking"]
+            assert all(12 / (12 - row["num_blocks"]) >= 1.5 for row in ranking)
+            markdown = client.ranking(job_id, "markdown")
+            assert markdown.splitlines()[2].startswith("| 1 | ")
+            assert len(markdown.splitlines()) == 2 + len(ranking)
+        assert client.ranking(cli_id) == client.get(cli_id).result["search"]
