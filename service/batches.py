@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from service.models import Batch, Job, utcnow
 from service.pipeline import pipeline_of
+from shortened.render import markdown_cell, markdown_table
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 
 SPEC_TYPES: dict[str, type[BaseModel]] = {
@@ -320,21 +321,11 @@ def summarize(session: Session, batch: Batch) -> dict[str, Any]:
 
 def render_table(summary: dict[str, Any]) -> str:
     """The comparison table as GitHub-flavoured Markdown (``?format=markdown``)."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        if isinstance(value, list):
-            return ",".join(map(str, value))
-        return str(value).replace("|", "\\|")
-
     columns = summary["columns"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in summary["rows"]:
-        lines.append("| " + " | ".join(cell(row.get(c)) for c in columns) + " |")
+    lines = markdown_table(columns, summary["rows"])
     if summary.get("baseline"):
         base = summary["baseline"]
-        lines.append("| baseline | | " + " | ".join(cell(base.get(c)) for c in columns[2:]) + " |")
+        lines.append(
+            "| baseline | | " + " | ".join(markdown_cell(base.get(c)) for c in columns[2:]) + " |"
+        )
     return "\n".join(lines) + "\n"

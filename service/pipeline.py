@@ -12,12 +12,14 @@ from service.models import Job
 from service.schemas import PipelineOut, PipelineStepOut
 
 FINISHED = ("succeeded", "failed", "cancelled")
+# Kinds whose spec may continue into retrain / eval with the model they produce.
+PRUNING_KINDS = ("prune", "search")
 
 
 def planned_kinds(root: Job) -> list[str]:
     """The steps a root job's spec asks for, in order (just the root's kind if none)."""
     kinds = [root.kind]
-    if root.kind == "prune" and isinstance(root.spec, dict):
+    if root.kind in PRUNING_KINDS and isinstance(root.spec, dict):
         kinds += [k for k in ("retrain", "eval") if root.spec.get(k) is not None]
     return kinds
 
@@ -88,10 +90,11 @@ def followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any]
 
 
 def _followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any]]]:
-    from shortened.specs import PruneSpec
+    from shortened.specs import JOB_SPECS, PruneSpec, SearchSpec
 
-    if job.kind == "prune":
-        spec = PruneSpec.model_validate(job.spec)
+    if job.kind in PRUNING_KINDS:
+        spec = JOB_SPECS[job.kind].model_validate(job.spec)
+        assert isinstance(spec, PruneSpec | SearchSpec)
         source = f"job://{job.id}"
         if spec.retrain is not None:
             return [("retrain", spec.retrain.for_model(source).model_dump(mode="json"))]
@@ -100,10 +103,10 @@ def _followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any
         return []
     if job.kind == "retrain" and job.parent_id is not None:
         parent = session.get(Job, job.parent_id)
-        if parent is None or parent.kind != "prune" or not parent.spec.get("eval"):
+        if parent is None or parent.kind not in PRUNING_KINDS or not parent.spec.get("eval"):
             return []
-        spec = PruneSpec.model_validate(parent.spec)
-        assert spec.eval is not None
-        evaluated = spec.eval.for_model(f"job://{job.id}", f"job://{parent.id}")
+        parent_spec = JOB_SPECS[parent.kind].model_validate(parent.spec)
+        assert isinstance(parent_spec, PruneSpec | SearchSpec) and parent_spec.eval is not None
+        evaluated = parent_spec.eval.for_model(f"job://{job.id}", f"job://{parent.id}")
         return [("eval", evaluated.model_dump(mode="json"))]
     return []

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from service import crud
 from service.auth import Principal
+from service.pipeline import PRUNING_KINDS
 from shortened.config import Settings
 
 SOURCE_FIELDS = frozenset(
@@ -232,7 +233,11 @@ class SourcePolicy:
             if job.status in ("failed", "cancelled"):
                 raise Missing(f"job {job.id} {job.status}: it has no model to use")
             result = job.result or {}
-            if job.status != "succeeded" or job.kind != "prune" or "model_type" not in result:
+            if (
+                job.status != "succeeded"
+                or job.kind not in PRUNING_KINDS
+                or "model_type" not in result
+            ):
                 return None  # not finished yet, or no layer count recorded: the worker checks
             return {
                 "model_type": result["model_type"],

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from service.models import Job, JobAttempt, JobEvent
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["prune", "retrain", "eval"]
+JobKind = Literal["prune", "retrain", "eval", "search"]
 EventType = Literal["stage", "progress", "warning", "metric", "log", "status"]
 
 
@@ -66,7 +66,9 @@ class PipelineStepOut(BaseModel):
 
 
 class PipelineOut(BaseModel):
-    jobs: list[PipelineStepOut] = Field(description="The linked jobs, first (the prune job) first")
+    jobs: list[PipelineStepOut] = Field(
+        description="The linked jobs, first (the prune or search job) first"
+    )
     pending: list[str] = Field(description="Kinds of the steps not created yet")
     status: JobStatus = Field(
         description="succeeded when every step has; failed/cancelled when one has; else "

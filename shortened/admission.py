@@ -8,8 +8,8 @@ data files' metadata, and reports every problem with the spec field it belongs t
 
 * the model: the directory exists and has a readable ``config.json`` of a supported
   ``model_type``;
-* the pruning target: ``num_blocks`` / ``target_ratio`` achievable given
-  ``num_hidden_layers`` and the protected blocks;
+* the pruning target: ``num_blocks`` / ``target_ratio`` (a search's: ``num_blocks.min``,
+  ``min_speedup``) achievable given ``num_hidden_layers`` and the protected blocks;
 * calibration, training and evaluation files: they exist, are not empty and are of a
   supported format; ``compare_with`` resolves.
 
@@ -29,7 +29,14 @@ from pydantic import BaseModel
 
 from shortened.engine.families import FAMILIES
 from shortened.locations import local_path
-from shortened.specs import DATA_FILE_SUFFIXES, NAMED_TEXTS, EvalSpec, PruneSpec, RetrainSpec
+from shortened.specs import (
+    DATA_FILE_SUFFIXES,
+    NAMED_TEXTS,
+    EvalSpec,
+    PruneSpec,
+    RetrainSpec,
+    SearchSpec,
+)
 
 SUPPORTED_MODEL_TYPES = {t for family in FAMILIES for t in family.model_types}
 
@@ -204,27 +211,47 @@ def _check_model(field: str, source: str | None, lookups: Lookups) -> Iterator[P
     yield config
 
 
-def _check_target(spec: PruneSpec, config: dict[str, Any]) -> Iterator[Problem]:
-    layers = config["num_hidden_layers"]
+def _where(spec: PruneSpec | SearchSpec, layers: int) -> str:
     protected = spec.protect_first + spec.protect_last
-    removable = layers - protected
     where = f"the model has {layers} blocks"
     if protected:
         where += f", {protected} of them protected (protect_first {spec.protect_first}, protect_last {spec.protect_last})"
+    return where
+
+
+def _count_problems(
+    field: str, count: int, layers: int, removable: int, where: str
+) -> Iterator[Problem]:
+    if count >= layers:
+        yield Problem(field, f"cannot remove {count} blocks: {where}; at least one must remain")
+    elif count > removable:
+        yield Problem(
+            field, f"cannot remove {count} blocks: {where}, so at most {removable} can go"
+        )
+
+
+def _check_target(spec: PruneSpec | SearchSpec, config: dict[str, Any]) -> Iterator[Problem]:
+    layers = config["num_hidden_layers"]
+    removable = layers - spec.protect_first - spec.protect_last
+    where = _where(spec, layers)
     if removable <= 0:
         yield Problem("protect_first", f"nothing left to prune: {where}")
         return
-    if spec.num_blocks is not None:
-        if spec.num_blocks >= layers:
+    if isinstance(spec, SearchSpec) and spec.num_blocks is not None:
+        # The range's top is capped at what the model allows; its bottom must be possible.
+        yield from _count_problems("num_blocks.min", spec.num_blocks.min, layers, removable, where)
+        return
+    if isinstance(spec, SearchSpec) and spec.min_speedup is not None:
+        most = min(removable, layers - 1)
+        if layers / (layers - most) < spec.min_speedup:
             yield Problem(
-                "num_blocks",
-                f"cannot remove {spec.num_blocks} blocks: {where}; at least one must remain",
+                "min_speedup",
+                f"{where}: removing the most possible ({most}) gives an estimated speed-up of "
+                f"{layers / (layers - most):.3g} (L / (L - k)), below {spec.min_speedup:g}",
             )
-        elif spec.num_blocks > removable:
-            yield Problem(
-                "num_blocks",
-                f"cannot remove {spec.num_blocks} blocks: {where}, so at most {removable} can go",
-            )
+        return
+    if isinstance(spec, PruneSpec) and spec.num_blocks is not None:
+        yield from _count_problems("num_blocks", spec.num_blocks, layers, removable, where)
         return
     if spec.target_ratio is not None:
         try:
@@ -293,6 +320,15 @@ def problems(kind: str, spec: BaseModel, lookups: Lookups | None = None) -> list
             found += _check_target(spec, config)
         if spec.calibration is not None:
             found += _data_problems("calibration.source", spec.calibration.source, lookups)
+        if spec.retrain is not None:
+            found += _retrain_problems("retrain.", spec.retrain, lookups)
+        if spec.eval is not None:
+            found += _eval_problems("eval.", spec.eval, lookups)
+    elif kind == "search":
+        assert isinstance(spec, SearchSpec)
+        if config is not None:
+            found += _check_target(spec, config)
+        found += _data_problems("calibration.source", spec.calibration.source, lookups)
         if spec.retrain is not None:
             found += _retrain_problems("retrain.", spec.retrain, lookups)
         if spec.eval is not None:

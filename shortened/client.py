@@ -292,7 +292,7 @@ class ShortenedClient:
         spec: BaseModel | Mapping[str, Any],
         idempotency_key: str | None = None,
     ) -> Job:
-        """Queue a job of ``kind`` (prune, retrain, eval). The ``Idempotency-Key`` (generated
+        """Queue a job of ``kind`` (prune, retrain, eval, search). The ``Idempotency-Key`` (generated
         when not given) makes retries safe: the server answers a repeat with the same job."""
         key = idempotency_key or f"shortened-client-{uuid.uuid4().hex}"
         response = self._send(
@@ -318,6 +318,22 @@ class ShortenedClient:
         self, spec: BaseModel | Mapping[str, Any], idempotency_key: str | None = None
     ) -> Job:
         return self.submit("eval", spec, idempotency_key)
+
+    def submit_search(
+        self, spec: BaseModel | Mapping[str, Any], idempotency_key: str | None = None
+    ) -> Job:
+        """Queue a search (``SearchSpec``): the best pruning within a budget, published
+        like a prune job's output; its ranking is in the result's ``search`` section and at
+        :meth:`ranking`."""
+        return self.submit("search", spec, idempotency_key)
+
+    def ranking(self, job_id: str, format: str = "json") -> Any:  # noqa: A002
+        """A succeeded search's ranking: the ``search`` section (``json``) or a Markdown
+        table (``markdown``)."""
+        response = self._send(
+            "GET", f"jobs/{job_id}/ranking", retry=True, params={"format": format}
+        )
+        return response.text if format == "markdown" else response.json()
 
     def get(self, job_id: str) -> Job:
         return Job.model_validate(self._get(f"jobs/{job_id}"))

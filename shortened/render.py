@@ -194,3 +194,38 @@ def block_score_svg(
         )
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def markdown_cell(value: Any) -> str:
+    """A value as a GitHub-flavoured Markdown table cell."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """The lines of a Markdown table of ``rows`` (dicts), one column per name."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(markdown_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return lines
+
+
+RANKING_COLUMNS = [
+    "rank",
+    "criteria",
+    "num_blocks",
+    "removed_blocks",
+    "params_after",
+    "params_removed_ratio",
+    "estimated_speedup",
+    "validation_ppl",
+]
+
+
+def ranking_markdown(search: dict[str, Any]) -> str:
+    """A search report's ranking (report.json ``search``) as a Markdown table, best first."""
+    return "\n".join(markdown_table(RANKING_COLUMNS, search["ranking"])) + "\n"

@@ -207,30 +207,18 @@ class CalibrationSpec(_Strict):
         return self
 
 
-class PruneSpec(_JobSpec):
-    """One-shot depth pruning: score blocks, remove the least important, save a checkpoint."""
+class _PruningJob(_JobSpec):
+    """What a prune and a search job share: the model, which blocks are off limits, how
+    scoring runs, and the optional pipeline that continues with the pruned model."""
 
     model: str = Field(
         description="Local directory, s3://bucket/prefix/, hf://org/name[@rev] or job://<id>"
-    )
-    criterion: Criterion = Field(default="ppl", description="Block-importance criterion")
-    num_blocks: int | None = Field(
-        default=None, ge=1, le=MAX_BLOCKS, description="Number of blocks to remove"
-    )
-    target_ratio: float | None = Field(
-        default=None, gt=0.0, lt=1.0, description="Fraction of parameters to remove"
-    )
-    calibration: CalibrationSpec | None = Field(
-        default=None, description="Calibration text; required by every criterion but magnitude"
     )
     protect_first: int = Field(
         default=4, ge=0, le=MAX_BLOCKS, description="Leading blocks never removed"
     )
     protect_last: int = Field(
         default=2, ge=0, le=MAX_BLOCKS, description="Trailing blocks never removed"
-    )
-    score_all_blocks: bool = Field(
-        default=False, description="ppl: also score protected blocks (full profile, slower)"
     )
     batch_size: int = Field(default=4, ge=1, le=1024, description="Calibration windows per forward")
     taylor_batch_size: int | None = Field(
@@ -260,12 +248,117 @@ class PruneSpec(_JobSpec):
     def _model_ok(cls, value: str) -> str:
         return _check_source(value)
 
+
+class PruneSpec(_PruningJob):
+    """One-shot depth pruning: score blocks, remove the least important, save a checkpoint."""
+
+    criterion: Criterion = Field(default="ppl", description="Block-importance criterion")
+    num_blocks: int | None = Field(
+        default=None, ge=1, le=MAX_BLOCKS, description="Number of blocks to remove"
+    )
+    target_ratio: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="Fraction of parameters to remove"
+    )
+    calibration: CalibrationSpec | None = Field(
+        default=None, description="Calibration text; required by every criterion but magnitude"
+    )
+    score_all_blocks: bool = Field(
+        default=False, description="ppl: also score protected blocks (full profile, slower)"
+    )
+
     @model_validator(mode="after")
     def _one_target(self) -> PruneSpec:
         if (self.num_blocks is None) == (self.target_ratio is None):
             raise ValueError("give exactly one of 'num_blocks' and 'target_ratio'")
         if self.calibration is None and self.criterion not in DATA_FREE_CRITERIA:
             raise ValueError(calibration_needed(self.criterion))
+        return self
+
+
+# --- Search -----------------------------------------------------------------------
+
+# Criteria that score every block once; a search tries these unless told otherwise
+# (iterative_ppl re-scores after every removal, L times the cost of ppl).
+ONE_SHOT_CRITERIA: tuple[str, ...] = ("ppl", "taylor", "magnitude", "block_influence", "angular")
+MAX_SPEEDUP = float(MAX_BLOCKS)  # L / (L - k) never exceeds the layer count
+
+
+class BlockRange(_Strict):
+    """Block counts ``min``..``max`` (both included)."""
+
+    min: int = Field(ge=1, le=MAX_BLOCKS, description="Fewest blocks to remove")
+    max: int = Field(ge=1, le=MAX_BLOCKS, description="Most blocks to remove")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BlockRange:
+        if self.min > self.max:
+            raise ValueError(f"'min' ({self.min}) must not exceed 'max' ({self.max})")
+        return self
+
+
+class SearchValidationSpec(_Strict):
+    """The held-out part of the calibration data that ranks the candidates.
+
+    The calibration *documents* are split before any window is drawn: a seeded shuffle of
+    the document indices, the first ``fraction`` of them (at least one) held out. Scoring
+    windows are drawn from the rest as ``calibration`` says; validation windows are the
+    held-out documents concatenated and cut into non-overlapping ``calibration.seq_len``
+    windows (the perplexity protocol), the first ``max_windows`` of them."""
+
+    fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="Share of the documents held out for validation"
+    )
+    seed: Seed = Field(default=0, description="Seed of the document split")
+    max_windows: int = Field(
+        default=16, ge=1, le=100_000, description="Validation windows per candidate"
+    )
+
+
+class SearchSpec(_PruningJob):
+    """Choose the pruning for a budget: score the blocks with each criterion, evaluate every
+    candidate removal within the budget on held-out data, prune with the best.
+
+    The budget is exactly one of: ``target_ratio`` (the block count prune would choose for
+    it: the search picks the criterion), ``num_blocks`` (a range of counts), ``min_speedup``
+    (every count whose ideal depth speed-up L / (L - k) reaches it)."""
+
+    criteria: list[Criterion] = Field(
+        default_factory=lambda: list(ONE_SHOT_CRITERIA),  # type: ignore[arg-type]  # names checked against Criterion by a test
+        min_length=1,
+        max_length=len(CRITERIA),
+        description="Criteria to try (default: every one-shot criterion)",
+    )
+    target_ratio: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="Fraction of parameters to remove"
+    )
+    num_blocks: BlockRange | None = Field(
+        default=None, description="Range of block counts to remove"
+    )
+    min_speedup: float | None = Field(
+        default=None,
+        gt=1.0,
+        le=MAX_SPEEDUP,
+        description="Least estimated speed-up L / (L - k), L blocks before, k removed",
+    )
+    calibration: CalibrationSpec = Field(
+        description="Calibration text, split into scoring and validation documents"
+    )
+    validation: SearchValidationSpec = Field(
+        default_factory=SearchValidationSpec, description="The held-out validation part"
+    )
+
+    @field_validator("criteria")
+    @classmethod
+    def _distinct(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError("each criterion at most once")
+        return values
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SearchSpec:
+        given = [self.target_ratio, self.num_blocks, self.min_speedup]
+        if sum(value is not None for value in given) != 1:
+            raise ValueError("give exactly one of 'target_ratio', 'num_blocks' and 'min_speedup'")
         return self
 
 
@@ -661,10 +754,12 @@ class PipelineEval(EvalSpec):
 
 
 PruneSpec.model_rebuild()
+SearchSpec.model_rebuild()
 
 
 JOB_SPECS: dict[str, type[_JobSpec]] = {
     "prune": PruneSpec,
     "retrain": RetrainSpec,
     "eval": EvalSpec,
+    "search": SearchSpec,
 }

@@ -286,23 +286,47 @@ def _run_prune(
     store: ArtifactStore,
     settings: Settings,
 ) -> dict[str, Any]:
+    from shortened.engine.prune import prune_model  # torch: imported in the child only
     from shortened.specs import PruneSpec
 
-    parsed = PruneSpec.model_validate(spec)
-    from shortened.engine.prune import prune_model  # torch: imported in the child only
-    from shortened.engine.score_cache import StoreScoreCache
-
     return prune_model(
-        parsed,
+        PruneSpec.model_validate(spec),
         output_dir,
         progress=reporter,
         store=store,
         cache_dir=settings.resolved_model_cache_dir,
         resume_dir=reporter.resume_dir,
-        score_cache=StoreScoreCache(store, lock=score_lock_factory(settings))
-        if settings.score_cache
-        else None,
+        score_cache=_score_cache(store, settings),
     )
+
+
+def _run_search(
+    spec: dict[str, Any],
+    output_dir: Path,
+    reporter: JobReporter,
+    store: ArtifactStore,
+    settings: Settings,
+) -> dict[str, Any]:
+    from shortened.engine.search import search_model  # torch: imported in the child only
+    from shortened.specs import SearchSpec
+
+    return search_model(
+        SearchSpec.model_validate(spec),
+        output_dir,
+        progress=reporter,
+        store=store,
+        cache_dir=settings.resolved_model_cache_dir,
+        score_cache=_score_cache(store, settings),
+    )
+
+
+def _score_cache(store: ArtifactStore, settings: Settings) -> Any:
+    """Block scores shared by every worker through the artifact store (None: turned off)."""
+    from shortened.engine.score_cache import StoreScoreCache
+
+    if not settings.score_cache:
+        return None
+    return StoreScoreCache(store, lock=score_lock_factory(settings))
 
 
 def score_lock_factory(settings: Settings) -> Callable[[str, Callable[[], None]], Any]:
@@ -381,6 +405,7 @@ ENGINE_CALLS: dict[
     "prune": _run_prune,
     "retrain": _run_retrain,
     "eval": _run_eval,
+    "search": _run_search,
 }
 
 

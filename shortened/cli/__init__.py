@@ -1,6 +1,7 @@
 """``shortened``: the command line. One verb per workflow.
 
 shortened prune --model DIR --criterion ppl --num-blocks 2 --calibration FILE --output OUT
+shortened search --model DIR --calibration FILE --ratio 0.25 [--criteria ppl,taylor] --output OUT
 shortened retrain --model DIR --method lora --data FILE --output OUT [--max-steps N]
 shortened eval --model DIR [--compare-with PARENT] --ppl FILE --tasks T1,T2 --efficiency [--output OUT]
 shortened serve
@@ -17,11 +18,12 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from ..admission import AdmissionError
-from . import engine_commands, jobs, serve
+from . import engine_commands, jobs, search_command, serve
 from .display import validation_message
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     engine_commands.add_prune,
+    search_command.add_search,
     serve.add_serve,
     engine_commands.add_retrain,
     engine_commands.add_eval,

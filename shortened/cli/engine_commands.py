@@ -43,6 +43,13 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     spec_option(target, PruneSpec, "num_blocks")
     spec_option(target, PruneSpec, "target_ratio", "--ratio")
+    add_pruning_options(p)
+    p.set_defaults(handler=_prune)
+
+
+def add_pruning_options(p: argparse.ArgumentParser) -> None:
+    """The options ``prune`` and ``search`` share: calibration data, protection, how scoring
+    runs, the output and the score cache."""
     spec_option(p, CalibrationSpec, "source", "--calibration", help="calibration data:")
     spec_option(p, CalibrationSpec, "dataset", "--calibration-dataset", help="instead of a file:")
     spec_option(p, CalibrationSpec, "split", "--calibration-split")
@@ -66,12 +73,11 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="reuse block scores kept in DIR (same model content, criterion, calibration) and add new ones",
     )
-    p.set_defaults(handler=_prune)
 
 
-def prune_spec(args: argparse.Namespace) -> PruneSpec:
-    """The spec of ``shortened prune``: the options given, the spec's defaults for the rest."""
-    calibration: dict[str, Any] | None = given(
+def calibration_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The calibration section from the options given (the spec's defaults for the rest)."""
+    return given(
         source=args.calibration,
         dataset=args.calibration_dataset,
         split=args.calibration_split,
@@ -82,6 +88,29 @@ def prune_spec(args: argparse.Namespace) -> PruneSpec:
         add_bos_to_every=args.add_bos_to_every,
         sampling=args.sampling,
     )
+
+
+def shared_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Protection and scoring options given to ``prune`` or ``search``."""
+    protection = (
+        {"protect_first": 0, "protect_last": 0}
+        if args.no_protect
+        else given(protect_first=args.protect_first, protect_last=args.protect_last)
+    )
+    return {
+        **protection,
+        **given(
+            batch_size=args.batch_size,
+            taylor_batch_size=args.taylor_batch_size,
+            device=args.device,
+            dtype=args.dtype,
+        ),
+    }
+
+
+def prune_spec(args: argparse.Namespace) -> PruneSpec:
+    """The spec of ``shortened prune``: the options given, the spec's defaults for the rest."""
+    calibration: dict[str, Any] | None = calibration_options(args)
     criterion = args.criterion or PruneSpec.model_fields["criterion"].default
     if args.calibration is None and args.calibration_dataset is None:
         if criterion not in DATA_FREE_CRITERIA:
@@ -92,25 +121,12 @@ def prune_spec(args: argparse.Namespace) -> PruneSpec:
                 [Problem("calibration", f"{calibration_needed(criterion)}; {hint}")]
             )
         calibration = None
-    protection = (
-        {"protect_first": 0, "protect_last": 0}
-        if args.no_protect
-        else given(protect_first=args.protect_first, protect_last=args.protect_last)
-    )
     return PruneSpec.model_validate(
         {
             "model": args.model,
             "calibration": calibration,
-            **protection,
-            **given(
-                criterion=args.criterion,
-                num_blocks=args.num_blocks,
-                target_ratio=args.ratio,
-                batch_size=args.batch_size,
-                taylor_batch_size=args.taylor_batch_size,
-                device=args.device,
-                dtype=args.dtype,
-            ),
+            **shared_options(args),
+            **given(criterion=args.criterion, num_blocks=args.num_blocks, target_ratio=args.ratio),
         }
     )
 

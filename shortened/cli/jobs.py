@@ -28,9 +28,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..client import DEFAULT_URL, BatchSummary, Job, ShortenedAPIError, ShortenedClient
+from ..specs import JOB_SPECS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-KINDS = ("prune", "retrain", "eval")
+KINDS = tuple(JOB_SPECS)
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 PROG = "shortened jobs"
 
@@ -517,6 +518,10 @@ def result_highlights(job: Job) -> list[str]:
                 )
             if "params_removed_ratio" in result:
                 line += f" (-{100 * result['params_removed_ratio']:.1f}%)"
+            if isinstance(result.get("search"), dict):  # search: the ranked candidates too
+                from ..render import ranking_markdown
+
+                return [line, *ranking_markdown(result["search"]).splitlines()]
             return [line]
         if isinstance(result.get("stages"), list):  # retrain
             lines = [f"{result.get('method', 'retrain')}: {len(result['stages'])} stage(s)"]

@@ -147,7 +147,9 @@ def window_nll(
     nlls = []
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1, :].float()
+        # No KV cache: nothing is generated, and under ``block_view`` the attention layers
+        # keep their original layer_idx, which a cache sized for fewer layers would reject.
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="none"
         )

@@ -12,11 +12,11 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path as PathLib
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from service import crud
 from service.api.admission import (
@@ -33,7 +33,8 @@ from service.models import Job
 from service.pipeline import pipeline_of
 from service.schemas import ArtifactLink, EventOut, JobKind, JobOut, JobPage, JobStatus
 from service.submission import submit_job
-from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
+from shortened.render import ranking_markdown
+from shortened.specs import EvalSpec, PruneSpec, RetrainSpec, SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,19 @@ def submit_eval(
     return _submit(request, response, session, "eval", spec.model_dump(mode="json"))
 
 
+@router.post("/search", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
+def submit_search(
+    spec: SearchSpec,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    """Queue a search: every criterion at every block count the budget admits, ranked by
+    perplexity on held-out calibration documents; the best is pruned and published."""
+    return _submit(request, response, session, "search", spec.model_dump(mode="json"))
+
+
 @router.get("", response_model=JobPage)
 def list_jobs(
     session: SessionDep,
@@ -140,6 +154,33 @@ def get_job(job_id: JobId, session: SessionDep, principal: PrincipalDep) -> JobO
     out = JobOut.from_row(job)
     out.pipeline = pipeline_of(session, job)
     return out
+
+
+@router.get(
+    "/{job_id}/ranking",
+    responses={
+        200: {"content": {"text/markdown": {}}},
+        409: {"description": "Not a search job, or it has not succeeded"},
+        **NOT_FOUND,
+    },
+)
+def get_ranking(
+    job_id: JobId,
+    session: SessionDep,
+    principal: PrincipalDep,
+    format: Annotated[Literal["json", "markdown"], Query()] = "json",  # noqa: A002
+) -> Any:
+    """A succeeded search's ranked candidates, best first: the ``search`` section of its
+    report (``format=json``) or its ranking as a Markdown table (``format=markdown``)."""
+    job = _job_or_404(session, job_id, principal)
+    search = (job.result or {}).get("search") if job.status == "succeeded" else None
+    if job.kind != "search" or not isinstance(search, dict):
+        raise HTTPException(
+            409, detail=f"job {job_id} is a {job.status} {job.kind} job: no search ranking"
+        )
+    if format == "markdown":
+        return PlainTextResponse(ranking_markdown(search), media_type="text/markdown")
+    return search
 
 
 @router.get("/{job_id}/events", response_model=list[EventOut], responses=NOT_FOUND)

@@ -28,7 +28,7 @@ from service.api.routes.jobs import JobId
 from service.auth import PrincipalDep, get_principal
 from service.errors import coded
 from service.models import FINISHED_STATUSES, Job
-from service.pipeline import pipeline_of
+from service.pipeline import PRUNING_KINDS, pipeline_of
 from shortened.render import block_score_svg
 
 router = APIRouter(
@@ -46,7 +46,7 @@ Row = dict[str, Any]
 # ---------------------------------------------------------------------------- formatting
 
 
-STAGE_ORDER = ("load", "calibration", "fingerprint", "scoring", "pruning", "saving")
+STAGE_ORDER = ("load", "calibration", "fingerprint", "scoring", "validation", "pruning", "saving")
 
 
 def _in_stage_order(timings: dict[str, Any]) -> dict[str, Any]:
@@ -205,10 +205,19 @@ def spec_summary(job: Job) -> list[tuple[str, str]]:
             "protect_first",
             "protect_last",
         ),
+        "search": (
+            "model",
+            "criteria",
+            "target_ratio",
+            "num_blocks",
+            "min_speedup",
+            "protect_first",
+            "protect_last",
+        ),
         "retrain": ("model", "method"),
         "eval": ("model", "compare_with"),
     }.get(job.kind, ("model",))
-    items = [(k, fmt_number(spec[k])) for k in keys if spec.get(k) is not None]
+    items = [(k, fmt_spec_value(spec[k])) for k in keys if spec.get(k) is not None]
     calibration = spec.get("calibration")
     if isinstance(calibration, dict):
         source = calibration.get("source") or calibration.get("dataset")
@@ -223,6 +232,32 @@ def spec_summary(job: Job) -> list[tuple[str, str]]:
         if spec.get(section) is not None:
             items.append((section, "yes"))
     return items
+
+
+def fmt_spec_value(value: Any) -> str:
+    """A spec value on one line: lists joined, a block range as ``min..max``."""
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict) and set(value) == {"min", "max"}:
+        return f"{value['min']}..{value['max']} blocks"
+    return fmt_number(value)
+
+
+def ranking_rows(report: dict[str, Any]) -> list[Row]:
+    """A search's ranked candidates, formatted for the page (best first)."""
+    search = report.get("search") or {}
+    return [
+        {
+            "rank": r.get("rank"),
+            "criteria": ", ".join(r.get("criteria") or []),
+            "num_blocks": r.get("num_blocks"),
+            "removed": ", ".join(map(str, r.get("removed_blocks") or [])),
+            "params_after": fmt_params(r.get("params_after")),
+            "speedup": fmt_number(r.get("estimated_speedup"), 3),
+            "ppl": fmt_number(r.get("validation_ppl")),
+        }
+        for r in search.get("ranking") or []
+    ]
 
 
 def flat_items(value: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
@@ -284,6 +319,8 @@ def prune_context(session: Session, job: Job, scope: str | None) -> dict[str, An
         "scores_reused": report.get("scores_reused") or 0,
         "resumed_scores": report.get("resumed_scores") or 0,
         "timings": _in_stage_order(report.get("timings") or {}),
+        "ranking": ranking_rows(report),
+        "search": report.get("search"),
     }
 
 
@@ -302,7 +339,7 @@ def job_report(
     job_id: JobId, request: Request, session: SessionDep, principal: PrincipalDep
 ) -> HTMLResponse:
     """The job's report as an HTML page: block-score chart and parent-vs-pruned table for a
-    prune job, the comparison table for an eval job, progress while the job runs."""
+    prune job (a search job adds its ranked candidates), the comparison table for an eval job, progress while the job runs."""
     job = crud.get_job(session, job_id, principal.scope)
     if job is None:
         raise HTTPException(404, detail=f"job {job_id} not found")
@@ -328,10 +365,10 @@ def job_report(
         "result_items": [],
     }
     if job.status == "succeeded":
-        if job.kind == "prune":
+        if job.kind in PRUNING_KINDS:
             context["prune"] = prune_context(session, job, principal.scope)
         elif job.kind == "eval":
             context["eval_rows"] = eval_rows(job.result or {})
-        if job.kind != "prune":
+        if job.kind not in PRUNING_KINDS:
             context["result_items"] = flat_items(job.result or {})
     return templates.TemplateResponse(request, "report.html", context)
