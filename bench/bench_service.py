@@ -44,8 +44,7 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-import e2e_service as e2e  # noqa: E402  (tests/e2e_service.py: the e2e tests' stack helpers)
+from tests import e2e_service as e2e  # the e2e tests' stack helpers
 
 CONCURRENCY = 50
 N_SUBMIT = 1000
