@@ -20,7 +20,6 @@ import io
 import json
 import os
 import pstats
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +27,9 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
 from tests import e2e_service as e2e  # the e2e tests' stack helpers
+
+REPO = Path(__file__).resolve().parents[1]
 
 N_WARMUP = 50
 N_REQUESTS = 400

@@ -6,6 +6,7 @@ uvicorn service.main:app
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -56,6 +57,7 @@ def start_background_loops(
         scheduler.start(settings.scheduler_interval_s)
     if settings.webhook_interval_s > 0:
         dispatcher.start(settings.webhook_interval_s)
+    log.info("background loops (reaper, scheduler, webhook dispatcher) in process %d", os.getpid())
 
     def stop() -> None:
         scheduler.stop()

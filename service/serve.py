@@ -186,6 +186,7 @@ def serve(settings: Settings | None = None, *, api_only: bool = False) -> None:
 # What each API process of a multi-process server imports (service.main builds it from the
 # environment, which serve_api fills with the settings first).
 API_APP = "service.main:app"
+WORKER_HEALTHCHECK_TIMEOUT_S = 60
 
 
 def serve_api(settings: Settings) -> None:
@@ -244,7 +245,14 @@ def serve_api(settings: Settings) -> None:
     try:
         # The supervisor handles SIGINT/SIGTERM itself: it stops the processes (each drains
         # its requests) and returns.
-        uvicorn.run(API_APP, workers=workers, **run_args)
+        uvicorn.run(
+            API_APP,
+            workers=workers,
+            # The supervisor restarts a process that does not answer its ping in time; a
+            # process still importing the app on a busy host must not count as hung.
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
+            **run_args,
+        )
     finally:
         if stop_loops is not None:
             stop_loops()
