@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import secrets
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -125,9 +127,20 @@ UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 # How long a key found in the job store is trusted without asking again: every request
 # carries its key, and a look-up per request would be a database round trip per request. A key
-# revoked through another process (``python -m service.keys revoke``, another replica) is
-# refused by this one at most this long afterwards; unknown keys are never cached.
+# revoked by ``python -m service.keys revoke`` on this host (same data_dir) is refused at once:
+# the command touches REVOKED_MARKER, which every cache checks (one stat per request); revoked
+# from anywhere else (another replica's filesystem), at most this long afterwards. Unknown keys
+# are never cached.
 KEY_CACHE_TTL_S = 5.0
+REVOKED_MARKER = "api-keys-revoked"
+
+
+def mark_keys_revoked(data_dir: Path) -> None:
+    """Tell the API processes sharing ``data_dir`` to drop their cached keys."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    marker = data_dir / REVOKED_MARKER
+    marker.touch()
+    os.utime(marker)  # a new mtime even if the file existed
 
 
 class _KeyCache:
@@ -136,9 +149,19 @@ class _KeyCache:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[float, Principal]] = {}
+        self._revoked_at = 0  # mtime of the data dir's REVOKED_MARKER when last checked
         self._lock = threading.Lock()
 
-    def get(self, key_hash: str) -> Principal | None:
+    def get(self, key_hash: str, marker: Path | None = None) -> Principal | None:
+        if marker is not None:
+            try:
+                revoked_at = marker.stat().st_mtime_ns
+            except OSError:
+                revoked_at = 0
+            if revoked_at != self._revoked_at:
+                with self._lock:
+                    self._entries, self._revoked_at = {}, revoked_at
+                return None
         entry = self._entries.get(key_hash)
         if entry is None or entry[0] < time.monotonic():
             return None
@@ -180,7 +203,8 @@ async def get_principal(
     if credentials is not None:
         key = credentials.credentials
         key_hash = hash_key(key) if key.startswith(KEY_PREFIX) and len(key) <= 200 else None
-        principal_or_none = _key_cache.get(key_hash) if key_hash else None
+        marker = settings.data_dir / REVOKED_MARKER
+        principal_or_none = _key_cache.get(key_hash, marker) if key_hash else None
         if principal_or_none is None:
             principal_or_none = await run_in_threadpool(_principal_for_key, request, key)
             if principal_or_none is not None and key_hash is not None:
