@@ -1,8 +1,8 @@
 """Manage API keys: ``python -m service.keys create --tenant acme --role member``.
 
 ``create`` prints the new key once (only its sha256 is stored); ``list`` shows ids, tenants
-and roles, never keys; ``revoke ID`` disables a key at once for the API processes sharing this data_dir (elsewhere
-within ``service.auth.KEY_CACHE_TTL_S``). Uses the settings' database
+and roles, never keys; ``revoke ID`` disables a key at once for the API processes sharing this
+data_dir (elsewhere within ``service.auth.KEY_CACHE_TTL_S``). Uses the settings' database
 (SHORTENED_DATABASE_URL); the embedded SQLite store is migrated first, as the API does.
 """
 
