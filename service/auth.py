@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -86,6 +91,9 @@ def lookup_key(session: Session, key: str) -> ApiKey | None:
 
 
 def revoke_api_key(session: Session, key_id: str) -> bool:
+    """Revoke a key: refused at once by this process, and by the other API processes and
+    replicas once their cached look-up expires (``KEY_CACHE_TTL_S``)."""
+    _key_cache.forget(key_id)
     result = session.execute(
         update(ApiKey)
         .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
@@ -117,18 +125,93 @@ bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bear
 UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 
-def get_principal(
+# How long a key found in the job store is trusted without asking again: every request
+# carries its key, and a look-up per request would be a database round trip per request. A key
+# revoked by ``python -m service.keys revoke`` on this host (same data_dir) is refused at once:
+# the command touches REVOKED_MARKER, which every cache checks (one stat per request); revoked
+# from anywhere else (another replica's filesystem), at most this long afterwards. Unknown keys
+# are never cached.
+KEY_CACHE_TTL_S = 5.0
+REVOKED_MARKER = "api-keys-revoked"
+
+
+def mark_keys_revoked(data_dir: Path) -> None:
+    """Tell the API processes sharing ``data_dir`` to drop their cached keys."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    marker = data_dir / REVOKED_MARKER
+    marker.touch()
+    os.utime(marker)  # a new mtime even if the file existed
+
+
+class _KeyCache:
+    """Principals of recently seen valid keys, by key hash, per process."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._revoked_at = 0  # mtime of the data dir's REVOKED_MARKER when last checked
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str, marker: Path | None = None) -> Principal | None:
+        if marker is not None:
+            try:
+                revoked_at = marker.stat().st_mtime_ns
+            except OSError:
+                revoked_at = 0
+            if revoked_at != self._revoked_at:
+                with self._lock:
+                    self._entries, self._revoked_at = {}, revoked_at
+                return None
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) > 10_000:  # bounded: drop the expired ones, else all
+                now = time.monotonic()
+                live = {h: e for h, e in self._entries.items() if e[0] >= now}
+                self._entries = live if len(live) <= 10_000 else {}
+            self._entries[key_hash] = (time.monotonic() + self.ttl_s, principal)
+
+    def forget(self, key_id: str) -> None:
+        with self._lock:
+            self._entries = {h: e for h, e in self._entries.items() if e[1].key_id != key_id}
+
+
+_key_cache = _KeyCache(KEY_CACHE_TTL_S)
+
+
+def _principal_for_key(request: Request, key: str) -> Principal | None:
+    with request.app.state.sessionmaker() as session:
+        row = lookup_key(session, key)
+    if row is None:
+        return None
+    return Principal(tenant=row.tenant, role=row.role, key_id=row.id)
+
+
+async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
-    """Who is calling: from the bearer key, or the local mode's implicit admin."""
+    """Who is calling: from the bearer key, or the local mode's implicit admin.
+
+    A coroutine: on the common path (a cached key, or the keyless local mode) it does no I/O,
+    and a sync dependency would cost a thread-pool round trip on every request."""
     settings = request.app.state.settings
     if credentials is not None:
-        with request.app.state.sessionmaker() as session:
-            row = lookup_key(session, credentials.credentials)
-        if row is None:
+        key = credentials.credentials
+        key_hash = hash_key(key) if key.startswith(KEY_PREFIX) and len(key) <= 200 else None
+        marker = settings.data_dir / REVOKED_MARKER
+        principal_or_none = _key_cache.get(key_hash, marker) if key_hash else None
+        if principal_or_none is None:
+            principal_or_none = await run_in_threadpool(_principal_for_key, request, key)
+            if principal_or_none is not None and key_hash is not None:
+                _key_cache.put(key_hash, principal_or_none)
+        if principal_or_none is None:
             raise APIError(401, "unauthorized", "invalid or revoked API key", UNAUTHORIZED)
-        principal = Principal(tenant=row.tenant, role=row.role, key_id=row.id)
+        principal = principal_or_none
     elif settings.resolved_auth_required:
         raise APIError(
             401, "unauthorized", "an API key is required: Authorization: Bearer <key>", UNAUTHORIZED

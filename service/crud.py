@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol, cast
 
 from sqlalchemy import CursorResult, Result, Select, and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, noload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.jsonsafe import json_safe
@@ -214,6 +214,26 @@ def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | N
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or (tenant is not None and job.tenant != tenant):
         return None
+    return job
+
+
+def read_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
+    """``get_job`` for a response (``GET /jobs/{id}``), in as few round trips as it takes: the
+    row, then its attempt history only when it has one (a queued job has none: ``attempts``
+    is counted up in the transaction that inserts each attempt row)."""
+    job = session.scalars(
+        select(Job).where(Job.id == job_id).options(noload(Job.attempt_rows))
+    ).first()
+    if job is None or (tenant is not None and job.tenant != tenant):
+        return None
+    rows: list[JobAttempt] = []
+    if job.attempts:
+        rows = list(
+            session.scalars(
+                select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)
+            )
+        )
+    set_committed_value(job, "attempt_rows", rows)
     return job
 
 

@@ -1,7 +1,8 @@
 """Manage API keys: ``python -m service.keys create --tenant acme --role member``.
 
 ``create`` prints the new key once (only its sha256 is stored); ``list`` shows ids, tenants
-and roles, never keys; ``revoke ID`` disables a key at once. Uses the settings' database
+and roles, never keys; ``revoke ID`` disables a key at once for the API processes sharing this
+data_dir (elsewhere within ``service.auth.KEY_CACHE_TTL_S``). Uses the settings' database
 (SHORTENED_DATABASE_URL); the embedded SQLite store is migrated first, as the API does.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.auth import create_api_key, list_api_keys, revoke_api_key
+from service.auth import create_api_key, list_api_keys, mark_keys_revoked, revoke_api_key
 from service.db import is_sqlite, make_engine, make_sessionmaker, upgrade_database
 from service.models import ROLES
 from shortened.config import Settings
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
                 if not revoke_api_key(session, args.key_id):
                     print(f"error: no active key {args.key_id}", file=sys.stderr)
                     return 1
+                # The API processes of this host drop their cached keys at once (others
+                # within KEY_CACHE_TTL_S).
+                mark_keys_revoked(settings.data_dir)
                 print(f"revoked {args.key_id}", file=sys.stderr)
     finally:
         engine.dispose()

@@ -6,8 +6,10 @@ uvicorn service.main:app
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -26,7 +28,44 @@ from service.webhooks import WebhookDispatcher
 from shortened.config import Settings, get_settings
 from shortened.logs import configure_logging
 
+if TYPE_CHECKING:
+    from celery import Celery
+    from sqlalchemy.orm import Session, sessionmaker
+
 log = logging.getLogger(__name__)
+
+
+def start_background_loops(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    scheduler: Scheduler | None = None,
+) -> Callable[[], None]:
+    """Start the reaper, the scheduler and the webhook dispatcher (each unless its interval is
+    0) on threads of this process; returns the function that stops them.
+
+    Every one of them is safe to run in several processes at once (API replicas, or the API
+    processes of one host): the reaper's changes are compare-and-set (see reaper.py), the
+    scheduler creates one job per cron slot (see scheduler.py) and the dispatcher's claims are
+    compare-and-set (see webhooks). ``shortened serve`` with several API processes still runs
+    them once, in its supervisor: N copies on one host would only add database polling."""
+    reaper = Reaper(settings, sessions, celery)
+    scheduler = scheduler or Scheduler(settings, sessions, celery)
+    dispatcher = WebhookDispatcher(settings, sessions)
+    if settings.reaper_interval_s > 0:
+        reaper.start(settings.reaper_interval_s)
+    if settings.scheduler_interval_s > 0:
+        scheduler.start(settings.scheduler_interval_s)
+    if settings.webhook_interval_s > 0:
+        dispatcher.start(settings.webhook_interval_s)
+    log.info("background loops (reaper, scheduler, webhook dispatcher) in process %d", os.getpid())
+
+    def stop() -> None:
+        scheduler.stop()
+        dispatcher.stop()
+        reaper.stop()
+
+    return stop
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -40,23 +79,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # deploy step (`alembic upgrade head`), not something every API replica races to do.
         if is_sqlite(settings.resolved_database_url):
             upgrade_database(settings)
-        # Every replica may run the reaper: its changes are compare-and-set (see reaper.py).
-        reaper = Reaper(settings, app.state.sessionmaker, app.state.celery)
-        if settings.reaper_interval_s > 0:
-            reaper.start(settings.reaper_interval_s)
-        # Every replica may run the scheduler too: one job per cron slot (see scheduler.py).
-        if settings.scheduler_interval_s > 0:
-            app.state.scheduler.start(settings.scheduler_interval_s)
-        # And the webhook dispatcher: its claims are compare-and-set (see webhooks.py).
-        dispatcher = WebhookDispatcher(settings, app.state.sessionmaker)
-        if settings.webhook_interval_s > 0:
-            dispatcher.start(settings.webhook_interval_s)
+        stop_loops = (
+            start_background_loops(
+                settings, app.state.sessionmaker, app.state.celery, app.state.scheduler
+            )
+            if settings.background_loops
+            else None
+        )
         try:
             yield
         finally:
-            app.state.scheduler.stop()
-            dispatcher.stop()
-            reaper.stop()
+            if stop_loops is not None:
+                stop_loops()
             app.state.engine.dispose()
 
     app = FastAPI(

@@ -2,8 +2,10 @@
 changes something (POST, PUT, PATCH, DELETE: submissions, cancels, schedule and webhook
 changes), so one tenant's submit/cancel loop cannot flood the queue; over it, 429
 ``rate_limited`` with ``Retry-After``. ``write_rate_per_s`` and ``write_burst`` are settings
-with per-tenant overrides. Buckets live in the API process: with several replicas a tenant
-gets the rate on each.
+with per-tenant overrides. Buckets live in the API process: with N API processes
+(``SHORTENED_API_WORKERS``) and R replicas a tenant may write up to N x R times the rate
+(each connection is served by one process, so a single client sees the configured rate).
+Set the rate for one process accordingly; see docs/operations.md.
 """
 
 from __future__ import annotations

@@ -12,11 +12,13 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 from service.db import make_engine, make_sessionmaker, upgrade_database
 from shortened.config import Settings, get_settings
@@ -152,12 +154,10 @@ def _stop_on_sigterm(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve(settings: Settings | None = None) -> None:
-    """Run migrations, start a worker subprocess and serve the API until SIGINT/SIGTERM."""
-    import uvicorn
-
-    from service.main import create_app
-
+def serve(settings: Settings | None = None, *, api_only: bool = False) -> None:
+    """Run migrations, start a worker subprocess and serve the API until SIGINT/SIGTERM.
+    ``api_only``: the API processes alone (a deployment whose workers and migrations run
+    elsewhere, e.g. the compose file and the k8s Deployment)."""
     settings = settings or get_settings()
     settings.check_auth_binding()  # before anything starts
     # A terminal command: text logs unless SHORTENED_LOG_FORMAT says otherwise; the worker
@@ -167,45 +167,133 @@ def serve(settings: Settings | None = None) -> None:
     )
     configure_logging(settings.log_format, settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade_database(settings)
-    recover_embedded_jobs(settings)
-    app = create_app(settings)
-    worker = start_worker(settings)
-    log.info("worker started (pid %d)", worker.pid)
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal with the
-    # handler that was installed before it: with the default SIGTERM handler the process
-    # would die there and never stop the worker, so SIGTERM is handled as Ctrl-C is.
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    if not api_only:
+        upgrade_database(settings)
+        recover_embedded_jobs(settings)
+    # Started before the API processes' metrics directory is put in the environment: the
+    # worker has its own (worker.metrics), and must not share or empty the API's.
+    worker = None if api_only else start_worker(settings)
+    if worker is not None:
+        log.info("worker started (pid %d)", worker.pid)
     try:
-        uvicorn.run(
-            app,
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level=settings.log_level.lower(),
-            log_config=None,  # configured above (configure_logging), uvicorn's loggers included
-        )
-    except KeyboardInterrupt:
-        pass
+        serve_api(settings)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        log.info("stopping worker (pid %d)", worker.pid)
-        stop_worker(worker)
+        if worker is not None:
+            log.info("stopping worker (pid %d)", worker.pid)
+            stop_worker(worker)
+
+
+# What each API process of a multi-process server imports (service.main builds it from the
+# environment, which serve_api fills with the settings first).
+API_APP = "service.main:app"
+WORKER_HEALTHCHECK_TIMEOUT_S = 60
+
+
+def serve_api(settings: Settings) -> None:
+    """The API on ``settings.api_host:api_port`` in ``resolved_api_workers`` processes, until
+    SIGINT/SIGTERM; returns once they have drained and stopped.
+
+    One process: the app runs here, background loops included. Several: uvicorn's
+    supervisor (this process) spawns them on one listening socket (the kernel spreads the
+    connections); each builds the app from the environment, which is given exactly these
+    settings, with ``background_loops`` off: the reaper, scheduler and webhook dispatcher run
+    once, on threads of this process. Their metrics go to files in a fresh multiprocess
+    directory, and ``GET /metrics`` in any of them merges all (service.metrics)."""
+    import uvicorn
+
+    workers = settings.resolved_api_workers
+    run_args: dict[str, Any] = {
+        "host": settings.api_host,
+        "port": settings.api_port,
+        "log_level": settings.log_level.lower(),
+        "log_config": None,  # configured already (configure_logging), uvicorn's loggers included
+    }
+    if workers == 1:
+        from service.main import create_app
+
+        app = create_app(settings)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal with
+        # the handler that was installed before it: with the default SIGTERM handler the
+        # process would die there and never stop the worker, so SIGTERM is handled as Ctrl-C.
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        try:
+            uvicorn.run(app, **run_args)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return
+
+    from service.main import start_background_loops
+    from service.multiproc import fresh_directory, use_multiprocess
+    from service.queue import make_celery
+    from service.scheduler import Scheduler
+
+    directory, owned = fresh_directory(settings.data_dir, "api")
+    use_multiprocess(directory)  # in the environment: the spawned API processes inherit it
+    os.environ.update(settings_env(settings))
+    os.environ["SHORTENED_BACKGROUND_LOOPS"] = "false"
+    engine = make_engine(settings.resolved_database_url)
+    celery = make_celery(settings)
+    stop_loops = None
+    if settings.background_loops:
+        sessions = make_sessionmaker(engine)
+        stop_loops = start_background_loops(
+            settings, sessions, celery, Scheduler(settings, sessions, celery)
+        )
+    log.info("serving the API in %d processes (metrics merged from %s)", workers, directory)
+    try:
+        # The supervisor handles SIGINT/SIGTERM itself: it stops the processes (each drains
+        # its requests) and returns.
+        uvicorn.run(
+            API_APP,
+            workers=workers,
+            # The supervisor restarts a process that does not answer its ping in time; a
+            # process still importing the app on a busy host must not count as hung.
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
+            **run_args,
+        )
+    finally:
+        if stop_loops is not None:
+            stop_loops()
+        celery.close()
+        engine.dispose()
+        if owned:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m service.serve [--host H] [--port P]``; ``shortened serve`` runs this."""
+    """``python -m service.serve [--host H] [--port P] [--api-workers N] [--api-only]``;
+    ``shortened serve`` runs this."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="shortened serve")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument(
+        "--api-workers",
+        type=int,
+        default=None,
+        help="API processes (default: SHORTENED_API_WORKERS, else one per CPU core)",
+    )
+    parser.add_argument(
+        "--api-only",
+        action="store_true",
+        help="serve the API only: no migrations, no worker (they run elsewhere)",
+    )
     args = parser.parse_args(argv)
+    if args.api_workers is not None and args.api_workers < 1:
+        parser.error("--api-workers must be at least 1")
     overrides = {
         key: value
-        for key, value in {"api_host": args.host, "api_port": args.port}.items()
+        for key, value in {
+            "api_host": args.host,
+            "api_port": args.port,
+            "api_workers": args.api_workers,
+        }.items()
         if value is not None
     }
-    serve(Settings(**overrides))
+    serve(Settings(**overrides), api_only=args.api_only)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ does not answer in time is not held against the job (the worker decides then).
 
 from __future__ import annotations
 
+import functools
 import json
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,10 +118,23 @@ def _read_local_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise Missing(f"model directory {str(path)!r} does not exist")
     config_path = path / "config.json"
-    if not config_path.is_file():
-        raise Missing(f"{str(path)!r} has no config.json: not a Hugging Face checkpoint")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        info = config_path.stat()
+    except OSError:
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
+        raise Missing(f"{str(path)!r} has no config.json: not a Hugging Face checkpoint")
+    # Every submission naming this model reads it: parsed once per version of the file.
+    return dict(_parse_config(str(config_path), info.st_mtime_ns, info.st_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_config(config_path: str, _mtime_ns: int, _size: int) -> dict[str, Any]:
+    """The parsed ``config.json`` at ``config_path`` as of (mtime, size): the cache key, so a
+    rewritten file is read again. Raises ``Missing`` (not cached)."""
+    path = Path(config_path).parent
+    try:
+        config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise Missing(
             f"{str(path)!r}: config.json is not readable JSON ({type(exc).__name__})"

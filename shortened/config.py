@@ -7,6 +7,7 @@ filesystem broker transport under ``./var``, so ``shortened serve`` needs no oth
 from __future__ import annotations
 
 import ipaddress
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -85,6 +86,17 @@ class Settings(BaseSettings):
     api_host: str = Field(default="127.0.0.1", description="Address `shortened serve` listens on")
     api_port: int = Field(
         default=8000, ge=1, le=65535, description="Port `shortened serve` listens on"
+    )
+    api_workers: int = Field(
+        default=0,
+        ge=0,
+        description="API processes `shortened serve` / `python -m service.serve` runs (0: one per CPU core)",
+    )
+    background_loops: bool = Field(
+        default=True,
+        description="Run the reaper, scheduler and webhook dispatcher threads in this API process "
+        "(`serve` with several API processes runs them once, in its supervisor, and sets this off "
+        "in the API processes)",
     )
     log_level: str = Field(default="INFO", description="Log level of the API, worker and CLI")
     score_cache: bool = Field(
@@ -338,6 +350,15 @@ class Settings(BaseSettings):
                 for name in TenantLimits.model_fields
             }
         )
+
+    @property
+    def resolved_api_workers(self) -> int:
+        if self.api_workers:
+            return self.api_workers
+        try:  # the cores this process may run on (a container's CPU set), not the machine's
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
 
     @property
     def resolved_database_url(self) -> str:

@@ -28,10 +28,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
-import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import typing
@@ -43,11 +41,9 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from worker.processes import pid_alive
+from service.multiproc import fresh_directory, use_multiprocess
 
 log = logging.getLogger(__name__)
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Jobs take minutes to a day; stages from a fraction of a second (pruning) to hours (scoring).
 JOB_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 57600, 86400)
@@ -203,35 +199,6 @@ class _Serving:
 
 
 _serving: _Serving | None = None
-_DIR_NAME = re.compile(r"^worker-(\d+)-")
-
-
-def _fresh_directory(data_dir: Path) -> tuple[Path, bool]:
-    """``PROMETHEUS_MULTIPROC_DIR`` if set (emptied of old files: a restarted worker must not
-    add its predecessor's counts), else a new directory under ``<data_dir>/metrics``."""
-    given = os.environ.get(MULTIPROC_ENV)
-    if given:
-        directory = Path(given)
-        directory.mkdir(parents=True, exist_ok=True)
-        for old in directory.glob("*.db"):
-            old.unlink(missing_ok=True)
-        return directory, False
-    root = data_dir.resolve() / "metrics"
-    root.mkdir(parents=True, exist_ok=True)
-    for entry in root.iterdir():  # left by workers that were killed
-        match = _DIR_NAME.match(entry.name)
-        if match and not pid_alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"worker-{os.getpid()}-", dir=root)), True
-
-
-def _use_multiprocess(directory: Path) -> None:
-    """Switch this process (and the children it forks) to multiprocess values. The metric
-    objects above all have labels: their values are created by ``labels()``, after this."""
-    from prometheus_client import values
-
-    os.environ[MULTIPROC_ENV] = str(directory)
-    values.ValueClass = values.get_value_class()
 
 
 def prepare(port: int, data_dir: Path) -> _Serving | None:
@@ -240,8 +207,8 @@ def prepare(port: int, data_dir: Path) -> _Serving | None:
     global _serving
     if port <= 0 or _serving is not None:
         return _serving
-    directory, owned = _fresh_directory(data_dir)
-    _use_multiprocess(directory)
+    directory, owned = fresh_directory(data_dir, "worker")
+    use_multiprocess(directory)
     _serving = _Serving(directory, owned)
     # Zeros from the start, so that rate() and absent() work before the first job ends.
     for kind in _job_kinds():

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (signal 0 probes without
-    signalling; a process of another user still counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from service.multiproc import pid_alive  # noqa: F401  (re-exported: the worker's housekeeping uses it)
 
 
 def worker_id_for(pid: int) -> str:

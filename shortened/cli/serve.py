@@ -14,6 +14,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument(
+        "--api-workers",
+        type=int,
+        default=None,
+        help="API processes (default: SHORTENED_API_WORKERS, else one per CPU core)",
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -23,6 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
         command += ["--host", args.host]
     if args.port is not None:
         command += ["--port", str(args.port)]
+    if args.api_workers is not None:
+        command += ["--api-workers", str(args.api_workers)]
     # Replace this process: signals (Ctrl-C, SIGTERM) reach the server directly and its exit
     # status is the command's.
     os.execv(sys.executable, command)

@@ -301,7 +301,13 @@ def test_k8s_api_probes_and_replicas() -> None:
     api = _find("Deployment", "shortened-api")
     assert api["spec"]["replicas"] == 2
     c = _container(api)
-    assert c["command"][:2] == ["uvicorn", "service.main:app"]
+    assert c["command"][:4] == ["python", "-m", "service.serve", "--api-only"]
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    # Several API processes per pod, no more than the CPU limit gives cores to.
+    workers = int(env["SHORTENED_API_WORKERS"])
+    limit = c["resources"]["limits"]["cpu"]
+    cores = int(limit[:-1]) / 1000 if str(limit).endswith("m") else float(limit)
+    assert 2 <= workers <= max(cores, 1)
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     if "startupProbe" in c:
@@ -613,7 +619,8 @@ def test_compose_commands_and_images(compose_model: tuple[str, dict[str, Any]]) 
     _, model = compose_model
     services = model["services"]
 
-    assert services["api"]["command"][:2] == ["uvicorn", "service.main:app"]
+    assert services["api"]["command"][:4] == ["python", "-m", "service.serve", "--api-only"]
+    assert int(services["api"]["environment"]["SHORTENED_API_WORKERS"]) >= 2
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     worker_cmd = services["worker"]["command"]
     assert worker_cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]

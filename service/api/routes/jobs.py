@@ -26,7 +26,7 @@ from service.api.admission import (
     refusals_as_http,
     replayed,
 )
-from service.api.deps import SessionDep, SettingsDep, get_celery, get_store
+from service.api.deps import SessionDep, SettingsDep, get_celery, get_store, model_response
 from service.auth import Principal, PrincipalDep, get_principal
 from service.errors import APIError, coded
 from service.models import Job
@@ -56,14 +56,15 @@ def _job_or_404(session: Any, job_id: str, principal: Principal | None = None) -
     return job
 
 
-def _submit(
-    request: Request, response: Response, session: Any, kind: str, spec: dict[str, Any]
-) -> JobOut:
+def _submit(request: Request, kind: str, spec: dict[str, Any]) -> Response:
     principal: Principal = request.state.principal
-    with refusals_as_http():
+    state = request.app.state
+    # Its own session rather than SessionDep: a generator dependency costs two thread-pool
+    # round trips per request (enter and exit), and this is the busiest write.
+    with state.sessionmaker() as session, refusals_as_http():
         submitted = submit_job(
             session,
-            request.app.state.settings,
+            state.settings,
             get_celery(request),
             tenant=principal.tenant,
             kind=kind,
@@ -71,47 +72,36 @@ def _submit(
             principal=principal,
             idempotency_key=checked_idempotency_key(request),
         )
+    response = model_response(JobOut.from_row(submitted.job), 202)
     if submitted.replayed:
         replayed(response, f"/jobs/{submitted.job.id}")
     else:
         response.headers["Location"] = f"/jobs/{submitted.job.id}"
-    return JobOut.from_row(submitted.job)
+    return response
 
 
 @router.post("/prune", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
 def submit_prune(
-    spec: PruneSpec,
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+    spec: PruneSpec, request: Request, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Queue a one-shot depth-pruning job."""
-    return _submit(request, response, session, "prune", spec.model_dump(mode="json"))
+    return _submit(request, "prune", spec.model_dump(mode="json"))
 
 
 @router.post("/retrain", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
 def submit_retrain(
-    spec: RetrainSpec,
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+    spec: RetrainSpec, request: Request, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Queue a retraining job (LoRA, continued pretraining, or both)."""
-    return _submit(request, response, session, "retrain", spec.model_dump(mode="json"))
+    return _submit(request, "retrain", spec.model_dump(mode="json"))
 
 
 @router.post("/eval", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
 def submit_eval(
-    spec: EvalSpec,
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+    spec: EvalSpec, request: Request, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Queue an evaluation job (perplexity, zero-shot accuracy, efficiency)."""
-    return _submit(request, response, session, "eval", spec.model_dump(mode="json"))
+    return _submit(request, "eval", spec.model_dump(mode="json"))
 
 
 @router.post("/search", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
@@ -149,11 +139,16 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-def get_job(job_id: JobId, session: SessionDep, principal: PrincipalDep) -> JobOut:
-    job = _job_or_404(session, job_id, principal)
-    out = JobOut.from_row(job)
-    out.pipeline = pipeline_of(session, job)
-    return out
+def get_job(job_id: JobId, request: Request, principal: PrincipalDep) -> Response:
+    # The busiest route (clients poll it): its own session (see _submit), the row and its
+    # attempts in as few queries as it takes, and the model serialised once.
+    with request.app.state.sessionmaker() as session:
+        job = crud.read_job(session, job_id, principal.scope)
+        if job is None:
+            raise HTTPException(404, detail=f"job {job_id} not found")
+        out = JobOut.from_row(job)
+        out.pipeline = pipeline_of(session, job)
+    return model_response(out)
 
 
 @router.get(
