@@ -106,15 +106,11 @@ def submit_eval(
 
 @router.post("/search", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
 def submit_search(
-    spec: SearchSpec,
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+    spec: SearchSpec, request: Request, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Queue a search: every criterion at every block count the budget admits, ranked by
     perplexity on held-out calibration documents; the best is pruned and published."""
-    return _submit(request, response, session, "search", spec.model_dump(mode="json"))
+    return _submit(request, "search", spec.model_dump(mode="json"))
 
 
 @router.get("", response_model=JobPage)
