@@ -69,3 +69,29 @@ def redact_data(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact_data(child) for child in value]
     return value
+
+
+def spec_strings(spec: Any) -> set[str]:
+    """Every string a tenant wrote in a spec: its own names, which a result may repeat."""
+    if isinstance(spec, str):
+        return {spec}
+    if isinstance(spec, dict):
+        return set().union(*(spec_strings(child) for child in spec.values()))
+    if isinstance(spec, (list, tuple)):
+        return set().union(*(spec_strings(child) for child in spec))
+    return set()
+
+
+def redact_result(value: Any, keep: set[str] = frozenset()) -> Any:  # type: ignore[assignment]
+    """A job's result as the API shows it: without the ``versions`` sections (interpreter and
+    library versions stay in the report.json artifact, the model's own record) and with server
+    paths redacted, except strings in ``keep`` (what the tenant wrote in its spec)."""
+    if isinstance(value, str):
+        return value if value in keep else redact(value)
+    if isinstance(value, dict):
+        return {
+            key: redact_result(child, keep) for key, child in value.items() if key != "versions"
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact_result(child, keep) for child in value]
+    return value

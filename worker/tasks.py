@@ -40,6 +40,7 @@ from shortened.config import Settings, get_settings
 from shortened.engine.errors import Cancelled, EngineError, storage_errors
 from shortened.engine.progress import Progress, ProgressLines
 from shortened.logs import job_context
+from shortened.redact import redact_result, spec_strings
 from worker import metrics as worker_metrics
 from worker.celery_app import RUN_JOB_TASK, app
 from worker.processes import pid_alive, worker_id_for
@@ -679,7 +680,10 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
                     {"files": len(artifacts)},
                 )
                 session.commit()
-            status = finish("succeeded", "succeeded", result=report, artifacts=artifacts)
+            # The API's view of the report: no library versions, no server paths (the
+            # report.json artifact keeps the full record).
+            shown = redact_result(report, spec_strings(job.spec))
+            status = finish("succeeded", "succeeded", result=shown, artifacts=artifacts)
             if status == "succeeded":
                 queue_followups(sessions, job_id, settings)
             return status
