@@ -483,11 +483,19 @@ def start_api(env: dict[str, str], workers: int, log_path: Path) -> tuple[e2e.Pr
     """The API as deployed: ``python -m service.serve --api-only --api-workers N``."""
     port = e2e.free_port()
     process = e2e.start_process(
-        [sys.executable, "-m", "service.serve", "--api-only", "--api-workers", str(workers),
-         "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "service.serve",
+            "--api-only",
+            "--api-workers",
+            str(workers),
+            "--port",
+            str(port),
+        ],
         env,
         log_path,
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     e2e.wait_until(lambda: e2e._answers(url + "/healthz"), 120, "the API", process)
     return process, url
@@ -520,17 +528,29 @@ def load_phases(url: str, pid: int, workdir: Path, started: float) -> dict[str, 
                 profiles[name] = {"skipped": "out of time"}
             else:  # where the API's time goes under the same load
                 burst = functools.partial(
-                    load, url, pid, 100_000, CONCURRENCY, request, expect,
+                    load,
+                    url,
+                    pid,
+                    100_000,
+                    CONCURRENCY,
+                    request,
+                    expect,
                     time_limit_s=PROFILE_SECONDS,
-                )  # fmt: skip
+                )
                 profiles[name] = profile_api(pid, workdir, burst)
         # The same clients paced at half the rate the server sustained: latency below
         # saturation rather than the closed loop's queueing.
         rate = round(closed["throughput_rps"] / 2, 1)
         phases[f"{name}_paced"] = load(
-            url, pid, min(N_PACED, int(rate * PACED_SECONDS)), CONCURRENCY, request, expect,
-            on_ok, rate=rate,
-        )  # fmt: skip
+            url,
+            pid,
+            min(N_PACED, int(rate * PACED_SECONDS)),
+            CONCURRENCY,
+            request,
+            expect,
+            on_ok,
+            rate=rate,
+        )
     if profiles:
         phases["api_profile"] = profiles
     return phases

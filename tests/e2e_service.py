@@ -265,8 +265,9 @@ def prune_spec(**overrides) -> dict:
 def failing_in_worker_spec(**overrides) -> dict:
     """A job admission accepts and the worker fails at once: no calibration document is as
     long as ``seq_len`` (knowable only after tokenizing), ``bad_calibration_data``."""
-    return prune_spec(calibration={"source": str(CALIBRATION), "n_samples": 4, "seq_len": 4096},
-                      **overrides)  # fmt: skip
+    return prune_spec(
+        calibration={"source": str(CALIBRATION), "n_samples": 4, "seq_len": 4096}, **overrides
+    )
 
 
 def submit(api: httpx.Client, spec: dict) -> str:

@@ -44,10 +44,15 @@ def test_key_changes_with_each_version(field, other):
 
 def spec(criterion: str) -> PruneSpec:
     return PruneSpec(
-        model=str(TINY_MODEL), criterion=criterion, num_blocks=2, protect_first=1, protect_last=1,
+        model=str(TINY_MODEL),
+        criterion=criterion,
+        num_blocks=2,
+        protect_first=1,
+        protect_last=1,
         calibration=CalibrationSpec(source=str(CALIBRATION), n_samples=4, seq_len=32),
-        device="cpu", dtype="float32",
-    )  # fmt: skip
+        device="cpu",
+        dtype="float32",
+    )
 
 
 def test_scores_of_an_older_definition_are_not_reused(tmp_path, monkeypatch):
@@ -58,9 +63,14 @@ def test_scores_of_an_older_definition_are_not_reused(tmp_path, monkeypatch):
     # Scores stored under the key an older service computed (no versions in it) are a miss.
     info = first["score_cache"]
     old_key = checkpoint_key(
-        version=CACHE_VERSION, model=info["model_fingerprint"], criterion="magnitude",
-        calibration=first["calibration"]["fingerprint"], dtype="torch.float32", device="cpu", num_layers=12,
-    )  # fmt: skip
+        version=CACHE_VERSION,
+        model=info["model_fingerprint"],
+        criterion="magnitude",
+        calibration=first["calibration"]["fingerprint"],
+        dtype="torch.float32",
+        device="cpu",
+        num_layers=12,
+    )
     assert old_key != info["key"]
     cache.save(
         old_key,

@@ -64,8 +64,11 @@ def test_unusable_single_jobs_are_refused_with_the_field(client: TestClient) -> 
     for body, loc, words in cases:
         found = refusal(client.post("/jobs/prune", json=body))
         assert loc in found and words in found[loc], (loc, found)
-    evaluation = {"model": "models/tiny-llama", "compare_with": "models/nope",
-                  "perplexity": {"datasets": ["data/stdlib_docs_heldout.txt"]}}  # fmt: skip
+    evaluation = {
+        "model": "models/tiny-llama",
+        "compare_with": "models/nope",
+        "perplexity": {"datasets": ["data/stdlib_docs_heldout.txt"]},
+    }
     assert ("body", "compare_with") in refusal(client.post("/jobs/eval", json=evaluation))
     assert queued(client) == 0
     assert client.post("/jobs/prune", json=spec()).status_code == 202
@@ -76,8 +79,12 @@ def test_job_sources_are_checked_against_the_job_store(client: TestClient) -> No
     with client.app.state.sessionmaker() as session:
         crud.claim_job(session, job["id"], "test-worker")
         crud.finish_job(session, job["id"], "failed", message="boom", error_code="internal_error")
-    found = refusal(client.post("/jobs/eval", json={
-        "model": f"job://{job['id']}", "perplexity": {"datasets": ["wikitext2"]}}))  # fmt: skip
+    found = refusal(
+        client.post(
+            "/jobs/eval",
+            json={"model": f"job://{job['id']}", "perplexity": {"datasets": ["wikitext2"]}},
+        )
+    )
     assert "failed" in found[("body", "model")]
 
 
@@ -90,12 +97,20 @@ def test_a_batch_with_one_unusable_combination_creates_nothing(client: TestClien
 
 
 def test_schedule_templates_are_admitted_too(client: TestClient) -> None:
-    body = {"name": "nightly", "cron": "0 2 * * *", "kind": "prune",
-            "template": spec(calibration={"source": "data/missing.jsonl"})}  # fmt: skip
+    body = {
+        "name": "nightly",
+        "cron": "0 2 * * *",
+        "kind": "prune",
+        "template": spec(calibration={"source": "data/missing.jsonl"}),
+    }
     found = refusal(client.post("/schedules", json=body))
     assert ("body", "template", "calibration", "source") in found
     # With a model selector the model is picked at each slot: only the rest is checked now.
-    body = {"name": "nightly", "cron": "0 2 * * *", "kind": "prune",
-            "template": {k: v for k, v in spec().items() if k != "model"},
-            "model_selector": {"prefix": "models/", "pick": "newest"}}  # fmt: skip
+    body = {
+        "name": "nightly",
+        "cron": "0 2 * * *",
+        "kind": "prune",
+        "template": {k: v for k, v in spec().items() if k != "model"},
+        "model_selector": {"prefix": "models/", "pick": "newest"},
+    }
     assert client.post("/schedules", json=body).status_code == 201

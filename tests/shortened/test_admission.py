@@ -86,10 +86,15 @@ def test_data_files(tmp_path) -> None:
         found = fields(problems("prune", prune(calibration={"source": source})))
         assert reason in found["calibration.source"], found
     retrain = RetrainSpec.model_validate(
-        {"model": str(TINY_MODEL), "method": "lora",
-         "data": {"source": str(tmp_path / "missing.jsonl"),
-                  "validation_source": str(tmp_path / "empty.jsonl")}}
-    )  # fmt: skip
+        {
+            "model": str(TINY_MODEL),
+            "method": "lora",
+            "data": {
+                "source": str(tmp_path / "missing.jsonl"),
+                "validation_source": str(tmp_path / "empty.jsonl"),
+            },
+        }
+    )
     assert set(fields(problems("retrain", retrain))) == {"data.source", "data.validation_source"}
     evaluation = EvalSpec(
         model=str(TINY_MODEL),

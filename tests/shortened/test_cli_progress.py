@@ -23,9 +23,23 @@ def _run(args: list[str], interval_s: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_prune_prints_progress_lines_to_a_pipe(tmp_path) -> None:
-    args = ["prune", "--model", str(TINY_MODEL), "--criterion", "ppl", "--num-blocks", "2",
-            "--calibration", str(CALIBRATION), "--n-samples", "4", "--seq-len", "64",
-            "--output", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        "prune",
+        "--model",
+        str(TINY_MODEL),
+        "--criterion",
+        "ppl",
+        "--num-blocks",
+        "2",
+        "--calibration",
+        str(CALIBRATION),
+        "--n-samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--output",
+        str(tmp_path / "out"),
+    ]
     result = _run(args, "0")
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
