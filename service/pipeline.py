@@ -93,7 +93,8 @@ def _followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any
         spec = PruneSpec.model_validate(job.spec)
         source = f"job://{job.id}"
         if spec.retrain is not None:
-            return [("retrain", spec.retrain.for_model(source).model_dump(mode="json"))]
+            retrain = spec.retrain.for_model(source, teacher=spec.model)
+            return [("retrain", retrain.model_dump(mode="json"))]
         if spec.eval is not None:
             return [("eval", spec.eval.for_model(source, spec.model).model_dump(mode="json"))]
         return []
