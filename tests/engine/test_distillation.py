@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from shortened.cli import main
 from shortened.engine.distillation import DistillationTrainer, KdLoss
-from shortened.engine.errors import Cancelled, RetrainError
+from shortened.engine.errors import RetrainError
 from shortened.engine.progress import Progress
 from shortened.engine.retrain import _training_arguments, retrain_model
 from shortened.engine.retrain_data import IGNORE_INDEX
@@ -23,6 +23,7 @@ from tests.helpers import (
     HELDOUT,
     TINY_MODEL,
     VOCAB,
+    cancel_then_resume,
     heldout_windows,
     perplexity,
     save_tiny,
@@ -264,21 +265,8 @@ def test_kd_cancel_and_resume_continue_at_the_saved_step(random_pair, tmp_path):
         save_steps=2,
         logging_steps=1,
     )
-    checkpoints, output = tmp_path / "checkpoints", tmp_path / "out"
-
-    def cancel_at_step_3(update: Progress) -> None:
-        if update.stage == "training" and update.done >= 3:
-            raise Cancelled("cancelled by the test")
-
-    with pytest.raises(Cancelled):
-        retrain_model(spec, output, progress=cancel_at_step_3, checkpoint_dir=checkpoints)
-    assert not output.exists()
-    assert [p.name for p in (checkpoints / "kd").glob("checkpoint-*")] == ["checkpoint-2"]
-    seen: list[Progress] = []
-    report = retrain_model(spec, output, progress=seen.append, checkpoint_dir=checkpoints)
-    steps = [p.done for p in seen if p.stage == "training"]
-    assert steps[0] == 2 and steps[-1] == 4 and 1 not in steps
-    assert report["stages"][0]["resumed_from_step"] == 2
+    report = cancel_then_resume(spec, tmp_path, "kd")
+    assert report["stages"][0]["stage"] == "kd"
 
 
 def other_tokenizer() -> PreTrainedTokenizerFast:
