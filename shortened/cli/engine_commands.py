@@ -201,7 +201,9 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
     spec_option(cpt, CptSpec, "learning_rate", "--cpt-lr")
     spec_option(cpt, CptSpec, "warmup_steps", "--cpt-warmup-steps")
     spec_option(cpt, CptSpec, "seq_len", "--cpt-seq-len")
-    kd = p.add_argument_group("knowledge distillation from the parent (kd; defaults: Minitron's)")
+    kd = p.add_argument_group(
+        "knowledge distillation from the parent (kd; alpha and temperature: Minitron's)"
+    )
     spec_option(kd, KdSpec, "teacher", "--teacher", help="teacher model directory or URI:")
     spec_option(kd, KdSpec, "alpha", "--kd-alpha")
     spec_option(kd, KdSpec, "temperature", "--kd-temperature")
