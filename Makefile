@@ -12,7 +12,7 @@ TORCH_SPEC ?= $(or $(word 1,$(SAVED_TORCH)),torch==2.13.0)
 TORCH_INDEX_URL ?= $(word 2,$(SAVED_TORCH))
 GPU_TORCH_SPEC ?= torch
 
-.PHONY: install install-gpu serve test test-fast bench lint format FORCE
+.PHONY: install install-gpu serve test test-fast bench bench-quality lint format FORCE
 
 # Runs every time, acts only when the torch wanted differs from the one installed.
 $(TORCH_STAMP): FORCE
@@ -51,6 +51,10 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench.run_all
+
+# Recovery after pruning (LoRA, CPT, KD) on the tiny model; writes docs/quality.png.
+bench-quality: install
+	$(PY) -m bench.bench_quality
 
 LINTED := service worker shortened tests bench scripts migrations
 

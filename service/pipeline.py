@@ -97,7 +97,8 @@ def _followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any
         assert isinstance(spec, PruneSpec | SearchSpec)
         source = f"job://{job.id}"
         if spec.retrain is not None:
-            return [("retrain", spec.retrain.for_model(source).model_dump(mode="json"))]
+            retrain = spec.retrain.for_model(source, teacher=spec.model)
+            return [("retrain", retrain.model_dump(mode="json"))]
         if spec.eval is not None:
             return [("eval", spec.eval.for_model(source, spec.model).model_dump(mode="json"))]
         return []

@@ -2,7 +2,7 @@
 
 Checked at submission, before a job exists, on the validated spec of any job kind: the
 spec is walked and every field that names a source (``model``, ``source``,
-``validation_source``, ``compare_with``, ``task_include_path``, ``datasets[]``) or a Hub
+``validation_source``, ``compare_with``, ``task_include_path``, ``teacher``, ``datasets[]``) or a Hub
 dataset (``dataset``) is checked, as is every size field (``n_samples``, ``seq_len``,
 ``cutoff_len``, ``input_length``). Problems are reported like FastAPI's own validation
 errors: a 422 whose ``detail`` names each offending field.
@@ -39,7 +39,7 @@ from service.pipeline import PRUNING_KINDS
 from shortened.config import Settings
 
 SOURCE_FIELDS = frozenset(
-    {"model", "source", "validation_source", "compare_with", "task_include_path"}
+    {"model", "source", "validation_source", "compare_with", "task_include_path", "teacher"}
 )
 SOURCE_LIST_FIELDS = frozenset({"datasets"})
 HUB_DATASET_FIELDS = frozenset({"dataset"})

@@ -300,12 +300,18 @@ def _retrain_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterato
         yield from _data_problems(
             f"{prefix}data.validation_source", data.validation_source, lookups
         )
-    cpt = getattr(spec, "cpt", None)
-    if cpt is not None and cpt.data is not None:
-        yield from _data_problems(f"{prefix}cpt.data.source", cpt.data.source, lookups)
-        yield from _data_problems(
-            f"{prefix}cpt.data.validation_source", cpt.data.validation_source, lookups
-        )
+    for section in ("cpt", "kd"):
+        stage = getattr(spec, section, None)
+        if stage is not None and stage.data is not None:
+            yield from _data_problems(f"{prefix}{section}.data.source", stage.data.source, lookups)
+            yield from _data_problems(
+                f"{prefix}{section}.data.validation_source", stage.data.validation_source, lookups
+            )
+    kd = getattr(spec, "kd", None)
+    if kd is not None and getattr(spec, "method", None) == "kd":
+        for item in _check_model(f"{prefix}kd.teacher", kd.teacher, lookups):
+            if isinstance(item, Problem):
+                yield item
 
 
 def _eval_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterator[Problem]:

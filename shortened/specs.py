@@ -373,7 +373,7 @@ def calibration_needed(criterion: str) -> str:
 
 # --- Retraining -------------------------------------------------------------------
 
-RetrainMethod = Literal["lora", "cpt", "cpt_lora"]
+RetrainMethod = Literal["lora", "cpt", "cpt_lora", "kd"]
 RETRAIN_METHODS: tuple[str, ...] = RetrainMethod.__args__  # type: ignore[attr-defined]
 DataFormat = Literal["auto", "alpaca", "text"]
 
@@ -503,8 +503,50 @@ class CptSpec(_Strict):
         return self
 
 
+class KdSpec(CptSpec):
+    """Knowledge distillation from the unpruned parent (Minitron): the student trains on packed
+    raw text towards the teacher's next-token distributions,
+    ``loss = alpha * KL(teacher || student) * T^2 + (1 - alpha) * CE``, both softened by the
+    temperature T. Budget, data, learning rate, warm-up and ``seq_len`` as for CPT.
+
+    Defaults are Minitron's: pure logit distillation (alpha 1, T 1), which its ablations found
+    best; the learning rate is this service's CPT default. In a pipeline (a prune spec's
+    ``retrain``) the teacher defaults to the prune job's source model.
+    """
+
+    teacher: str | None = Field(
+        default=None,
+        description="The parent model (same tokenizer); a pipeline defaults it to the pruned model's source",
+    )
+    alpha: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the KD term; 1 - alpha weighs the LM loss",
+    )
+    temperature: float = Field(
+        default=1.0, gt=0.0, le=100.0, description="Softmax temperature of both distributions"
+    )
+    lora: bool = Field(
+        default=False,
+        description="Train a LoRA adapter (the 'lora' section) instead of every weight",
+    )
+    chunk_size: int = Field(
+        default=256,
+        ge=1,
+        le=MAX_SEQ_LEN,
+        description="Token positions whose vocabulary logits are held at once",
+    )
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_ok(cls, value: str | None) -> str | None:
+        return None if value is None else _check_source(value)
+
+
 class RetrainSpec(_JobSpec):
-    """Retrain a (pruned) model: LoRA, continued pretraining (CPT), or CPT followed by LoRA.
+    """Retrain a (pruned) model: LoRA, continued pretraining (CPT), CPT followed by LoRA, or
+    knowledge distillation from the parent (KD, settings in ``kd``).
 
     ``learning_rate``, ``epochs``, ``cutoff_len`` and ``warmup_steps`` are the LoRA stage's
     (the paper's defaults); the CPT stage takes its own from ``cpt``. Batch sizes,
@@ -520,6 +562,7 @@ class RetrainSpec(_JobSpec):
     cpt: CptSpec | None = Field(
         default=None, validate_default=True, description="Required for cpt and cpt_lora"
     )
+    kd: KdSpec | None = Field(default=None, description="Required for kd")
     learning_rate: LearningRate = 1e-4
     epochs: float = Field(default=2.0, gt=0.0, le=MAX_EPOCHS)
     micro_batch_size: int = Field(default=4, ge=1, le=4096)
@@ -566,6 +609,21 @@ class RetrainSpec(_JobSpec):
                 "method cpt/cpt_lora needs a budget: give cpt.max_steps or cpt.max_tokens"
             )
         return value
+
+    @model_validator(mode="after")
+    def _kd_complete(self) -> RetrainSpec:
+        if self.method == "kd":
+            if self.kd is None:
+                raise ValueError("method kd needs a budget: give kd.max_steps or kd.max_tokens")
+            self._check_teacher(self.kd)
+        return self
+
+    def _check_teacher(self, kd: KdSpec) -> None:
+        if kd.teacher is None:
+            raise ValueError(
+                "method kd needs kd.teacher: the unpruned parent model (a prune pipeline "
+                "fills it with the prune job's model)"
+            )
 
     @field_validator("batch_size")
     @classmethod
@@ -730,8 +788,16 @@ class PipelineRetrain(RetrainSpec):
     def _model_ok(cls, value: None) -> None:  # type: ignore[override]
         return value
 
-    def for_model(self, model: str) -> RetrainSpec:
-        return RetrainSpec.model_validate({**self.model_dump(mode="json"), "model": model})
+    def _check_teacher(self, kd: KdSpec) -> None:
+        """The teacher may be left out: ``for_model`` fills in the pruned model's source."""
+
+    def for_model(self, model: str, teacher: str | None = None) -> RetrainSpec:
+        """The follow-up job's spec: ``model`` retrained; KD's teacher, unless given, is
+        ``teacher`` (the prune job's source model, the unpruned parent)."""
+        data = {**self.model_dump(mode="json"), "model": model}
+        if data.get("kd") is not None and data["kd"].get("teacher") is None:
+            data["kd"]["teacher"] = teacher
+        return RetrainSpec.model_validate(data)
 
 
 class PipelineEval(EvalSpec):

@@ -132,3 +132,33 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
         ).item()
         count += chunk[:, 1:].numel()
     return float(torch.exp(torch.tensor(total / count)))
+
+
+def cancel_then_resume(spec, tmp_path: Path, stage: str) -> dict:
+    """Retrain ``spec`` (4 steps, a checkpoint every 2), cancelled at step 3: nothing is
+    published and checkpoint-2 is kept; the rerun resumes there and finishes. Its report."""
+    from shortened.engine.errors import Cancelled
+    from shortened.engine.retrain import retrain_model
+
+    checkpoints, output = tmp_path / "checkpoints", tmp_path / "out"
+
+    def cancel_at_step_3(update) -> None:
+        if update.stage == "training" and update.done >= 3:
+            raise Cancelled("cancelled by the test")
+
+    try:
+        retrain_model(spec, output, progress=cancel_at_step_3, checkpoint_dir=checkpoints)
+    except Cancelled:
+        pass
+    else:
+        raise AssertionError("the run was not cancelled")
+    assert not output.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert sorted(p.name for p in (checkpoints / stage).glob("checkpoint-*")) == ["checkpoint-2"]
+
+    seen: list = []
+    report = retrain_model(spec, output, progress=seen.append, checkpoint_dir=checkpoints)
+    steps = [p.done for p in seen if p.stage == "training"]
+    assert steps[0] == 2 and steps[-1] == 4 and 1 not in steps  # nothing before the checkpoint
+    assert report["stages"][-1]["resumed_from_step"] == 2 and report["steps"] == 4
+    return report

@@ -13,6 +13,7 @@ from ..specs import (
     CptSpec,
     EfficiencySpec,
     EvalSpec,
+    KdSpec,
     LoraSpec,
     PerplexitySpec,
     PruneSpec,
@@ -181,7 +182,8 @@ def _ints(value: str) -> list[int]:
 
 def add_retrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "retrain", help="retrain a (pruned) model: LoRA, continued pretraining, or both"
+        "retrain",
+        help="retrain a (pruned) model: LoRA, continued pretraining, both, or distillation",
     )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     spec_option(p, RetrainSpec, "method")
@@ -215,6 +217,19 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
     spec_option(cpt, CptSpec, "learning_rate", "--cpt-lr")
     spec_option(cpt, CptSpec, "warmup_steps", "--cpt-warmup-steps")
     spec_option(cpt, CptSpec, "seq_len", "--cpt-seq-len")
+    kd = p.add_argument_group(
+        "knowledge distillation from the parent (kd; alpha and temperature: Minitron's)"
+    )
+    spec_option(kd, KdSpec, "teacher", "--teacher", help="teacher model directory or URI:")
+    spec_option(kd, KdSpec, "alpha", "--kd-alpha")
+    spec_option(kd, KdSpec, "temperature", "--kd-temperature")
+    spec_option(kd, KdSpec, "max_steps", "--kd-max-steps")
+    spec_option(kd, KdSpec, "max_tokens", "--kd-max-tokens")
+    spec_option(kd, KdSpec, "learning_rate", "--kd-lr")
+    spec_option(kd, KdSpec, "warmup_steps", "--kd-warmup-steps")
+    spec_option(kd, KdSpec, "seq_len", "--kd-seq-len")
+    spec_option(kd, KdSpec, "chunk_size", "--kd-chunk-size")
+    spec_option(kd, KdSpec, "lora", "--kd-lora", help="with the --lora-* settings:")
     train = p.add_argument_group("training")
     spec_option(train, RetrainSpec, "learning_rate", "--lr", help="LoRA stage.")
     spec_option(train, RetrainSpec, "epochs")
@@ -284,6 +299,18 @@ def retrain_spec(args: argparse.Namespace) -> RetrainSpec:
             streaming=True if args.cpt_dataset else None,
             format="text" if args.cpt_data is None else None,
         )
+    kd = given(
+        teacher=args.teacher,
+        alpha=args.kd_alpha,
+        temperature=args.kd_temperature,
+        max_steps=args.kd_max_steps,
+        max_tokens=args.kd_max_tokens,
+        learning_rate=args.kd_lr,
+        warmup_steps=args.kd_warmup_steps,
+        seq_len=args.kd_seq_len,
+        chunk_size=args.kd_chunk_size,
+        lora=args.kd_lora,
+    )
     lora = given(
         r=args.lora_r,
         alpha=args.lora_alpha,
@@ -297,6 +324,7 @@ def retrain_spec(args: argparse.Namespace) -> RetrainSpec:
             "data": data,
             "lora": lora,
             "cpt": cpt or None,
+            "kd": kd or None,
             **given(
                 method=args.method,
                 learning_rate=args.lr,

@@ -1,11 +1,13 @@
-"""Retraining a pruned model: LoRA, continued pretraining (CPT), or CPT followed by LoRA.
+"""Retraining a pruned model: LoRA, continued pretraining (CPT), CPT followed by LoRA, or
+knowledge distillation from the unpruned parent (KD; the loss is in ``distillation.py``).
 
 One readable recipe per stage, built on transformers' ``Trainer`` (so multi-GPU runs work
 through accelerate/torchrun, and checkpoints/resume are Trainer's own):
 
     data (records -> tokenized examples or packed blocks, held-out split; ``retrain_data.py``)
-      -> model (full parameters for CPT, a peft LoRA wrapper for LoRA)
-      -> Trainer (AdamW, warm-up + linear (LoRA) / cosine (CPT) schedule, checkpoints)
+      -> model (full parameters for CPT and KD, a peft LoRA wrapper for LoRA and KD with lora)
+      -> Trainer (AdamW, warm-up + linear (LoRA) / cosine (CPT, KD) schedule, checkpoints;
+         for KD a Trainer whose loss compares the student with the frozen teacher)
       -> outputs (merged model + adapter/, or the CPT model; report.json), written atomically.
 
 The paper's LoRA recipe is alpaca-lora's: Alpaca prompt template, loss on the response only,
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shortened.specs import RetrainSpec
+from shortened.specs import CptSpec, RetrainSpec
 
 from .errors import DataError, RetrainError
 from .models import LoadedModel, count_parameters, load_model, pick_device
@@ -40,6 +42,8 @@ from .retrain_data import IGNORE_INDEX, StageData, build_stage_data
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
+
+    from .distillation import KdLoss
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +66,14 @@ class Precision:
 
 
 def choose_precision(method: str, dtype: str, device: torch.device) -> Precision:
-    """CPU: fp32 (bf16 if asked). CUDA, ``auto``: CPT keeps fp32 master weights under bf16
-    autocast (fp16 where bf16 is unsupported); LoRA freezes the base in bf16/fp16 and trains
-    fp32 adapters under autocast. Full-parameter training with fp16 weights is refused."""
+    """CPU: fp32 (bf16 if asked). CUDA, ``auto``: CPT and KD keep fp32 master weights under
+    bf16 autocast (fp16 where bf16 is unsupported); LoRA freezes the base in bf16/fp16 and
+    trains fp32 adapters under autocast. Full-parameter training with fp16 weights is refused.
+    ``method`` is ``lora`` for any adapter-only run (KD with ``kd.lora`` too)."""
     if method != "lora" and dtype == "float16":
         raise RetrainError(
-            "full-parameter training (CPT) in float16 weights is unstable; use dtype auto or bfloat16"
+            "full-parameter training (CPT, KD) in float16 weights is unstable; "
+            "use dtype auto or bfloat16"
         )
     if device.type != "cuda":
         if dtype == "float16":
@@ -164,7 +170,7 @@ def _training_arguments(**kwargs: Any) -> Any:
 
 @dataclass
 class StageSettings:
-    name: str  # cpt | lora
+    name: str  # cpt | lora | kd
     learning_rate: float
     warmup_steps: int
     scheduler: str
@@ -173,6 +179,7 @@ class StageSettings:
     length: int  # cutoff_len (LoRA) or packed seq_len (CPT)
     weight_decay: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    packed: bool = False  # fixed-length blocks (CPT, KD) rather than padded examples (LoRA)
 
 
 def _prepare_checkpoint_dir(stage_dir: Path | None, spec: RetrainSpec, resume: bool) -> str | None:
@@ -215,8 +222,10 @@ def train_stage(
     stage_dir: Path | None,
     resume: bool,
     progress: ProgressCallback,
+    distill: Distillation | None = None,
 ) -> dict[str, Any]:
-    """Run Trainer on one stage; return the stage's report entry."""
+    """Run Trainer on one stage (with ``distill``: against its teacher); return the stage's
+    report entry."""
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, default_data_collator
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -235,7 +244,7 @@ def train_stage(
     run_dir = stage_dir or scratch
     assert run_dir is not None
 
-    if settings.name == "cpt":
+    if settings.packed:
         collator = default_data_collator
     else:
         collator = DataCollatorForSeq2Seq(
@@ -278,16 +287,27 @@ def train_stage(
         else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Evaluation needs the loss only; without this Trainer also gathers every logit.
+        prediction_loss_only=distill is not None,
     )
     reporter = ProgressReporter(progress, settings.name)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=collator,
-        callbacks=[reporter.callback],
-    )
+    trainer_kwargs: dict[str, Any] = {
+        "model": model,
+        "args": args,
+        "train_dataset": data.train,
+        "eval_dataset": data.eval,
+        "data_collator": collator,
+        "callbacks": [reporter.callback],
+    }
+    trainer: Trainer
+    if distill is not None:
+        from .distillation import DistillationTrainer
+
+        trainer = DistillationTrainer(
+            **trainer_kwargs, teacher=distill.teacher, kd_loss=distill.loss
+        )
+    else:
+        trainer = Trainer(**trainer_kwargs)
     trainer.remove_callback(PrinterCallback)  # progress goes through the callback, not stdout
     model.config.use_cache = False
     clock = time.perf_counter()
@@ -365,22 +385,51 @@ def _training_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _cpt_seq_len(spec: RetrainSpec, model: Any) -> int:
-    assert spec.cpt is not None
-    if spec.cpt.seq_len is not None:
-        return spec.cpt.seq_len
+def _packed_seq_len(stage: CptSpec, model: Any) -> int:
+    """The packed block length of a CPT or KD stage."""
+    if stage.seq_len is not None:
+        return stage.seq_len
     return min(
         CPT_DEFAULT_SEQ_LEN,
         int(getattr(model.config, "max_position_embeddings", CPT_DEFAULT_SEQ_LEN)),
     )
 
 
-def _cpt_max_steps(spec: RetrainSpec, seq_len: int) -> int:
-    assert spec.cpt is not None
-    steps = spec.cpt.max_steps or math.ceil(
-        (spec.cpt.max_tokens or 0) / (spec.batch_size * seq_len)
-    )
+def _packed_max_steps(spec: RetrainSpec, stage: CptSpec, seq_len: int) -> int:
+    """A CPT or KD stage's optimizer steps: its step budget, or its token budget in steps."""
+    steps = stage.max_steps or math.ceil((stage.max_tokens or 0) / (spec.batch_size * seq_len))
     return min(steps, spec.max_steps) if spec.max_steps else steps
+
+
+def _packed_data(
+    run: RetrainRun,
+    stage: CptSpec,
+    name: str,
+    progress: ProgressCallback,
+    store: ArtifactStore | None,
+    cache_dir: Path | None,
+) -> tuple[StageData, int]:
+    """A CPT or KD stage's data: its corpus (else the spec's ``data``) in packed blocks."""
+    seq_len = _packed_seq_len(stage, run.model)
+    progress(Progress("data", message=f"{name}: packing into {seq_len}-token blocks"))
+    data = build_stage_data(
+        stage.data or run.spec.data,
+        run.train_tokenizer,
+        kind="cpt",
+        length=seq_len,
+        seed=run.spec.seed,
+        store=store,
+        cache_dir=cache_dir,
+    )
+    return data, seq_len
+
+
+@dataclass
+class Distillation:
+    """The frozen teacher of a KD stage and the loss's settings."""
+
+    teacher: Any
+    loss: KdLoss
 
 
 @dataclass
@@ -421,10 +470,11 @@ def retrain_model(
     checkpoint_dir: Path | None = None,
     resume: bool = True,
 ) -> dict[str, Any]:
-    """Retrain ``spec.model`` with LoRA, CPT or CPT+LoRA and save the result to ``output_dir``.
+    """Retrain ``spec.model`` with LoRA, CPT, CPT+LoRA or KD and save the result to ``output_dir``.
 
     Outputs: the full model (LoRA: merged with ``merge_and_unload``) as a Hugging Face
-    checkpoint with its tokenizer; for LoRA also ``adapter/`` (peft ``save_pretrained``); for
+    checkpoint with its tokenizer; for LoRA (and KD with ``kd.lora``) also ``adapter/`` (peft
+    ``save_pretrained``); for
     cpt_lora also ``cpt/`` (the CPT model, the adapter's base); and ``report.json``.
 
     Trainer checkpoints go to ``checkpoint_dir/<stage>/checkpoint-N`` every ``save_steps``;
@@ -445,6 +495,8 @@ def retrain_model(
             run_cpt_stage(run, progress=progress, store=store, cache_dir=cache_dir, timer=timer)
         if spec.method in ("lora", "cpt_lora"):
             run_lora_stage(run, progress=progress, store=store, cache_dir=cache_dir, timer=timer)
+        if spec.method == "kd":
+            run_kd_stage(run, progress=progress, store=store, cache_dir=cache_dir, timer=timer)
         progress(Progress("saving", message=str(output_dir)))
         report = retrain_report(run, timer)
         if not is_main_process():
@@ -489,7 +541,8 @@ def load_for_retraining(
         if spec.device == "auto" and local_rank is not None and torch.cuda.is_available()
         else spec.device
     )
-    precision = choose_precision(spec.method, spec.dtype, device)
+    adapter_only = spec.method == "lora" or (spec.kd is not None and spec.kd.lora)
+    precision = choose_precision("lora" if adapter_only else spec.method, spec.dtype, device)
     weights_dtype = str(precision.weights).removeprefix("torch.")
     set_seed(spec.seed)
 
@@ -539,28 +592,19 @@ def run_cpt_stage(
         run.stages.append(stage)
         run.trainable["cpt"] = stage.get("trainable_params", 0)
         return
-    seq_len = _cpt_seq_len(spec, model)
-    progress(Progress("data", message=f"cpt: packing into {seq_len}-token blocks"))
-    cpt_data = build_stage_data(
-        spec.cpt.data or spec.data,
-        run.train_tokenizer,
-        kind="cpt",
-        length=seq_len,
-        seed=spec.seed,
-        store=store,
-        cache_dir=cache_dir,
-    )
+    cpt_data, seq_len = _packed_data(run, spec.cpt, "cpt", progress, store, cache_dir)
     timer("cpt_data_s")
     settings = StageSettings(
         "cpt",
         spec.cpt.learning_rate,
         spec.cpt.warmup_steps,
         "cosine",
-        _cpt_max_steps(spec, seq_len),
+        _packed_max_steps(spec, spec.cpt, seq_len),
         1.0,
         seq_len,
         weight_decay=spec.cpt.weight_decay,
         extra={"seq_len": seq_len, "max_tokens": spec.cpt.max_tokens},
+        packed=True,
     )
     model.train()
     for p in model.parameters():
@@ -596,8 +640,6 @@ def run_lora_stage(
     timer: PhaseTimer,
 ) -> None:
     """A peft LoRA wrapper around the model, trained on tokenized examples."""
-    from peft import LoraConfig, get_peft_model
-
     spec = run.spec
     progress(Progress("data", message=f"lora: tokenizing (cutoff {spec.cutoff_len})"))
     lora_data = build_stage_data(
@@ -612,6 +654,26 @@ def run_lora_stage(
     if lora_data.train_items is None and spec.max_steps is None:
         raise DataError("a streamed dataset has no known length: give max_steps")
     timer("lora_data_s")
+    lora_info = _wrap_lora(run)
+    settings = StageSettings(
+        "lora",
+        spec.learning_rate,
+        spec.warmup_steps,
+        "linear",
+        spec.max_steps,
+        spec.epochs,
+        spec.cutoff_len,
+        extra={"cutoff_len": spec.cutoff_len, "lora": lora_info},
+    )
+    _train(run, run.peft_model, lora_data, settings, progress=progress, timer=timer)
+
+
+def _wrap_lora(run: RetrainRun) -> dict[str, Any]:
+    """Wrap the run's model in a peft LoRA adapter (the spec's ``lora`` section); return the
+    adapter's settings for the report."""
+    from peft import LoraConfig, get_peft_model
+
+    spec = run.spec
     targets, missing = _lora_targets(run.model, spec.lora.target_modules)
     config = LoraConfig(
         r=spec.lora.r,
@@ -627,24 +689,75 @@ def run_lora_stage(
             "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
         )
         run.peft_model = get_peft_model(run.model, config)
-    lora_info = {
+    return {
         "r": spec.lora.r,
         "alpha": spec.lora.alpha,
         "dropout": spec.lora.dropout,
         "target_modules": targets,
         "missing_target_modules": missing,
     }
-    settings = StageSettings(
-        "lora",
-        spec.learning_rate,
-        spec.warmup_steps,
-        "linear",
-        spec.max_steps,
-        spec.epochs,
-        spec.cutoff_len,
-        extra={"cutoff_len": spec.cutoff_len, "lora": lora_info},
+
+
+def run_kd_stage(
+    run: RetrainRun,
+    *,
+    progress: ProgressCallback,
+    store: ArtifactStore | None,
+    cache_dir: Path | None,
+    timer: PhaseTimer,
+) -> None:
+    """Distillation from the teacher on packed raw text: every weight, or a LoRA adapter."""
+    from .distillation import KdLoss, check_same_vocabulary, load_teacher
+
+    spec = run.spec
+    kd = spec.kd
+    assert kd is not None and kd.teacher is not None
+    progress(Progress("loading", message=f"teacher {kd.teacher}"))
+    teacher = load_model(
+        kd.teacher,
+        dtype=str(run.precision.weights).removeprefix("torch."),
+        device=str(run.device),
+        store=store,
+        cache_dir=cache_dir,
     )
-    _train(run, run.peft_model, lora_data, settings, progress=progress, timer=timer)
+    check_same_vocabulary(
+        run.model, run.loaded.tokenizer, teacher.model, teacher.tokenizer, kd.teacher
+    )
+    timer("teacher_load_s")
+    kd_data, seq_len = _packed_data(run, kd, "kd", progress, store, cache_dir)
+    timer("kd_data_s")
+    extra: dict[str, Any] = {
+        "seq_len": seq_len,
+        "max_tokens": kd.max_tokens,
+        "teacher": kd.teacher,
+        "alpha": kd.alpha,
+        "temperature": kd.temperature,
+        "chunk_size": kd.chunk_size,
+    }
+    if kd.lora:
+        extra["lora"] = _wrap_lora(run)
+        model = run.peft_model
+    else:
+        model = run.model
+        model.train()
+        model.requires_grad_(True)
+    settings = StageSettings(
+        "kd",
+        kd.learning_rate,
+        kd.warmup_steps,
+        "cosine",
+        _packed_max_steps(spec, kd, seq_len),
+        1.0,
+        seq_len,
+        weight_decay=kd.weight_decay,
+        extra=extra,
+        packed=True,
+    )
+    distill = Distillation(
+        load_teacher(teacher.model), KdLoss(kd.alpha, kd.temperature, kd.chunk_size)
+    )
+    _train(run, model, kd_data, settings, progress=progress, timer=timer, distill=distill)
+    run.model.eval()
 
 
 def _train(
@@ -655,6 +768,7 @@ def _train(
     *,
     progress: ProgressCallback,
     timer: PhaseTimer,
+    distill: Distillation | None = None,
 ) -> dict[str, Any]:
     """Train one stage and record its report entry and trainable-parameter count."""
     run.trainable[settings.name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -669,6 +783,7 @@ def _train(
         stage_dir=run.stage_dir(settings.name),
         resume=run.resume,
         progress=progress,
+        distill=distill,
     )
     stage["trainable_params"] = run.trainable[settings.name]
     run.stages.append(stage)

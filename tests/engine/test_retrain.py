@@ -18,7 +18,15 @@ from shortened.engine.prune import prune_model
 from shortened.engine.retrain import retrain_model
 from shortened.engine.retrain_data import IGNORE_INDEX, alpaca_prompt, pack_blocks, tokenize_example
 from shortened.specs import LORA_TARGET_MODULES, EvalSpec, PruneSpec, RetrainSpec
-from tests.helpers import CALIBRATION, HELDOUT, TINY_MODEL, save_tiny, tiny_model, tiny_tokenizer
+from tests.helpers import (
+    CALIBRATION,
+    HELDOUT,
+    TINY_MODEL,
+    cancel_then_resume,
+    save_tiny,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 DATA = HELDOUT.parent
 ALPACA = DATA / "alpaca_tiny.jsonl"
@@ -167,34 +175,12 @@ def test_cancel_publishes_nothing_and_resume_continues_at_the_saved_step(random_
         logging_steps=1,
         warmup_steps=0,
     )
-    checkpoints, output = tmp_path / "checkpoints", tmp_path / "out"
-
-    def cancel_at_step_3(update: Progress) -> None:
-        if update.stage == "training" and update.done >= 3:
-            raise Cancelled("cancelled by the test")
-
-    with pytest.raises(Cancelled):
-        retrain_model(spec, output, progress=cancel_at_step_3, checkpoint_dir=checkpoints)
-    assert (
-        not output.exists()
-        and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
-    )
-    assert sorted(p.name for p in (checkpoints / "lora").glob("checkpoint-*")) == ["checkpoint-2"]
-
-    seen: list[Progress] = []
-    report = retrain_model(
-        spec, output, progress=seen.append, checkpoint_dir=checkpoints, resume=True
-    )
-    steps = [p.done for p in seen if p.stage == "training"]
-    assert (
-        steps[0] == 2 and steps[-1] == 4 and 1 not in steps
-    )  # nothing before the checkpoint again
-    assert report["stages"][0]["resumed_from_step"] == 2 and report["steps"] == 4
-    assert (output / "adapter" / "adapter_config.json").is_file()
+    cancel_then_resume(spec, tmp_path, "lora")
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
 
     other = spec.model_copy(update={"learning_rate": 5e-4})
     with pytest.raises(RetrainError, match="different retrain spec"):
-        retrain_model(other, tmp_path / "out2", checkpoint_dir=checkpoints)
+        retrain_model(other, tmp_path / "out2", checkpoint_dir=tmp_path / "checkpoints")
 
 
 @pytest.mark.filterwarnings(
