@@ -59,7 +59,13 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     spec_option(p, PruneSpec, "taylor_batch_size")
     spec_option(p, PruneSpec, "device")
     spec_option(p, PruneSpec, "dtype")
-    p.add_argument("--output", required=True, type=Path, help="new or empty directory")
+    spec_option(p, PruneSpec, "max_shard_size")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (parameters, blocks, output size, peak memory per stage) and exit",
+    )
+    p.add_argument("--output", type=Path, help="new or empty directory (required unless --dry-run)")
     p.add_argument(
         "--score-cache",
         type=Path,
@@ -110,6 +116,7 @@ def prune_spec(args: argparse.Namespace) -> PruneSpec:
                 taylor_batch_size=args.taylor_batch_size,
                 device=args.device,
                 dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
             ),
         }
     )
@@ -222,6 +229,7 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
     spec_option(train, RetrainSpec, "seed")
     spec_option(train, RetrainSpec, "device")
     spec_option(train, RetrainSpec, "dtype")
+    spec_option(train, RetrainSpec, "max_shard_size")
     p.add_argument("--output", required=True, type=Path, help="new or empty directory")
     p.set_defaults(handler=_retrain)
 
@@ -297,6 +305,7 @@ def retrain_spec(args: argparse.Namespace) -> RetrainSpec:
                 seed=args.seed,
                 device=args.device,
                 dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
             ),
         }
     )

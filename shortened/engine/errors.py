@@ -23,6 +23,12 @@ class ModelNotFound(EngineError):
     code = "model_not_found"
 
 
+class ModelGated(EngineError):
+    """A gated hub model the worker's token may not download (licence not accepted)."""
+
+    code = "model_gated"
+
+
 class UnsupportedArchitecture(EngineError):
     code = "unsupported_architecture"
 

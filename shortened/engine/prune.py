@@ -139,7 +139,7 @@ def prune_model(
 
     report = prune_report(spec, loaded, plan, scores, removed, calibrated, timer)
     progress(Progress("saving", message=str(output_dir)))
-    save_pruned(loaded, report, output_dir, timer)
+    save_pruned(loaded, report, output_dir, timer, max_shard_size=spec.max_shard_size)
     log.info(
         "pruned %s: removed %s, %d -> %d params",
         spec.model,
@@ -227,6 +227,8 @@ def prune_report(
     params_after = count_parameters(loaded.model)
     return {
         "model": spec.model,
+        # The immutable commit a hub model (hf://org/name@revision) was resolved to.
+        "model_commit": loaded.resolved.commit,
         "architecture": loaded.adapter.name,
         "model_type": loaded.model.config.model_type,
         "criterion": spec.criterion,
@@ -260,13 +262,24 @@ def prune_report(
 
 
 def save_pruned(
-    loaded: LoadedModel, report: dict[str, Any], output_dir: Path, timer: PhaseTimer
+    loaded: LoadedModel,
+    report: dict[str, Any],
+    output_dir: Path,
+    timer: PhaseTimer,
+    *,
+    max_shard_size: str | None = None,
 ) -> None:
-    """The checkpoint (in its source precision), report.json and the block-score CSV and chart,
-    all appearing at ``output_dir`` at once."""
+    """The checkpoint (in its source precision, sharded like its source unless
+    ``max_shard_size``), report.json and the block-score CSV and chart, all appearing at
+    ``output_dir`` at once."""
     with atomic_output_dir(output_dir) as staging:
         save_model(
-            loaded.model, loaded.tokenizer, staging, loaded.source_dtype, restore_dtype=False
+            loaded.model,
+            loaded.tokenizer,
+            staging,
+            loaded.source_dtype,
+            restore_dtype=False,
+            max_shard_size=max_shard_size or loaded.source_shard_size,
         )
         timer("saving_s")
         (staging / "report.json").write_text(json.dumps(report, indent=2))
