@@ -140,7 +140,7 @@ def _under(path: Path, roots: list[Path]) -> bool:
 
 
 if TYPE_CHECKING:
-    from shortened.admission import Lookups
+    from shortened.admission import Lookups, MemoryLimit
 
 
 class SourcePolicy:
@@ -207,10 +207,34 @@ class SourcePolicy:
             {
                 "loc": ["body", *(int(p) if p.isdigit() else p for p in problem.field.split("."))],
                 "msg": problem.message,
-                "type": "value_error",
+                "type": problem.code,
             }
-            for problem in problems(kind, parsed, self.lookups())
+            for problem in problems(kind, parsed, self.lookups(), self.memory_limit())
         ]
+
+    def memory_limit(self) -> MemoryLimit | None:
+        """The largest worker's declared memory (``max_worker_memory_gb``), if set."""
+        from shortened.admission import MemoryLimit
+
+        gb = self.settings.max_worker_memory_gb
+        if gb is None:
+            return None
+        return MemoryLimit(int(gb * 10**9), self.settings.worker_device)
+
+    def plan(self, kind: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """The job's plan (``shortened.planning``), or None when its model's config cannot
+        be read here (a hub model, a job still running)."""
+        from shortened.admission import Missing, model_config
+        from shortened.planning import plan_job
+        from shortened.specs import JOB_SPECS
+
+        parsed = JOB_SPECS[kind].model_validate(spec)
+        try:
+            config = model_config(parsed.model, self.lookups())  # type: ignore[attr-defined]
+            plan = plan_job(kind, parsed, config, self.settings.worker_device) if config else None
+        except (Missing, KeyError, TypeError, ValueError):
+            return None
+        return plan.to_dict() if plan else None
 
     def lookups(self) -> Lookups:
         """How admission looks up what is not on this host: objects with a short timeout, and

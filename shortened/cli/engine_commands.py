@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..planning import Plan, plan_job, render_plan
 from ..specs import (
     DATA_FREE_CRITERIA,
     PAPER_TASK_METRICS,
@@ -34,6 +35,24 @@ def admit(kind: str, spec: Any) -> None:
 
     lookups = s3_lookups() if "s3://" in spec.model_dump_json() else Lookups()
     check_spec(kind, spec, lookups)
+
+
+def dry_run_plan(kind: str, spec: Any) -> Plan:
+    """The plan of ``spec`` from its model's config.json, without torch. ``device auto``
+    is planned for the CPU unless CUDA_VISIBLE_DEVICES names a GPU."""
+    import os
+
+    from ..admission import AdmissionError, Lookups, Problem, model_config, s3_lookups
+
+    lookups = s3_lookups() if spec.model.startswith("s3://") else Lookups()
+    config = model_config(spec.model, lookups)
+    if config is None:
+        raise AdmissionError(
+            [Problem("model", f"cannot plan {spec.model}: its config.json is not readable here")]
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    auto_device = "cuda" if visible and visible != "-1" else "cpu"
+    return plan_job(kind, spec, config, auto_device)
 
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
@@ -125,6 +144,13 @@ def prune_spec(args: argparse.Namespace) -> PruneSpec:
 def _prune(args: argparse.Namespace) -> int:
     spec = prune_spec(args)
     admit("prune", spec)
+    if args.dry_run:
+        print(render_plan(dry_run_plan("prune", spec)))
+        return 0
+    if args.output is None:
+        from ..admission import AdmissionError, Problem
+
+        raise AdmissionError([Problem("output", "--output is required (unless --dry-run)")])
     from shortened.engine.prune import prune_model
     from shortened.engine.score_cache import DirectoryScoreCache
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shortened.planning import blocks_for_ratio, removable_blocks
 from shortened.render import block_score_svg
 from shortened.specs import PruneSpec
 
@@ -34,21 +34,6 @@ if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
-
-
-def removable_blocks(num_layers: int, protect_first: int, protect_last: int) -> list[int]:
-    """Original indices that may be removed: all but the first and last protected blocks."""
-    return list(range(min(protect_first, num_layers), max(num_layers - protect_last, 0)))
-
-
-def blocks_for_ratio(
-    total_params: int, block_params: Sequence[int], ratio: float, max_blocks: int
-) -> int:
-    """The block count whose removal brings the removed-parameter fraction closest to ``ratio``."""
-    mean_block = sum(block_params) / len(block_params)
-    return min(
-        range(1, max_blocks + 1), key=lambda k: (abs(k * mean_block / total_params - ratio), k)
-    )
 
 
 def write_scores_csv(path: Path, report: dict[str, Any]) -> None:

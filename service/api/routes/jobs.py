@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from service import crud
 from service.api.admission import (
@@ -32,7 +32,7 @@ from service.errors import APIError, coded
 from service.models import Job
 from service.pipeline import pipeline_of
 from service.schemas import ArtifactLink, EventOut, JobKind, JobOut, JobPage, JobStatus
-from service.submission import submit_job
+from service.submission import plan_submission, submit_job
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,36 @@ def _job_or_404(session: Any, job_id: str, principal: Principal | None = None) -
     return job
 
 
+DryRun = Annotated[
+    bool,
+    Query(
+        description="Plan only: validate and admit as a real submission (422 when it could not "
+        "run, including insufficient_memory), then answer 200 with the plan (parameters, "
+        "blocks, output size, peak memory per stage); no job is created"
+    ),
+]
+DRY_RUN_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Replay of an Idempotency-Key (a job), or with dry_run=true the plan: "
+        '{"dry_run": true, "kind", "plan"} (plan null when the model\'s config.json is not '
+        "readable by the API: hub models, a job still running)"
+    }
+}
+
+
 def _submit(
-    request: Request, response: Response, session: Any, kind: str, spec: dict[str, Any]
-) -> JobOut:
+    request: Request,
+    response: Response,
+    session: Any,
+    kind: str,
+    spec: dict[str, Any],
+    dry_run: bool = False,
+) -> JobOut | JSONResponse:
     principal: Principal = request.state.principal
+    if dry_run:
+        with refusals_as_http():
+            plan = plan_submission(session, request.app.state.settings, principal, kind, spec)
+        return JSONResponse({"dry_run": True, "kind": kind, "plan": plan})
     with refusals_as_http():
         submitted = submit_job(
             session,
@@ -77,40 +103,58 @@ def _submit(
     return JobOut.from_row(submitted.job)
 
 
-@router.post("/prune", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/prune",
+    status_code=202,
+    response_model=JobOut,
+    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
+)
 def submit_prune(
     spec: PruneSpec,
     request: Request,
     response: Response,
     session: SessionDep,
     idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+    dry_run: DryRun = False,
+) -> JobOut | JSONResponse:
     """Queue a one-shot depth-pruning job."""
-    return _submit(request, response, session, "prune", spec.model_dump(mode="json"))
+    return _submit(request, response, session, "prune", spec.model_dump(mode="json"), dry_run)
 
 
-@router.post("/retrain", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/retrain",
+    status_code=202,
+    response_model=JobOut,
+    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
+)
 def submit_retrain(
     spec: RetrainSpec,
     request: Request,
     response: Response,
     session: SessionDep,
     idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+    dry_run: DryRun = False,
+) -> JobOut | JSONResponse:
     """Queue a retraining job (LoRA, continued pretraining, or both)."""
-    return _submit(request, response, session, "retrain", spec.model_dump(mode="json"))
+    return _submit(request, response, session, "retrain", spec.model_dump(mode="json"), dry_run)
 
 
-@router.post("/eval", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/eval",
+    status_code=202,
+    response_model=JobOut,
+    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
+)
 def submit_eval(
     spec: EvalSpec,
     request: Request,
     response: Response,
     session: SessionDep,
     idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+    dry_run: DryRun = False,
+) -> JobOut | JSONResponse:
     """Queue an evaluation job (perplexity, zero-shot accuracy, efficiency)."""
-    return _submit(request, response, session, "eval", spec.model_dump(mode="json"))
+    return _submit(request, response, session, "eval", spec.model_dump(mode="json"), dry_run)
 
 
 @router.get("", response_model=JobPage)
