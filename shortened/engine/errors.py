@@ -29,6 +29,12 @@ class ModelGated(EngineError):
     code = "model_gated"
 
 
+class InsufficientMemory(EngineError):
+    """The job's planned peak memory exceeds what this worker declares."""
+
+    code = "insufficient_memory"
+
+
 class UnsupportedArchitecture(EngineError):
     code = "unsupported_architecture"
 
