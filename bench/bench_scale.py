@@ -149,6 +149,12 @@ def measured(command: list[str], log: Path) -> dict[str, Any]:
     return {"wall_s": round(wall, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
+def runtime_rss(root: Path) -> int:
+    """Peak RSS of a child that only imports the engine (torch, transformers): the fixed cost
+    every step pays whatever the model's size."""
+    return int(measured(["shortened.engine.retrain"], root / "runtime.log")["peak_rss_bytes"])
+
+
 def layout(path: Path) -> dict[str, Any]:
     """The weights as saved: dtype(s), shard files and sizes, whether the index is valid."""
     from safetensors import safe_open
@@ -423,6 +429,10 @@ def summarise(figures: dict[str, Any]) -> dict[str, Any]:
     from shortened.admission import total_params
 
     params = total_params(SHAPE)
+    runtime = figures["conditions"].get("runtime_rss_bytes")
+    if runtime is None:
+        RUNS.mkdir(parents=True, exist_ok=True)
+        runtime = figures["conditions"]["runtime_rss_bytes"] = runtime_rss(RUNS)
     rows = []
     for step in figures["steps"]:
         dtype = step.get("dtype", "bfloat16")
@@ -432,6 +442,10 @@ def summarise(figures: dict[str, Any]) -> dict[str, Any]:
             "wall_s": step["wall_s"],
             "peak_gb": round(step["peak_rss_bytes"] / GB, 2),
             "peak_over_weights": round(step["peak_rss_bytes"] / weights, 2),
+            # The same without the imports' fixed cost: what grows with the model.
+            "peak_less_runtime_over_weights": round(
+                (step["peak_rss_bytes"] - runtime) / weights, 2
+            ),
         }
         plan = plan_for(step["argv"], step["config"]) if step.get("argv") else step.get("plan")
         if plan:
@@ -479,6 +493,7 @@ def main() -> None:
         "conditions": {
             "cpus": os.cpu_count(),
             "load_average_at_end": [round(load1, 1), round(load5, 1), round(load15, 1)],
+            "runtime_rss_bytes": runtime_rss(root),
             "total_wall_s": round(time.perf_counter() - started, 1),
         },
         "steps": steps,

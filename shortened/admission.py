@@ -39,7 +39,6 @@ class Problem:
 
     field: str
     message: str
-    code: str = "value_error"  # the 422 error's ``type``: insufficient_memory, ...
 
 
 class AdmissionError(ValueError):
@@ -278,36 +277,9 @@ def _eval_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterator[P
             yield item
 
 
-@dataclass(frozen=True)
-class MemoryLimit:
-    """The most memory a job may plan to use (the largest worker's), and what ``device:
-    auto`` means on the workers (``cpu`` or ``cuda``)."""
-
-    limit_bytes: int
-    auto_device: str = "cpu"
-
-
-def _memory_problems(
-    kind: str, spec: BaseModel, config: dict[str, Any], memory: MemoryLimit
-) -> Iterator[Problem]:
-    from shortened.planning import insufficient_memory, plan_job
-
-    try:
-        plan = plan_job(kind, spec, config, memory.auto_device)
-    except (KeyError, TypeError, ValueError):
-        return  # an unusual config: the worker checks against its own memory
-    if message := insufficient_memory(plan, memory.limit_bytes):
-        yield Problem("model", message, "insufficient_memory")
-
-
-def problems(
-    kind: str,
-    spec: BaseModel,
-    lookups: Lookups | None = None,
-    memory: MemoryLimit | None = None,
-) -> list[Problem]:
-    """Everything that stops ``spec`` (an already validated spec of ``kind``) from running;
-    with ``memory``, also a planned peak that no worker can hold."""
+def problems(kind: str, spec: BaseModel, lookups: Lookups | None = None) -> list[Problem]:
+    """Everything that stops ``spec`` (an already validated spec of ``kind``) from running.
+    (Whether it fits the workers' memory is ``shortened.planning``'s question.)"""
     lookups = lookups or Lookups()
     found: list[Problem] = []
     config: dict[str, Any] | None = None
@@ -332,8 +304,6 @@ def problems(
     elif kind == "eval":
         assert isinstance(spec, EvalSpec)
         found += _eval_problems("", spec, lookups)
-    if memory is not None and config is not None and not found:
-        found += _memory_problems(kind, spec, config, memory)
     return found
 
 

@@ -216,7 +216,8 @@ def plan_prune(spec: PruneSpec, config: dict[str, Any], auto_device: str = "cpu"
         )
     # Saving casts to the source dtype tensor by tensor, then serialises each shard to bytes
     # (safetensors' save_file copies a shard's tensors before writing): the larger of the two.
-    shard = min(after * out_b, _shard_bytes(spec.max_shard_size))
+    # On CUDA the shard is serialised in host memory: the device holds the weights only.
+    shard = 0 if device == "cuda" else min(after * out_b, _shard_bytes(spec.max_shard_size))
     if after * b >= after * out_b + shard:
         save = {"runtime": runtime, "weights": WEIGHT_MULTIPLE["save"] * after * b}
     else:

@@ -96,7 +96,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
 
 def prune_spec(args: argparse.Namespace) -> PruneSpec:
     """The spec of ``shortened prune``: the options given, the spec's defaults for the rest."""
-    calibration = given(
+    calibration: dict[str, Any] | None = given(
         source=args.calibration,
         dataset=args.calibration_dataset,
         split=args.calibration_split,

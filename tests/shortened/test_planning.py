@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shortened.admission import MemoryLimit, problems
 from shortened.engine.prune import prune_model
-from shortened.planning import GB, plan_job
+from shortened.planning import GB, insufficient_memory, plan_job
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 from tests.helpers import CALIBRATION, REPO, tiny_model, tiny_tokenizer
 
@@ -102,13 +101,13 @@ def test_plan_per_stage_follows_dtype_criterion_and_pipeline(bf16_model: Path):
     assert evaluation.compute_dtype == "bfloat16" and evaluation.device == "cuda"
 
 
-def test_admission_refuses_what_no_worker_can_hold(bf16_model: Path):
+def test_a_plan_over_the_limit_says_by_how_much(bf16_model: Path):
     spec = prune_spec(bf16_model)
     plan = plan_job("prune", spec, json.loads((bf16_model / "config.json").read_text()))
-    assert problems("prune", spec, memory=MemoryLimit(plan.peak_bytes)) == []
-    [problem] = problems("prune", spec, memory=MemoryLimit(plan.peak_bytes - 1))
-    assert problem.code == "insufficient_memory" and problem.field == "model"
-    assert f"{plan.peak_bytes / GB:.1f} GB" in problem.message
+    assert insufficient_memory(plan, plan.peak_bytes) is None
+    message = insufficient_memory(plan, plan.peak_bytes - 1)
+    assert message is not None and f"peak of this job is {plan.peak_bytes / GB:.1f} GB" in message
+    assert plan.peak_stage in message
 
 
 def test_cli_dry_run_prints_the_plan_without_torch(bf16_model: Path, tmp_path: Path):
