@@ -129,24 +129,42 @@ def build_model(path: Path) -> None:
 
 def measured(command: list[str], log: Path) -> dict[str, Any]:
     """Run ``command`` (a Python module and its arguments) in a child of its own: its wall
-    time and peak resident memory (ru_maxrss of that child alone, from wait4)."""
+    time and peak resident memory, the child's own VmHWM read by itself at exit (``child``
+    below). Not ru_maxrss: Linux carries the parent's resident size at fork into a child's
+    ru_maxrss, so every child would report at least this process's size."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    peak_file = log.with_suffix(".peak")
     started = time.perf_counter()
     with log.open("w") as out:
-        child = subprocess.Popen(
-            [sys.executable, "-m", *command],
+        child = subprocess.run(
+            [sys.executable, "-m", "bench.bench_scale", "child", str(peak_file), *command],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
             env=env,
+            check=False,
         )
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
-    return {"wall_s": round(wall, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
+    return {"wall_s": round(wall, 1), "peak_rss_bytes": int(peak_file.read_text())}
+
+
+def child_main(peak_file: str, module: str, *args: str) -> None:
+    """``python -m bench.bench_scale child PEAK_FILE MODULE ARGS...``: run MODULE as
+    ``python -m`` would, then write this process's VmHWM (peak RSS, bytes) to PEAK_FILE."""
+    import atexit
+    import runpy
+
+    def write_peak() -> None:
+        with open("/proc/self/status") as handle:
+            kb = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
+        Path(peak_file).write_text(str(kb * 1024))
+
+    atexit.register(write_peak)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def runtime_rss(root: Path) -> int:
@@ -468,9 +486,15 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "reload":
         reload_main(sys.argv[2], sys.argv[3])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        child_main(*sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--figures", type=Path, help="re-estimate saved figures, run nothing")
     parser.add_argument("--no-service", action="store_true", help="skip the service pipeline")
+    parser.add_argument(
+        "--service-from", type=Path, help="take the service pipeline's figures from this file"
+    )
     parser.add_argument("--smoke", action="store_true", help="a small model (checks the bench)")
     args = parser.parse_args()
     global CACHE, RUNS
@@ -486,7 +510,10 @@ def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="run-", dir=RUNS))
     steps = run_steps(root)
-    if not args.no_service:
+    if args.service_from:
+        saved = json.loads(args.service_from.read_text())["steps"]
+        steps += [step for step in saved if step["step"].startswith("service pipeline")]
+    elif not args.no_service:
         steps.append(service_pipeline(root))
     load1, load5, load15 = os.getloadavg()
     figures = {
