@@ -10,8 +10,11 @@ intermediate, vocabulary size and layer count)::
 
 * ``RUNTIME``: Python with torch and transformers imported (CPU resident memory; 0 on CUDA,
   where the figure is allocated device memory).
-* load: the weights once: transformers fills a model built on the meta device shard by
-  shard, cast as each tensor is read, so no second copy exists.
+* load: the weights once: transformers fills a model built on the meta device from the
+  memory-mapped safetensors files. In the checkpoint's own dtype the weights are those mapped
+  pages; cast to another dtype (a bf16 checkpoint computed in float32) the mapped source
+  pages stay resident next to the converted weights until loading ends (file-backed and
+  reclaimable, but counted in the resident size).
 * forward-only scoring (ppl, iterative_ppl, block_influence, angular, magnitude): the hidden
   states of one forward, ``B*S*(HIDDEN_COPIES*H + MLP_COPIES*I)*b``, and the LM head in chunks
   of ``HEAD_CHUNK_TOKENS`` tokens (fp32 logits and their log-softmax).
@@ -186,7 +189,8 @@ def plan_prune(spec: PruneSpec, config: dict[str, Any], auto_device: str = "cpu"
         removable_blocks=candidates,
         num_blocks=k,
     )
-    plan.stages.append(_stage("load", {"runtime": runtime, "weights": weights}))
+    cast = dtype != source_dtype(config) and device == "cpu"  # on CUDA the map is host memory
+    plan.stages.append(_load(runtime, weights, total * out_b, cast))
     calibration = spec.calibration
     tokens = spec.batch_size * (calibration.seq_len if calibration else 0)
     weights_x = WEIGHT_MULTIPLE["scoring"] * weights
@@ -323,10 +327,24 @@ def plan_job(kind: str, spec: BaseModel, config: dict[str, Any], auto_device: st
     return _job_plan(kind, stages, config, compute_dtype(spec.dtype, device), device)
 
 
+def _load(runtime: int, weights: int, source_bytes: int, cast: bool) -> StagePlan:
+    """Loading maps the safetensors files; cast to another dtype, the mapped source pages
+    stay resident next to the converted weights until the load ends (file-backed, so
+    reclaimable, but counted in the resident size). In the checkpoint's own dtype the
+    weights are the mapped pages."""
+    parts = {"runtime": runtime, "weights": weights}
+    if cast:
+        parts["mapped source"] = source_bytes
+    return _stage("load", parts)
+
+
 def _load_stage(device: str, dtype: str, config: dict[str, Any], auto_device: str) -> StagePlan:
     device_type = _device_type(device, auto_device)
-    weights = total_params(config) * DTYPE_BYTES[compute_dtype(dtype, device_type)]
-    return _stage("load", {"runtime": RUNTIME_BYTES[device_type], "weights": weights})
+    total, wanted = total_params(config), compute_dtype(dtype, device_type)
+    weights = total * DTYPE_BYTES[wanted]
+    source = total * DTYPE_BYTES[source_dtype(config)]
+    cast = wanted != source_dtype(config) and device_type == "cpu"
+    return _load(RUNTIME_BYTES[device_type], weights, source, cast)
 
 
 def insufficient_memory(plan: Plan, limit_bytes: int) -> str | None:
