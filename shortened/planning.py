@@ -316,7 +316,7 @@ def _load(runtime: int, weights: int, source_bytes: int, cast: bool) -> StagePla
     stay resident next to the converted weights until the load ends (file-backed, so
     reclaimable, but counted in the resident size). In the checkpoint's own dtype the
     weights are the mapped pages."""
-    parts = {"runtime": runtime, "weights": weights}
+    parts: dict[str, float] = {"runtime": runtime, "weights": weights}
     if cast:
         parts["mapped source"] = source_bytes
     return _stage("load", parts)
