@@ -12,7 +12,7 @@ TORCH_SPEC ?= $(or $(word 1,$(SAVED_TORCH)),torch==2.13.0)
 TORCH_INDEX_URL ?= $(word 2,$(SAVED_TORCH))
 GPU_TORCH_SPEC ?= torch
 
-.PHONY: install install-gpu serve test test-fast bench bench-quality lint format FORCE
+.PHONY: install install-gpu serve test test-fast bench bench-quality bench-scale gpu-check lint format FORCE
 
 # Runs every time, acts only when the torch wanted differs from the one installed.
 $(TORCH_STAMP): FORCE
@@ -55,6 +55,15 @@ bench: install
 # Recovery after pruning (LoRA, CPT, KD) on the tiny model; writes docs/quality.png.
 bench-quality: install
 	$(PY) -m bench.bench_quality
+
+# The engine at real size on the CPU (a random Llama-3.2-1B-shaped model, built once into
+# var/bench-cache): about 15 minutes on an idle 2-core machine, ~6 GB of RAM at its peak.
+bench-scale: install
+	$(PY) -m bench.bench_scale
+
+# GPU readiness with a random Llama-3-8B-shaped model; fails at once without CUDA.
+gpu-check: install
+	bash bench/gpu_check.sh
 
 LINTED := service worker shortened tests bench scripts migrations
 

@@ -141,7 +141,10 @@ def _under(path: Path, roots: list[Path]) -> bool:
 
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from shortened.admission import Lookups
+    from shortened.planning import Plan
 
 
 class SourcePolicy:
@@ -204,7 +207,7 @@ class SourcePolicy:
         parsed = JOB_SPECS[kind].model_validate(spec)
         if not check_model:
             parsed = parsed.model_copy(update={"model": None})
-        return [
+        errors = [
             {
                 "loc": ["body", *(int(p) if p.isdigit() else p for p in problem.field.split("."))],
                 "msg": problem.message,
@@ -212,6 +215,37 @@ class SourcePolicy:
             }
             for problem in problems(kind, parsed, self.lookups())
         ]
+        if not errors and check_model and (message := self.memory_refusal(kind, parsed)):
+            errors.append({"loc": ["body", "model"], "msg": message, "type": "insufficient_memory"})
+        return errors
+
+    def memory_refusal(self, kind: str, parsed: BaseModel) -> str | None:
+        """Why no worker can hold the job (its planned peak over ``max_worker_memory_gb``),
+        or None: it fits, no limit is set, or its model's config is not readable here."""
+        from shortened.planning import insufficient_memory
+
+        gb = self.settings.max_worker_memory_gb
+        if gb is None or (plan := self._plan(kind, parsed)) is None:
+            return None
+        return insufficient_memory(plan, int(gb * 10**9))
+
+    def _plan(self, kind: str, parsed: BaseModel) -> Plan | None:
+        from shortened.admission import Missing, model_config
+        from shortened.planning import plan_job
+
+        try:
+            config = model_config(parsed.model, self.lookups())  # type: ignore[attr-defined]
+            return plan_job(kind, parsed, config, self.settings.worker_device) if config else None
+        except (Missing, KeyError, TypeError, ValueError):
+            return None
+
+    def plan(self, kind: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """The job's plan (``shortened.planning``), or None when its model's config cannot
+        be read here (a hub model, a job still running)."""
+        from shortened.specs import JOB_SPECS
+
+        plan = self._plan(kind, JOB_SPECS[kind].model_validate(spec))
+        return plan.to_dict() if plan else None
 
     def lookups(self) -> Lookups:
         """How admission looks up what is not on this host: objects with a short timeout, and

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 from service import batches, crud
 from service.locks import tenant_lock
 from service.models import Batch, Job
-from service.policy import PolicyViolation, check_submission
+from service.policy import PolicyViolation, SourcePolicy, check_submission
 from service.queue import RUN_JOB_TASK
 from service.tracing import annotate_job
 from shortened.config import Settings
@@ -156,6 +156,16 @@ def admit(
         schedule_id=schedule_id,
         commit=False,
     )
+
+
+def plan_submission(
+    session: Session, settings: Settings, principal: Principal, kind: str, spec: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A dry run: the same policy and admission as :func:`admit` (``PolicyViolation``,
+    including ``insufficient_memory``), then the job's plan instead of a job (None when the
+    model's config is not readable by the API: a hub model, a job still running)."""
+    check_submission(settings, session, principal, spec, kind)
+    return SourcePolicy(settings, session, principal).plan(kind, spec)
 
 
 def dispatch(

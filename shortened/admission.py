@@ -326,7 +326,8 @@ def _eval_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterator[P
 
 
 def problems(kind: str, spec: BaseModel, lookups: Lookups | None = None) -> list[Problem]:
-    """Everything that stops ``spec`` (an already validated spec of ``kind``) from running."""
+    """Everything that stops ``spec`` (an already validated spec of ``kind``) from running.
+    (Whether it fits the workers' memory is ``shortened.planning``'s question.)"""
     lookups = lookups or Lookups()
     found: list[Problem] = []
     config: dict[str, Any] | None = None

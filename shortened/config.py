@@ -83,6 +83,26 @@ class Settings(BaseSettings):
         gt=0,
         description="Redis redelivery timeout of an unacknowledged message; longer than the longest job",
     )
+    # --- memory: what a worker has, and what the API may admit -----------------------------
+    worker_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Worker: the memory a job may use here (GB); default the GPU's total "
+        "memory when CUDA is present, else unset (no check). The worker refuses a job whose "
+        "planned peak exceeds it",
+    )
+    max_worker_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="API: the largest SHORTENED_WORKER_MEMORY_GB (or GPU memory) of the "
+        "workers on this queue; a job whose planned peak exceeds it is refused with 422 "
+        "insufficient_memory (unset: no memory check)",
+    )
+    worker_device: Literal["cpu", "cuda"] = Field(
+        default="cpu",
+        description="What device 'auto' means for the memory plan: the kind of device the "
+        "workers have (auto picks bf16 on CUDA, float32 on the CPU)",
+    )
     api_host: str = Field(default="127.0.0.1", description="Address `shortened serve` listens on")
     api_port: int = Field(
         default=8000, ge=1, le=65535, description="Port `shortened serve` listens on"

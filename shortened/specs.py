@@ -33,6 +33,8 @@ MAX_RECORDS = 1_000_000_000
 MAX_SEED = 2**32 - 1  # numpy's seed range, the narrowest of the libraries seeded
 MAX_EPOCHS = 1000.0
 MAX_LEARNING_RATE = 10.0
+# A shard size as transformers' save_pretrained reads it: decimal KB/MB/GB, binary KiB/MiB/GiB.
+SHARD_SIZE_PATTERN = r"^[1-9][0-9]{0,5}(KB|MB|GB|KiB|MiB|GiB)$"
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description=f"Random seed, 0..{MAX_SEED}")]
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
@@ -233,6 +235,12 @@ class _PruningJob(_JobSpec):
         default="auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="cpu, cuda or cuda:N (auto: CUDA when available)",
+    )
+    max_shard_size: str | None = Field(
+        default=None,
+        pattern=SHARD_SIZE_PATTERN,
+        description="Largest safetensors shard of the saved model, e.g. 2GB or 500MB (default: "
+        "the source checkpoint's largest shard, or 5GB for a single-file source)",
     )
     retrain: PipelineRetrain | None = Field(
         default=None,
@@ -594,6 +602,12 @@ class RetrainSpec(_JobSpec):
         default="auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="cpu, cuda or cuda:N (auto: CUDA when available)",
+    )
+    max_shard_size: str | None = Field(
+        default=None,
+        pattern=SHARD_SIZE_PATTERN,
+        description="Largest safetensors shard of the saved model, e.g. 2GB or 500MB (default: "
+        "the source checkpoint's largest shard, or 5GB for a single-file source)",
     )
 
     @field_validator("model")

@@ -42,6 +42,7 @@ from shortened.engine.progress import Progress, ProgressLines
 from shortened.logs import job_context
 from shortened.redact import redact_result, spec_strings
 from worker import metrics as worker_metrics
+from worker.capacity import check_fits
 from worker.celery_app import RUN_JOB_TASK, app
 from worker.processes import pid_alive, worker_id_for
 from worker.tracking import start_tracking
@@ -657,6 +658,8 @@ def _execute_job(job_id: str, settings: Settings | None = None) -> str | None:
                     )
                 reporter.resume_dir = scratch.local_dir
                 reporter.on_block = scratch.push
+                output_dir = work_dir / "output"
+                check_fits(job.kind, job.spec, settings)
                 report = run(job.spec, output_dir, reporter, store, settings)
                 # A cancel that arrives while the checkpoint is being saved is still honoured.
                 reporter.stage_change("publishing", f"publishing to {prefix}/")

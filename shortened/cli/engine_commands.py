@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..planning import Plan, plan_job, render_plan
 from ..specs import (
     DATA_FREE_CRITERIA,
     PAPER_TASK_METRICS,
@@ -35,6 +36,24 @@ def admit(kind: str, spec: Any) -> None:
 
     lookups = s3_lookups() if "s3://" in spec.model_dump_json() else Lookups()
     check_spec(kind, spec, lookups)
+
+
+def dry_run_plan(kind: str, spec: Any) -> Plan:
+    """The plan of ``spec`` from its model's config.json, without torch. ``device auto``
+    is planned for the CPU unless CUDA_VISIBLE_DEVICES names a GPU."""
+    import os
+
+    from ..admission import AdmissionError, Lookups, Problem, model_config, s3_lookups
+
+    lookups = s3_lookups() if spec.model.startswith("s3://") else Lookups()
+    config = model_config(spec.model, lookups)
+    if config is None:
+        raise AdmissionError(
+            [Problem("model", f"cannot plan {spec.model}: its config.json is not readable here")]
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    auto_device = "cuda" if visible and visible != "-1" else "cpu"
+    return plan_job(kind, spec, config, auto_device)
 
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +86,13 @@ def add_pruning_options(p: argparse.ArgumentParser) -> None:
     spec_option(p, PruneSpec, "taylor_batch_size")
     spec_option(p, PruneSpec, "device")
     spec_option(p, PruneSpec, "dtype")
-    p.add_argument("--output", required=True, type=Path, help="new or empty directory")
+    spec_option(p, PruneSpec, "max_shard_size")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (parameters, blocks, output size, peak memory per stage) and exit",
+    )
+    p.add_argument("--output", type=Path, help="new or empty directory (required unless --dry-run)")
     p.add_argument(
         "--score-cache",
         type=Path,
@@ -127,7 +152,12 @@ def prune_spec(args: argparse.Namespace) -> PruneSpec:
             "model": args.model,
             "calibration": calibration,
             **shared_options(args),
-            **given(criterion=args.criterion, num_blocks=args.num_blocks, target_ratio=args.ratio),
+            **given(
+                criterion=args.criterion,
+                num_blocks=args.num_blocks,
+                target_ratio=args.ratio,
+                max_shard_size=args.max_shard_size,
+            ),
         }
     )
 
@@ -135,6 +165,13 @@ def prune_spec(args: argparse.Namespace) -> PruneSpec:
 def _prune(args: argparse.Namespace) -> int:
     spec = prune_spec(args)
     admit("prune", spec)
+    if args.dry_run:
+        print(render_plan(dry_run_plan("prune", spec)))
+        return 0
+    if args.output is None:
+        from ..admission import AdmissionError, Problem
+
+        raise AdmissionError([Problem("output", "--output is required (unless --dry-run)")])
     from shortened.engine.prune import prune_model
     from shortened.engine.score_cache import DirectoryScoreCache
 
@@ -253,6 +290,7 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
     spec_option(train, RetrainSpec, "seed")
     spec_option(train, RetrainSpec, "device")
     spec_option(train, RetrainSpec, "dtype")
+    spec_option(train, RetrainSpec, "max_shard_size")
     p.add_argument("--output", required=True, type=Path, help="new or empty directory")
     p.set_defaults(handler=_retrain)
 
@@ -341,6 +379,7 @@ def retrain_spec(args: argparse.Namespace) -> RetrainSpec:
                 seed=args.seed,
                 device=args.device,
                 dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
             ),
         }
     )

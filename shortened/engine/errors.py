@@ -23,6 +23,18 @@ class ModelNotFound(EngineError):
     code = "model_not_found"
 
 
+class ModelGated(EngineError):
+    """A gated hub model the worker's token may not download (licence not accepted)."""
+
+    code = "model_gated"
+
+
+class InsufficientMemory(EngineError):
+    """The job's planned peak memory exceeds what this worker declares."""
+
+    code = "insufficient_memory"
+
+
 class UnsupportedArchitecture(EngineError):
     code = "unsupported_architecture"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,8 +18,8 @@ import torch
 from shortened.locations import local_path
 
 from .architectures import FamilyAdapter, adapter_for_model_type
-from .errors import CorruptModel, DeviceUnavailable, ModelNotFound
-from .outputs import quiet_progress_bars
+from .errors import CorruptModel, DeviceUnavailable, ModelGated, ModelNotFound
+from .outputs import quiet_progress_bars, source_shard_size
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -30,11 +31,83 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class ResolvedSource:
-    """Where transformers should load from: a local path, or a hub id with a revision."""
+    """Where transformers should load from: a local directory (a hub model: its snapshot in
+    the Hugging Face cache, ``hub_id`` and the immutable ``commit`` it was resolved to)."""
 
     source: str
     path_or_id: str
     revision: str | None = None
+    hub_id: str | None = None
+    commit: str | None = None
+
+
+# What a hub snapshot needs: config, safetensors weights and the tokenizer. Not the
+# ``original/`` consolidated checkpoints or the .bin duplicates some repos also carry
+# (Llama 3 repos: another 16 GB).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache() -> str:
+    """The standard cache, read from the environment now (huggingface_hub reads it once, at
+    import): ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if cache := os.environ.get("HF_HUB_CACHE"):
+        return cache
+    home = os.environ.get("HF_HOME") or os.path.join(Path.home(), ".cache", "huggingface")
+    return os.path.join(home, "hub")
+
+
+def resolve_hub(source: str) -> ResolvedSource:
+    """``hf://org/name[@revision]`` -> its snapshot directory and the commit it is, through
+    the standard Hugging Face cache (``HF_HOME``; token ``HF_TOKEN``). Offline
+    (``HF_HUB_OFFLINE=1``) only what the cache holds. Gated repos without access are
+    ``ModelGated``; unknown repos or revisions ``ModelNotFound``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name, _, revision = source[len("hf://") :].partition("@")
+    if not name:
+        raise ModelNotFound(f"empty hub id in {source!r}")
+    offline = _hub_offline()
+    try:
+        path = snapshot_download(
+            name,
+            revision=revision or None,
+            cache_dir=_hub_cache(),
+            allow_patterns=HUB_FILES,
+            local_files_only=offline,
+            token=os.environ.get("HF_TOKEN") or None,
+        )
+    except GatedRepoError:  # before RepositoryNotFoundError: it is a subclass
+        raise ModelGated(
+            f"{name} is a gated model: accept its licence on huggingface.co and give the "
+            "worker a token with access (HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFound(f"{name} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(
+            f"no model {name!r} on the Hugging Face Hub (or it is private and HF_TOKEN has no "
+            "access)"
+        ) from None
+    except LocalEntryNotFoundError:
+        where = "offline (HF_HUB_OFFLINE) and" if offline else "the Hub is unreachable and it is"
+        raise ModelNotFound(
+            f"{name}@{revision or 'main'}: {where} not in the Hugging Face cache {_hub_cache()}"
+        ) from None
+    snapshot = Path(path)
+    return ResolvedSource(source, str(snapshot), None, hub_id=name, commit=snapshot.name)
 
 
 def resolve_source(
@@ -43,10 +116,7 @@ def resolve_source(
     """Turn a user-facing source into a local directory or a hub id, downloading if needed."""
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "shortened")
     if source.startswith("hf://"):
-        name, _, revision = source[len("hf://") :].partition("@")
-        if not name:
-            raise ModelNotFound(f"empty hub id in {source!r}")
-        return ResolvedSource(source, name, revision or None)
+        return resolve_hub(source)
     if source.startswith("s3://"):
         from shortened.storage import ArtifactNotFound, download_uri
 
@@ -124,6 +194,8 @@ class LoadedModel:
     dtype: torch.dtype
     source_dtype: torch.dtype | None
     resolved: ResolvedSource
+    # The source's largest safetensors shard (None: a single file): outputs are cut alike.
+    source_shard_size: int | None = None
 
 
 def load_model(
@@ -138,6 +210,11 @@ def load_model(
 
     The architecture is checked from the config before any weights are read. On CUDA, a
     checkpoint larger than the free memory of one GPU is spread with ``device_map="auto"``.
+
+    Memory: transformers (5.x) builds the model on the meta device and fills it shard by
+    shard, cast to ``dtype`` as each tensor is read, so the weights exist once, in the
+    compute dtype; on CUDA without a device map they go straight to the device
+    (``device_map`` = the target) instead of through a CPU copy.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -152,11 +229,11 @@ def load_model(
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
     load_kwargs: dict[str, Any] = {"dtype": torch_dtype, **hub_kwargs}
-    if target.type == "cuda" and device == "auto":
+    if target.type == "cuda":
         size = _checkpoint_bytes(resolved.path_or_id)
-        free, _ = torch.cuda.mem_get_info()
-        if size is not None and size * 1.2 > free:
-            load_kwargs["device_map"] = "auto"
+        free, _ = torch.cuda.mem_get_info(target)
+        spread = device == "auto" and size is not None and size * 1.2 > free
+        load_kwargs["device_map"] = "auto" if spread else str(target)
     from safetensors import SafetensorError
 
     try:
@@ -176,7 +253,16 @@ def load_model(
     if isinstance(source_dtype, str):
         source_dtype = _DTYPES.get(source_dtype)
     log.info("loaded %s (%s) on %s as %s", source, adapter.name, target, torch_dtype)
-    return LoadedModel(model, tokenizer, adapter, target, torch_dtype, source_dtype, resolved)
+    return LoadedModel(
+        model,
+        tokenizer,
+        adapter,
+        target,
+        torch_dtype,
+        source_dtype,
+        resolved,
+        source_shard_size(resolved.path_or_id),
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -4,6 +4,7 @@ versions of the report."""
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import tempfile
@@ -48,6 +49,46 @@ def atomic_output_dir(output_dir: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+# Shard size when neither the spec nor the source checkpoint says: the Hub's customary size
+# (transformers' own default, 50GB, would write a 16 GB model as one file that no tool can
+# fetch or resume in parts).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def shard_size_bytes(size: str | int) -> int:
+    """``"2GB"`` (decimal units, as transformers reads them; KiB/MiB/GiB binary) or bytes."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * _SIZE_UNITS[unit])
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"not a size: {size!r} (expected e.g. 500MB or 5GB)")
+
+
+def source_shard_size(path: str | Path) -> int | None:
+    """The largest shard of a sharded safetensors checkpoint, in bytes (None: one file, or
+    not a local directory), so the output is cut the way its source was."""
+    index = Path(path) / "model.safetensors.index.json"
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = {Path(path) / name for name in weight_map.values()}
+        return max(shard.stat().st_size for shard in shards) if len(shards) > 1 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def save_model(
     model: Any,
     tokenizer: Any,
@@ -55,16 +96,18 @@ def save_model(
     source_dtype: torch.dtype | None,
     *,
     restore_dtype: bool = True,
+    max_shard_size: str | int | None = None,
 ) -> None:
     """save_pretrained in the source checkpoint's precision, so a float32 run on a bfloat16
-    checkpoint does not double its size on disk. ``restore_dtype``: cast the model back
-    afterwards (a caller that goes on using it)."""
+    checkpoint does not double its size on disk, as safetensors shards of at most
+    ``max_shard_size`` (default: ``DEFAULT_MAX_SHARD_SIZE``) with their index.
+    ``restore_dtype``: cast the model back afterwards (a caller that goes on using it)."""
     current = next(model.parameters()).dtype
     cast = source_dtype is not None and source_dtype != current
     if cast:
         model.to(source_dtype)
     with quiet_progress_bars():
-        model.save_pretrained(path)
+        model.save_pretrained(path, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
         tokenizer.save_pretrained(path)
     if cast and restore_dtype:
         model.to(current)

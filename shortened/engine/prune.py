@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shortened.planning import blocks_for_ratio, removable_blocks
 from shortened.render import block_score_svg
 from shortened.specs import PruneSpec
 
@@ -34,21 +34,6 @@ if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
-
-
-def removable_blocks(num_layers: int, protect_first: int, protect_last: int) -> list[int]:
-    """Original indices that may be removed: all but the first and last protected blocks."""
-    return list(range(min(protect_first, num_layers), max(num_layers - protect_last, 0)))
-
-
-def blocks_for_ratio(
-    total_params: int, block_params: Sequence[int], ratio: float, max_blocks: int
-) -> int:
-    """The block count whose removal brings the removed-parameter fraction closest to ``ratio``."""
-    mean_block = sum(block_params) / len(block_params)
-    return min(
-        range(1, max_blocks + 1), key=lambda k: (abs(k * mean_block / total_params - ratio), k)
-    )
 
 
 def write_scores_csv(path: Path, report: dict[str, Any]) -> None:
@@ -139,7 +124,7 @@ def prune_model(
 
     report = prune_report(spec, loaded, plan, scores, removed, calibrated, timer)
     progress(Progress("saving", message=str(output_dir)))
-    save_pruned(loaded, report, output_dir, timer)
+    save_pruned(loaded, report, output_dir, timer, max_shard_size=spec.max_shard_size)
     log.info(
         "pruned %s: removed %s, %d -> %d params",
         spec.model,
@@ -227,6 +212,8 @@ def prune_report(
     params_after = count_parameters(loaded.model)
     return {
         "model": spec.model,
+        # The immutable commit a hub model (hf://org/name@revision) was resolved to.
+        "model_commit": loaded.resolved.commit,
         "architecture": loaded.adapter.name,
         "model_type": loaded.model.config.model_type,
         "criterion": spec.criterion,
@@ -260,13 +247,24 @@ def prune_report(
 
 
 def save_pruned(
-    loaded: LoadedModel, report: dict[str, Any], output_dir: Path, timer: PhaseTimer
+    loaded: LoadedModel,
+    report: dict[str, Any],
+    output_dir: Path,
+    timer: PhaseTimer,
+    *,
+    max_shard_size: str | None = None,
 ) -> None:
-    """The checkpoint (in its source precision), report.json and the block-score CSV and chart,
-    all appearing at ``output_dir`` at once."""
+    """The checkpoint (in its source precision, sharded like its source unless
+    ``max_shard_size``), report.json and the block-score CSV and chart, all appearing at
+    ``output_dir`` at once."""
     with atomic_output_dir(output_dir) as staging:
         save_model(
-            loaded.model, loaded.tokenizer, staging, loaded.source_dtype, restore_dtype=False
+            loaded.model,
+            loaded.tokenizer,
+            staging,
+            loaded.source_dtype,
+            restore_dtype=False,
+            max_shard_size=max_shard_size or loaded.source_shard_size,
         )
         timer("saving_s")
         (staging / "report.json").write_text(json.dumps(report, indent=2))

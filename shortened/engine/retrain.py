@@ -624,7 +624,13 @@ def _keep_cpt_model(run: RetrainRun, stage: dict[str, Any]) -> None:
     target = done_dir or run.scratch_cpt
     assert target is not None
     if is_main_process():
-        save_model(run.model, run.loaded.tokenizer, target, run.loaded.source_dtype)
+        save_model(
+            run.model,
+            run.loaded.tokenizer,
+            target,
+            run.loaded.source_dtype,
+            max_shard_size=run.spec.max_shard_size or run.loaded.source_shard_size,
+        )
         (target / "stage_report.json").write_text(json.dumps(stage, indent=2))
         if done_dir is not None:  # its Trainer checkpoints are superseded
             for finished in done_dir.parent.glob("checkpoint-*"):
@@ -795,6 +801,7 @@ def retrain_report(run: RetrainRun, timer: PhaseTimer) -> dict[str, Any]:
     spec, stages = run.spec, run.stages
     return {
         "model": spec.model,
+        "model_commit": run.loaded.resolved.commit,
         "method": spec.method,
         "architecture": run.loaded.adapter.name,
         "model_type": run.model.config.model_type,
@@ -827,7 +834,13 @@ def write_outputs(
             if spec.lora.merge:
                 model = run.peft_model.merge_and_unload()
         if run.peft_model is None or spec.lora.merge:
-            save_model(model, loaded.tokenizer, staging, loaded.source_dtype)
+            save_model(
+                model,
+                loaded.tokenizer,
+                staging,
+                loaded.source_dtype,
+                max_shard_size=spec.max_shard_size or loaded.source_shard_size,
+            )
             report["params"] = count_parameters(model)
         else:
             report["outputs"].pop("model")
@@ -845,7 +858,7 @@ def _write_adapter(
     adapter_base = (
         str(output_dir.resolve() / "cpt")
         if spec.method == "cpt_lora"
-        else run.loaded.resolved.path_or_id
+        else run.loaded.resolved.hub_id or run.loaded.resolved.path_or_id
     )
     run.peft_model.save_pretrained(str(staging / "adapter"))
     _set_adapter_base(staging / "adapter", adapter_base)

@@ -114,3 +114,48 @@ def test_schedule_templates_are_admitted_too(client: TestClient) -> None:
         "model_selector": {"prefix": "models/", "pick": "newest"},
     }
     assert client.post("/schedules", json=body).status_code == 201
+
+
+def test_dry_run_answers_the_plan_and_creates_nothing(client: TestClient) -> None:
+    response = client.post("/jobs/prune?dry_run=true", json=spec(dtype="bfloat16"))
+    assert response.status_code == 200, response.text
+    plan = response.json()["plan"]
+    assert plan["params_before"] > plan["params_after"] and plan["num_blocks"] == 2
+    assert plan["protected_blocks"] == [0, 1, 2, 3, 10, 11] and plan["compute_dtype"] == "bfloat16"
+    assert [s["name"] for s in plan["stages"]] == ["load", "scoring ppl", "remove+save"]
+    assert plan["peak_bytes"] == max(s["peak_bytes"] for s in plan["stages"])
+    assert queued(client) == 0
+    # The same admission as a real submission: a job that cannot run is refused.
+    found = refusal(client.post("/jobs/prune?dry_run=true", json=spec(num_blocks=20)))
+    assert "the model has 12 blocks" in found[("body", "num_blocks")]
+    # Every kind has a plan: an evaluation loads the model and scores its windows.
+    evaluation = {"model": "models/tiny-llama", "perplexity": {"datasets": ["wikitext2"]}}
+    answer = client.post("/jobs/eval?dry_run=true", json=evaluation).json()
+    assert answer["plan"]["stages"][0]["name"] == "load" and queued(client) == 0
+
+
+@pytest.fixture
+def small_workers(database_url: str, tmp_path: Path):
+    """Workers that declare 0.3 GB: less than any job's runtime alone."""
+    settings = Settings(
+        data_dir=tmp_path / "var", database_url=database_url, max_worker_memory_gb=0.3
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_jobs_no_worker_can_hold_are_refused_on_every_path(small_workers: TestClient) -> None:
+    def memory_refusal(response) -> str:
+        assert response.status_code == 422, response.text
+        [error] = [e for e in response.json()["detail"] if e["type"] == "insufficient_memory"]
+        assert error["loc"][-1] == "model"
+        return error["msg"]
+
+    message = memory_refusal(small_workers.post("/jobs/prune", json=spec()))
+    assert "largest worker declares 0.3 GB" in message and "estimated peak" in message
+    memory_refusal(small_workers.post("/jobs/prune?dry_run=true", json=spec()))
+    batch = {"base": spec(), "grid": {"num_blocks": [1, 2]}}
+    memory_refusal(small_workers.post("/jobs/batch", json=batch))
+    schedule = {"name": "nightly", "cron": "0 2 * * *", "kind": "prune", "template": spec()}
+    memory_refusal(small_workers.post("/schedules", json=schedule))
+    assert queued(small_workers) == 0

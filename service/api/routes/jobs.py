@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from service import crud
 from service.api.admission import (
@@ -32,7 +32,7 @@ from service.errors import APIError, coded
 from service.models import Job
 from service.pipeline import pipeline_of
 from service.schemas import ArtifactLink, EventOut, JobKind, JobOut, JobPage, JobStatus
-from service.submission import submit_job
+from service.submission import plan_submission, submit_job
 from shortened.render import ranking_markdown
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec, SearchSpec
 
@@ -56,9 +56,30 @@ def _job_or_404(session: Any, job_id: str, principal: Principal | None = None) -
     return job
 
 
-def _submit(request: Request, kind: str, spec: dict[str, Any]) -> Response:
+DryRun = Annotated[
+    bool,
+    Query(
+        description="Plan only: validate and admit as a real submission (422 when it could not "
+        "run, including insufficient_memory), then answer 200 with the plan (parameters, "
+        "blocks, output size, peak memory per stage); no job is created"
+    ),
+]
+DRY_RUN_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Replay of an Idempotency-Key (a job), or with dry_run=true the plan: "
+        '{"dry_run": true, "kind", "plan"} (plan null when the model\'s config.json is not '
+        "readable by the API: hub models, a job still running)"
+    }
+}
+
+
+def _submit(request: Request, kind: str, spec: dict[str, Any], dry_run: bool = False) -> Response:
     principal: Principal = request.state.principal
     state = request.app.state
+    if dry_run:
+        with state.sessionmaker() as session, refusals_as_http():
+            plan = plan_submission(session, state.settings, principal, kind, spec)
+        return JSONResponse({"dry_run": True, "kind": kind, "plan": plan})
     # Its own session rather than SessionDep: a generator dependency costs two thread-pool
     # round trips per request (enter and exit), and this is the busiest write.
     with state.sessionmaker() as session, refusals_as_http():
@@ -80,37 +101,69 @@ def _submit(request: Request, kind: str, spec: dict[str, Any]) -> Response:
     return response
 
 
-@router.post("/prune", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/prune",
+    status_code=202,
+    response_model=JobOut,
+    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
+)
 def submit_prune(
-    spec: PruneSpec, request: Request, idempotency_key: IdempotencyKey = None
+    spec: PruneSpec,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+    dry_run: DryRun = False,
 ) -> Response:
     """Queue a one-shot depth-pruning job."""
-    return _submit(request, "prune", spec.model_dump(mode="json"))
+    return _submit(request, "prune", spec.model_dump(mode="json"), dry_run)
 
 
-@router.post("/retrain", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/retrain",
+    status_code=202,
+    response_model=JobOut,
+    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
+)
 def submit_retrain(
-    spec: RetrainSpec, request: Request, idempotency_key: IdempotencyKey = None
+    spec: RetrainSpec,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+    dry_run: DryRun = False,
 ) -> Response:
     """Queue a retraining job (LoRA, continued pretraining, or both)."""
-    return _submit(request, "retrain", spec.model_dump(mode="json"))
+    return _submit(request, "retrain", spec.model_dump(mode="json"), dry_run)
 
 
-@router.post("/eval", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/eval",
+    status_code=202,
+    response_model=JobOut,
+    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
+)
 def submit_eval(
-    spec: EvalSpec, request: Request, idempotency_key: IdempotencyKey = None
+    spec: EvalSpec,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+    dry_run: DryRun = False,
 ) -> Response:
     """Queue an evaluation job (perplexity, zero-shot accuracy, efficiency)."""
-    return _submit(request, "eval", spec.model_dump(mode="json"))
+    return _submit(request, "eval", spec.model_dump(mode="json"), dry_run)
 
 
-@router.post("/search", status_code=202, response_model=JobOut, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/search",
+    status_code=202,
+    response_model=JobOut,
+    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
+)
 def submit_search(
-    spec: SearchSpec, request: Request, idempotency_key: IdempotencyKey = None
+    spec: SearchSpec,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+    dry_run: DryRun = False,
 ) -> Response:
     """Queue a search: every criterion at every block count the budget admits, ranked by
     perplexity on held-out calibration documents; the best is pruned and published."""
-    return _submit(request, "search", spec.model_dump(mode="json"))
+    return _submit(request, "search", spec.model_dump(mode="json"), dry_run)
 
 
 @router.get("", response_model=JobPage)

@@ -1,0 +1,366 @@
+"""The plan of a job before any work: from ``config.json`` alone (no torch, no weights), the
+parameters before and after, the blocks protected and removable, the size of the saved model
+and the peak memory of every stage.
+
+Memory model (bytes; ``W`` = the weights in the compute dtype, ``b`` its bytes per value,
+``B`` windows per forward, ``S`` tokens per window, ``H``/``I``/``V``/``L`` hidden,
+intermediate, vocabulary size and layer count)::
+
+    peak(stage) = RUNTIME + WEIGHT_MULTIPLE[stage] * W + extra(stage) + activations(stage)
+
+* ``RUNTIME``: Python with torch and transformers imported (CPU resident memory; 0 on CUDA,
+  where the figure is allocated device memory).
+* load: the weights once: transformers fills a model built on the meta device from the
+  memory-mapped safetensors files. In the checkpoint's own dtype the weights are those mapped
+  pages; cast to another dtype (a bf16 checkpoint computed in float32) the mapped source
+  pages stay resident next to the converted weights until loading ends (file-backed and
+  reclaimable, but counted in the resident size).
+* forward-only scoring (ppl, iterative_ppl, block_influence, angular, magnitude): the hidden
+  states of one forward, ``B*S*(HIDDEN_COPIES*H + MLP_COPIES*I)*b``, and the LM head in chunks
+  of ``HEAD_CHUNK_TOKENS`` tokens (fp32 logits and their log-softmax).
+* taylor: a backward through the whole model keeps every block's activations,
+  ``L*B*S*(STORED_H*H + STORED_I*I)*b``, and the full fp32 logits of the forward with their
+  gradient; with more than one forward the block gradients add up (the block weights once
+  more), with one they are reduced and freed as they complete.
+* save: the pruned weights, cast to the source dtype tensor by tensor (no shard-sized copy
+  is made while writing: measured).
+* LoRA: the base weights frozen in the compute dtype, the adapters and their optimizer state
+  (small), training activations as for taylor (a ``GRADIENT_CHECKPOINTING`` fraction when on).
+* CPT: weights, gradients and AdamW's two states, all in the compute dtype, plus activations.
+* eval perplexity: the weights and one batch's full logits (fp32, with the per-token loss).
+
+The constants are calibrated by ``bench/bench_scale.py`` (a Llama-3.2-1B-shaped model on a
+CPU, bf16 and fp32); its report gives the estimate next to every measured peak.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from shortened.admission import block_params, total_params
+from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RUNTIME_BYTES = {"cpu": 350 * 10**6, "cuda": 0}
+WEIGHT_MULTIPLE = {"load": 1.0, "scoring": 1.0, "taylor": 1.0, "save": 1.0, "lora": 1.0}
+HIDDEN_COPIES, MLP_COPIES = 8, 4
+STORED_H, STORED_I = 12, 5
+HEAD_CHUNK_TOKENS = 256  # as shortened.engine.criteria.HEAD_CHUNK_TOKENS
+LOGIT_COPIES = 3  # fp32 logits, log-softmax, the loss's gradient / per-token losses
+GRADIENT_CHECKPOINTING = 0.15
+FORWARD_CRITERIA = ("ppl", "iterative_ppl", "block_influence", "angular", "magnitude")
+GB = 10**9
+
+
+@dataclass
+class StagePlan:
+    name: str
+    peak_bytes: int
+    formula: str
+
+
+@dataclass
+class Plan:
+    """What a job will do and need, estimated from the model's config."""
+
+    kind: str
+    model_type: str
+    num_layers: int
+    device: str
+    compute_dtype: str
+    output_dtype: str
+    params_before: int
+    params_after: int
+    block_params: int
+    weight_bytes: int  # the weights in the compute dtype
+    output_bytes: int  # safetensors weights as saved (the source's dtype)
+    protected_blocks: list[int] = field(default_factory=list)
+    removable_blocks: list[int] = field(default_factory=list)
+    num_blocks: int = 0
+    stages: list[StagePlan] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(stage.peak_bytes for stage in self.stages)
+
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=lambda stage: stage.peak_bytes).name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "peak_bytes": self.peak_bytes, "peak_stage": self.peak_stage}
+
+
+def removable_blocks(num_layers: int, protect_first: int, protect_last: int) -> list[int]:
+    """Original indices that may be removed: all but the first and last protected blocks."""
+    return list(range(min(protect_first, num_layers), max(num_layers - protect_last, 0)))
+
+
+def blocks_for_ratio(total: int, per_block: Sequence[int], ratio: float, max_blocks: int) -> int:
+    """The block count whose removal brings the removed-parameter fraction closest to ``ratio``."""
+    mean_block = sum(per_block) / len(per_block)
+    return min(range(1, max_blocks + 1), key=lambda k: (abs(k * mean_block / total - ratio), k))
+
+
+def _device_type(device: str, auto_device: str) -> str:
+    return auto_device if device == "auto" else ("cuda" if device.startswith("cuda") else "cpu")
+
+
+def compute_dtype(dtype: str, device_type: str) -> str:
+    """As ``shortened.engine.models.pick_dtype``: auto is bf16 on CUDA, fp32 on the CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
+def source_dtype(config: dict[str, Any]) -> str:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return name if name in DTYPE_BYTES else "float32"
+
+
+class _Shape:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.hidden = int(config["hidden_size"])
+        self.intermediate = int(config["intermediate_size"])
+        self.vocab = int(config["vocab_size"])
+        self.layers = int(config["num_hidden_layers"])
+
+    def forward(self, tokens: int, b: int) -> int:
+        hidden = tokens * (HIDDEN_COPIES * self.hidden + MLP_COPIES * self.intermediate) * b
+        return hidden + min(tokens, HEAD_CHUNK_TOKENS) * self.vocab * 4 * LOGIT_COPIES
+
+    def backward(self, tokens: int, b: int, layers: int | None = None) -> int:
+        stored = (layers or self.layers) * tokens
+        stored *= (STORED_H * self.hidden + STORED_I * self.intermediate) * b
+        return stored + tokens * self.vocab * (b + 4 * LOGIT_COPIES)
+
+    def logits(self, tokens: int, b: int) -> int:
+        return tokens * self.vocab * (b + 4 * LOGIT_COPIES)
+
+
+def _stage(name: str, parts: dict[str, float]) -> StagePlan:
+    formula = " + ".join(f"{key} {value / GB:.2f}" for key, value in parts.items() if value)
+    return StagePlan(name, int(sum(parts.values())), formula + " GB")
+
+
+def plan_prune(spec: PruneSpec, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
+    device = _device_type(spec.device, auto_device)
+    dtype = compute_dtype(spec.dtype, device)
+    b, out_b = DTYPE_BYTES[dtype], DTYPE_BYTES[source_dtype(config)]
+    shape = _Shape(config)
+    per_block, total = block_params(config), total_params(config)
+    candidates = removable_blocks(shape.layers, spec.protect_first, spec.protect_last)
+    if spec.num_blocks is not None:
+        k = spec.num_blocks
+    else:
+        assert spec.target_ratio is not None
+        k = blocks_for_ratio(total, [per_block], spec.target_ratio, len(candidates) or 1)
+    after = total - k * per_block
+    runtime = RUNTIME_BYTES[device]
+    weights = total * b
+    plan = Plan(
+        kind="prune",
+        model_type=str(config.get("model_type")),
+        num_layers=shape.layers,
+        device=device,
+        compute_dtype=dtype,
+        output_dtype=source_dtype(config),
+        params_before=total,
+        params_after=after,
+        block_params=per_block,
+        weight_bytes=weights,
+        output_bytes=after * out_b,
+        protected_blocks=[i for i in range(shape.layers) if i not in candidates],
+        removable_blocks=candidates,
+        num_blocks=k,
+    )
+    cast = dtype != source_dtype(config) and device == "cpu"  # on CUDA the map is host memory
+    plan.stages.append(_load(runtime, weights, total * out_b, cast))
+    calibration = spec.calibration
+    tokens = spec.batch_size * (calibration.seq_len if calibration else 0)
+    weights_x = WEIGHT_MULTIPLE["scoring"] * weights
+    if spec.criterion == "taylor" and calibration is not None:
+        loss_batch = spec.taylor_batch_size or calibration.n_samples
+        forwards = math.ceil(calibration.n_samples / loss_batch) * math.ceil(
+            min(loss_batch, calibration.n_samples) / spec.batch_size
+        )
+        grads = shape.layers * per_block * b if forwards > 1 else 0
+        plan.stages.append(
+            _stage(
+                "scoring taylor",
+                {
+                    "runtime": runtime,
+                    "weights": WEIGHT_MULTIPLE["taylor"] * weights,
+                    "gradients": grads,
+                    "activations": shape.backward(tokens, b),
+                },
+            )
+        )
+    else:
+        plan.stages.append(
+            _stage(
+                f"scoring {spec.criterion}",
+                {"runtime": runtime, "weights": weights_x, "activations": shape.forward(tokens, b)},
+            )
+        )
+    # Saving casts to the source dtype tensor by tensor and writes the shards without a
+    # shard-sized copy (measured by bench_scale): the weights in the larger of the two dtypes.
+    save = {"runtime": runtime, "weights": WEIGHT_MULTIPLE["save"] * after * max(b, out_b)}
+    plan.stages.append(_stage("remove+save", save))
+    pruned = {**config, "num_hidden_layers": shape.layers - k}
+    if spec.retrain is not None:
+        plan.stages += _retrain_stages(spec.retrain, pruned, auto_device)
+    if spec.eval is not None:
+        plan.stages += _eval_stages(spec.eval, pruned, auto_device)
+    return plan
+
+
+def _retrain_stages(spec: RetrainSpec, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
+    device = _device_type(spec.device, auto_device)
+    # As choose_precision: LoRA on CUDA freezes the base in half precision, CPT keeps fp32.
+    dtype = spec.dtype if spec.dtype != "auto" else "float32"
+    if spec.dtype == "auto" and device == "cuda" and spec.method == "lora":
+        dtype = "bfloat16"
+    b = DTYPE_BYTES[dtype]
+    shape, total = _Shape(config), total_params(config)
+    runtime, weights = RUNTIME_BYTES[device], total * b
+    tokens = spec.micro_batch_size * spec.cutoff_len
+    checkpointing = (
+        spec.gradient_checkpointing if spec.gradient_checkpointing is not None else device == "cuda"
+    )
+    activations = shape.backward(tokens, b)
+    if checkpointing:
+        activations = int(activations * GRADIENT_CHECKPOINTING)
+    stages = []
+    if spec.method in ("cpt", "cpt_lora"):
+        stages.append(
+            _stage(
+                "retrain cpt",
+                {
+                    "runtime": runtime,
+                    "weights+grads+adamw": 4 * weights,
+                    "activations": activations,
+                },
+            )
+        )
+    if spec.method in ("lora", "cpt_lora"):
+        stages.append(
+            _stage(
+                "retrain lora",
+                {
+                    "runtime": runtime,
+                    "weights": WEIGHT_MULTIPLE["lora"] * weights,
+                    "activations": activations,
+                },
+            )
+        )
+    return stages
+
+
+def _eval_stages(spec: EvalSpec, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
+    device = _device_type(spec.device, auto_device)
+    b = DTYPE_BYTES[compute_dtype(spec.dtype, device)]
+    shape, total = _Shape(config), total_params(config)
+    parts: dict[str, float] = {"runtime": RUNTIME_BYTES[device], "weights": total * b}
+    if spec.perplexity is not None:
+        tokens = spec.perplexity.batch_size * spec.perplexity.seq_len
+        parts["activations"] = shape.forward(tokens, b) + shape.logits(tokens, b)
+    if spec.compare_with is not None:
+        parts["baseline"] = parts["weights"]  # a second model is loaded for the comparison
+    return [_stage("eval", parts)]
+
+
+def _job_plan(
+    kind: str, stages: list[StagePlan], config: dict[str, Any], dtype: str, device: str
+) -> Plan:
+    total = total_params(config)
+    return Plan(
+        kind=kind,
+        model_type=str(config.get("model_type")),
+        num_layers=int(config["num_hidden_layers"]),
+        device=device,
+        compute_dtype=dtype,
+        output_dtype=source_dtype(config),
+        params_before=total,
+        params_after=total,
+        block_params=block_params(config),
+        weight_bytes=total * DTYPE_BYTES[dtype],
+        output_bytes=total * DTYPE_BYTES[source_dtype(config)] if kind == "retrain" else 0,
+        stages=stages,
+    )
+
+
+def plan_job(kind: str, spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
+    """The plan of a validated ``spec`` of ``kind`` for the model whose config is given;
+    ``auto_device``: what ``device: auto`` means on the workers (``cpu`` or ``cuda``)."""
+    if kind == "prune":
+        assert isinstance(spec, PruneSpec)
+        return plan_prune(spec, config, auto_device)
+    assert isinstance(spec, (RetrainSpec, EvalSpec))
+    stages = [_load_stage(spec.device, spec.dtype, config, auto_device)]
+    if isinstance(spec, RetrainSpec):
+        stages += _retrain_stages(spec, config, auto_device)
+    else:
+        stages += _eval_stages(spec, config, auto_device)
+    device = _device_type(spec.device, auto_device)
+    return _job_plan(kind, stages, config, compute_dtype(spec.dtype, device), device)
+
+
+def _load(runtime: int, weights: int, source_bytes: int, cast: bool) -> StagePlan:
+    """Loading maps the safetensors files; cast to another dtype, the mapped source pages
+    stay resident next to the converted weights until the load ends (file-backed, so
+    reclaimable, but counted in the resident size). In the checkpoint's own dtype the
+    weights are the mapped pages."""
+    parts: dict[str, float] = {"runtime": runtime, "weights": weights}
+    if cast:
+        parts["mapped source"] = source_bytes
+    return _stage("load", parts)
+
+
+def _load_stage(device: str, dtype: str, config: dict[str, Any], auto_device: str) -> StagePlan:
+    device_type = _device_type(device, auto_device)
+    total, wanted = total_params(config), compute_dtype(dtype, device_type)
+    weights = total * DTYPE_BYTES[wanted]
+    source = total * DTYPE_BYTES[source_dtype(config)]
+    cast = wanted != source_dtype(config) and device_type == "cpu"
+    return _load(RUNTIME_BYTES[device_type], weights, source, cast)
+
+
+def insufficient_memory(plan: Plan, limit_bytes: int) -> str | None:
+    """Why the job cannot fit a worker of ``limit_bytes``, or None when it fits."""
+    if plan.peak_bytes <= limit_bytes:
+        return None
+    return (
+        f"insufficient memory: the estimated peak of this job is {plan.peak_bytes / GB:.1f} GB "
+        f"({plan.peak_stage}, {plan.compute_dtype} on {plan.device}) but the largest worker "
+        f"declares {limit_bytes / GB:.1f} GB; use a smaller model, dtype bfloat16, fewer "
+        "windows per forward (batch_size) or a larger worker"
+    )
+
+
+def render_plan(plan: Plan) -> str:
+    """The plan as the CLI prints it."""
+    rows = [
+        f"model: {plan.model_type}, {plan.num_layers} blocks of {plan.block_params:,} params",
+        f"params: {plan.params_before:,} -> {plan.params_after:,} "
+        f"(-{100 * (1 - plan.params_after / plan.params_before):.1f}%)",
+    ]
+    if plan.kind == "prune":
+        rows.append(f"remove {plan.num_blocks} of the removable blocks {plan.removable_blocks}")
+        rows.append(f"protected blocks: {plan.protected_blocks}")
+    if plan.output_bytes:
+        rows.append(f"output: {plan.output_bytes / GB:.2f} GB of {plan.output_dtype} weights")
+    rows.append(
+        f"compute: {plan.compute_dtype} on {plan.device}, weights {plan.weight_bytes / GB:.2f} GB"
+    )
+    width = max(len(stage.name) for stage in plan.stages)
+    rows.append(f"{'stage'.ljust(width)}  peak GB  formula")
+    for stage in plan.stages:
+        rows.append(f"{stage.name.ljust(width)}  {stage.peak_bytes / GB:7.2f}  {stage.formula}")
+    rows.append(f"peak: {plan.peak_bytes / GB:.2f} GB ({plan.peak_stage})")
+    return "\n".join(rows)
