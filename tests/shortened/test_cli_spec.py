@@ -74,7 +74,7 @@ SPEC_OPTIONS = [
 ]
 
 # Options that exist only on the command line (flags that switch something off or on).
-CLI_ONLY_FLAGS = {"help", "no_protect", "no_merge", "no_resume", "efficiency", "greedy"}
+CLI_ONLY_FLAGS = {"help", "no_protect", "no_merge", "no_resume", "efficiency", "greedy", "dry_run"}
 
 CHOICES = {
     ("prune", "--criterion"): CRITERIA,
