@@ -27,7 +27,7 @@ from shortened.engine.errors import (
 from shortened.engine.evaluate import load_eval_text
 from shortened.engine.models import load_model, pick_device
 from shortened.engine.prune import prune_model
-from shortened.engine.retrain import read_records
+from shortened.engine.retrain_data import read_records
 from shortened.specs import CalibrationSpec, PerplexitySpec, PruneSpec
 from tests.helpers import save_tiny, tiny_model
 
