@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,7 +148,12 @@ def scored(api: httpx.Client, job_id: str, at_least: int) -> dict | None:
 
 
 def duplicates_ignored(workers: list[Process], job_id: str) -> int:
-    return sum(w.log().count(f"job {job_id} is not queued") for w in workers)
+    """Messages of the job a worker did not run: dropped in its main process before the pool
+    (the job was no longer queued), or refused by the task's own claim."""
+    return sum(
+        len(re.findall(rf"job {job_id} is (?:not queued|\w+: message dropped)", w.log()))
+        for w in workers
+    )
 
 
 def assert_ran_once(job: dict) -> None:
