@@ -710,7 +710,9 @@ def requeue_for_shutdown(session: Session, job_id: str, worker: str) -> bool:
     attempt = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "running", Job.worker == worker)
-        .values(**_requeued(now))
+        # No message now: the stopping worker may still be consuming and would take it back.
+        # dispatched_at NULL puts it first in the reaper's next re-dispatch round.
+        .values(**{**_requeued(now), "dispatched_at": None})
         .returning(Job.attempts)
         .execution_options(synchronize_session=False)
     ).scalar()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -268,6 +269,12 @@ def failing_in_worker_spec(**overrides) -> dict:
     return prune_spec(
         calibration={"source": str(CALIBRATION), "n_samples": 4, "seq_len": 4096}, **overrides
     )
+
+
+def message_ignored(log: str, job_id: str) -> int:
+    """How many messages of a job a worker did not run: dropped in its main process before the
+    pool (the job was no longer queued), or refused by the task's own claim."""
+    return len(re.findall(rf"job {job_id} is (?:not queued|\w+: message dropped)", log))
 
 
 def submit(api: httpx.Client, spec: dict) -> str:

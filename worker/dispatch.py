@@ -77,20 +77,16 @@ class JobRequest(Request):  # type: ignore[misc]  # celery ships no type hints
 
 
 def requeue_running_jobs(job_ids_by_pid: dict[str, int]) -> list[str]:
-    """Give the jobs this worker's children are running back to the queue, each with a new
-    message: the children stop at their next progress report (their attempt no longer holds
-    the job) and the next worker, or this one restarted, runs the job again."""
-    from service.queue import RUN_JOB_TASK, make_celery
-
-    app = make_celery(get_settings())  # a producer only: the worker's own app is stopping
-
+    """Give the jobs this worker's children are running back to the queue: the children stop
+    at their next progress report (their attempt no longer holds the job). Their messages are
+    sent by the reaper's next round (an API replica's, or the next ``shortened serve``), not
+    from here: this worker may go on consuming while it stops and would take them back."""
     requeued = []
     for job_id, pid in job_ids_by_pid.items():
         try:
             with _main_process_sessions()() as session:
                 if not crud.requeue_for_shutdown(session, job_id, worker_id_for(pid)):
                     continue
-            app.send_task(RUN_JOB_TASK, args=[job_id])
         except Exception as exc:  # the reaper re-queues it once its lease expires
             log.warning("job %s: could not re-queue it at shutdown: %s", job_id, exc)
             continue

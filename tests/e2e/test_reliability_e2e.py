@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from tests.e2e_service import (
     base_env,
     download_artifacts,
     free_port,
+    message_ignored,
     postgres_database,
     redis_namespace,
     start_api,
@@ -148,12 +148,7 @@ def scored(api: httpx.Client, job_id: str, at_least: int) -> dict | None:
 
 
 def duplicates_ignored(workers: list[Process], job_id: str) -> int:
-    """Messages of the job a worker did not run: dropped in its main process before the pool
-    (the job was no longer queued), or refused by the task's own claim."""
-    return sum(
-        len(re.findall(rf"job {job_id} is (?:not queued|\w+: message dropped)", w.log()))
-        for w in workers
-    )
+    return sum(message_ignored(w.log(), job_id) for w in workers)
 
 
 def assert_ran_once(job: dict) -> None:

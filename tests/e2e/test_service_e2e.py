@@ -25,6 +25,7 @@ from tests.e2e_service import (
     failing_in_worker_spec,
     free_port,
     generate,
+    message_ignored,
     postgres_database,
     prune_spec,
     redis_namespace,
@@ -167,9 +168,7 @@ def test_prune_job_publishes_a_loadable_checkpoint(stack, tmp_path: Path):
         Settings(broker_url=stack["broker_url"], queue=stack["queue"], data_dir=tmp_path)
     )
     producer.send_task(RUN_JOB_TASK, args=[job_id])
-    wait_until(
-        lambda: f"job {job_id} is not queued" in worker.log(), 60, "the duplicate message", worker
-    )
+    wait_until(lambda: message_ignored(worker.log(), job_id), 60, "the duplicate message", worker)
     assert api.get(f"/jobs/{job_id}").json()["attempts"] == 1
     assert api.get(f"/jobs/{job_id}/events").json() == events_before
 
@@ -222,7 +221,7 @@ def test_cancel_running_job(stack):
     assert api.post(f"/jobs/{job_id}/cancel").status_code == 409
 
     wait_until(
-        lambda: f"job {queued_id} is not queued" in worker.log(),
+        lambda: message_ignored(worker.log(), queued_id),
         60,
         "the cancelled job's message",
         worker,

@@ -157,12 +157,21 @@ def test_eval_job_perplexity_matches_a_direct_computation(stack):
 
 def test_engine_errors_fail_the_job_with_their_code(stack):
     api = stack["api"]
+    # An empty file is knowable at the door: 422 naming the field, no job.
     empty = stack["data"] / "empty.jsonl"
     empty.write_text("")
+    refused = post(
+        api, "retrain", {"model": str(TINY_MODEL), **retrain_section(data={"source": str(empty)})}
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"] == ["body", "data", "source"]
+    # Records without the text the format needs are found only by reading them: the worker.
+    unusable = stack["data"] / "unusable.jsonl"
+    unusable.write_text("".join(f'{{"id": {i}}}\n' for i in range(20)))
     retrain_id = submitted(
         api,
         "retrain",
-        {"model": str(TINY_MODEL), **retrain_section(data={"source": str(empty)})},
+        {"model": str(TINY_MODEL), **retrain_section(data={"source": str(unusable)})},
     )
     eval_id = submitted(
         api,

@@ -32,6 +32,11 @@ PRUNE = {
 }
 RETRAIN = {"model": "models/tiny-llama", "data": {"source": "data/alpaca_tiny.jsonl"}}
 EVAL = {"model": "models/tiny-llama", "perplexity": {"datasets": ["data/stdlib_docs_heldout.txt"]}}
+SEARCH = {
+    "model": "models/tiny-llama",
+    "target_ratio": 0.2,
+    "calibration": {"source": "data/calibration.jsonl", "n_samples": 4},
+}
 PLACEHOLDER = "__hostile_number__"
 # Literals Python's json reads (or refuses oddly) and values no field accepts.
 NON_JSON = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1E+999"]
@@ -91,13 +96,14 @@ def routes(client: TestClient, schedule_id: str) -> list[tuple[str, str, dict, l
     openapi = client.app.openapi()
     spec_schema = {
         name: {"$ref": f"#/components/schemas/{name}"}
-        for name in ("PruneSpec", "RetrainSpec", "EvalSpec")
+        for name in ("PruneSpec", "RetrainSpec", "EvalSpec", "SearchSpec")
     }
     prune_paths = numeric_paths(openapi, spec_schema["PruneSpec"])
     table = [
         ("post", "/jobs/prune", PRUNE, prune_paths),
         ("post", "/jobs/retrain", RETRAIN, numeric_paths(openapi, spec_schema["RetrainSpec"])),
         ("post", "/jobs/eval", EVAL, numeric_paths(openapi, spec_schema["EvalSpec"])),
+        ("post", "/jobs/search", SEARCH, numeric_paths(openapi, spec_schema["SearchSpec"])),
         # Specs inside free-form fields: the batch's base and grid, a schedule's template.
         (
             "post",
