@@ -57,7 +57,8 @@ bench-quality: install
 	$(PY) -m bench.bench_quality
 
 # The engine at real size on the CPU (a random Llama-3.2-1B-shaped model, built once into
-# var/bench-cache): about 15 minutes on an idle 2-core machine, ~6 GB of RAM at its peak.
+# var/bench-cache): about 6 minutes on an idle 2-core machine (plus one to build the model the
+# first time), 8 GB of RAM at its peak.
 bench-scale: install
 	$(PY) -m bench.bench_scale
 

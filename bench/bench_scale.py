@@ -168,9 +168,20 @@ def child_main(peak_file: str, module: str, *args: str) -> None:
 
 
 def runtime_rss(root: Path) -> int:
-    """Peak RSS of a child that only imports the engine (torch, transformers): the fixed cost
-    every step pays whatever the model's size."""
-    return int(measured(["shortened.engine.retrain"], root / "runtime.log")["peak_rss_bytes"])
+    """Peak RSS of a child that imports the engine (torch, transformers, peft) and loads the
+    model's tokenizer, and nothing else: the fixed cost every step pays whatever the number
+    of blocks (the 128K-entry tokenizer alone is about 0.15 GB)."""
+    command = ["bench.bench_scale", "runtime", str(CACHE)]
+    return int(measured(command, root / "runtime.log")["peak_rss_bytes"])
+
+
+def runtime_main(path: str) -> None:
+    """``python -m bench.bench_scale runtime DIR``: the engine's imports and DIR's tokenizer."""
+    from transformers import AutoTokenizer
+
+    import shortened.engine.retrain  # noqa: F401  (the heaviest engine module: peft too)
+
+    AutoTokenizer.from_pretrained(path)
 
 
 def layout(path: Path) -> dict[str, Any]:
@@ -196,10 +207,18 @@ def layout(path: Path) -> dict[str, Any]:
 
 
 def reload_main(path: str, dtype: str) -> None:
-    """``python -m bench.bench_scale reload DIR DTYPE``: load_model only; prints the dtype."""
+    """``python -m bench.bench_scale reload DIR DTYPE``: load_model, then read every weight;
+    prints the dtype and the weights' bytes."""
+    import torch
+
     from shortened.engine.models import load_model
 
     loaded = load_model(path, dtype=dtype, device="cpu")
+    # Read every weight once, as any use of the model does: weights loaded in the
+    # checkpoint's dtype are its memory-mapped pages, resident only once touched.
+    with torch.no_grad():
+        for param in loaded.model.parameters():
+            param.view(-1)[::1024].sum()  # one value in 1024: every 4 KiB page
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     print(json.dumps({"dtype": str(loaded.dtype), "weight_bytes": weights}))
 
@@ -233,7 +252,10 @@ def run_steps(root: Path) -> list[dict[str, Any]]:
         )
         record["plan"] = plan_for(argv, record["config"])
         if output is not None and output.is_dir() and argv[0] != "eval":
+            from shortened.admission import total_params
+
             record["output"] = layout(output)
+            record["saved_params"] = total_params(json.loads((output / "config.json").read_text()))
             report = json.loads((output / "report.json").read_text())
             record["timings"] = report.get("timings")
             reload = measured(
@@ -246,7 +268,16 @@ def run_steps(root: Path) -> list[dict[str, Any]]:
 
     print("[bench-scale] load ...", file=sys.stderr, flush=True)
     load = measured(["bench.bench_scale", "reload", source, "bfloat16"], root / "load.log")
-    steps.append({"step": "load bf16", "dtype": "bfloat16", **load, "output": layout(CACHE)})
+    config = json.loads((CACHE / "config.json").read_text())
+    steps.append(
+        {
+            "step": "load bf16",
+            "dtype": "bfloat16",
+            **load,
+            "config": config,
+            "output": layout(CACHE),
+        }
+    )
 
     pruned = root / "ppl-bf16"
     base = ["prune", "--model", source, *PRUNE_ARGS]
@@ -443,10 +474,11 @@ def service_pipeline(root: Path) -> dict[str, Any]:
 
 
 def summarise(figures: dict[str, Any]) -> dict[str, Any]:
-    """Peak over weights and the planner's estimate (recomputed now) against every peak."""
+    """Peak over weights and the planner's estimate (recomputed now) against every peak.
+    "Weights" are those of the model the step loads (the pruned one for LoRA and eval), in
+    the step's compute dtype."""
     from shortened.admission import total_params
 
-    params = total_params(SHAPE)
     runtime = figures["conditions"].get("runtime_rss_bytes")
     if runtime is None:
         RUNS.mkdir(parents=True, exist_ok=True)
@@ -454,10 +486,13 @@ def summarise(figures: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for step in figures["steps"]:
         dtype = step.get("dtype", "bfloat16")
-        weights = params * (4 if dtype == "float32" else 2)
+        per_value = 4 if dtype == "float32" else 2
+        params = total_params(step.get("config") or SHAPE)
+        weights = params * per_value
         row = {
             "step": step["step"],
             "wall_s": step["wall_s"],
+            "weights_gb": round(weights / GB, 2),
             "peak_gb": round(step["peak_rss_bytes"] / GB, 2),
             "peak_over_weights": round(step["peak_rss_bytes"] / weights, 2),
             # The same without the imports' fixed cost: what grows with the model.
@@ -475,16 +510,51 @@ def summarise(figures: dict[str, Any]) -> dict[str, Any]:
         if "output" in step:
             row["output"] = step["output"]
         if "reload" in step:
-            row["reload_peak_over_weights"] = round(step["reload"]["peak_rss_bytes"] / weights, 2)
+            saved = step.get("saved_params") or params
+            row["reload_peak_over_weights"] = round(
+                step["reload"]["peak_rss_bytes"] / (saved * per_value), 2
+            )
         if "timings" in step:
             row["timings"] = step["timings"]
         rows.append(row)
-    return {"conditions": figures["conditions"], "weights_params": params, "rows": rows}
+    return {"conditions": figures["conditions"], "rows": rows}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as the table in docs/scale.md."""
+    lines = [
+        "| step | wall | weights | peak RSS | × weights | × weights less imports "
+        "| planner estimate | output |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        output = row.get("output") or {}
+        layout_text = (
+            f"{'/'.join(output['dtypes']).lower()}, {output['shards']} shards "
+            f"({' + '.join(str(gb) for gb in output['shard_gb'])} GB)"
+            + (", index valid" if output.get("index_valid") else "")
+            if output
+            else "–"
+        )
+        estimate = (
+            f"{row['estimate_gb']} GB ({row['estimate_over_measured']:.2f}×)"
+            if "estimate_gb" in row
+            else "–"
+        )
+        lines.append(
+            f"| {row['step']} | {row['wall_s']:.1f} s | {row['weights_gb']} GB "
+            f"| {row['peak_gb']} GB | {row['peak_over_weights']:.2f} "
+            f"| {row['peak_less_runtime_over_weights']:.2f} | {estimate} | {layout_text} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "reload":
         reload_main(sys.argv[2], sys.argv[3])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "runtime":
+        runtime_main(sys.argv[2])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         child_main(*sys.argv[2:])
@@ -503,7 +573,9 @@ def main() -> None:
         CACHE = CACHE.with_name("smoke-random-bf16")
         RUNS = RUNS.with_name("bench-scale-smoke")
     if args.figures:
-        print(json.dumps(summarise(json.loads(args.figures.read_text())), indent=1))
+        summary = summarise(json.loads(args.figures.read_text()))
+        print(json.dumps(summary, indent=1))
+        print(markdown(summary))
         return
     started = time.perf_counter()
     build_model(CACHE)
@@ -527,7 +599,10 @@ def main() -> None:
     }
     (RUNS / "figures.json").write_text(json.dumps(figures, indent=1))
     shutil.rmtree(root / "serve", ignore_errors=True)
-    print(json.dumps(summarise(figures), indent=1))
+    summary = summarise(figures)
+    (RUNS / "table.md").write_text(markdown(summary) + "\n")
+    print(json.dumps(summary, indent=1))
+    print(markdown(summary))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ intermediate, vocabulary size and layer count)::
   reclaimable, but counted in the resident size).
 * forward-only scoring (ppl, iterative_ppl, block_influence, angular, magnitude): the hidden
   states of one forward, ``B*S*(HIDDEN_COPIES*H + MLP_COPIES*I)*b``, and the LM head in chunks
-  of ``HEAD_CHUNK_TOKENS`` tokens (fp32 logits and their log-softmax).
+  of :func:`head_chunk_tokens` tokens (fp32 logits within ``HEAD_CHUNK_BYTES``, and their
+  log-softmax).
 * taylor: a backward through the whole model keeps every block's activations,
   ``L*B*S*(STORED_H*H + STORED_I*I)*b``, and the full fp32 logits of the forward with their
   gradient; with more than one forward the block gradients add up (the block weights once
@@ -50,7 +51,9 @@ RUNTIME_BYTES = {"cpu": 350 * 10**6, "cuda": 0}
 WEIGHT_MULTIPLE = {"load": 1.0, "scoring": 1.0, "taylor": 1.0, "save": 1.0, "lora": 1.0}
 HIDDEN_COPIES, MLP_COPIES = 8, 4
 STORED_H, STORED_I = 12, 5
-HEAD_CHUNK_TOKENS = 256  # as shortened.engine.criteria.HEAD_CHUNK_TOKENS
+# The fp32 logits of one LM-head call while scoring from hidden states
+# (shortened.engine.criteria.nll_from_hidden): 65 tokens with a 128K vocabulary, 262 with 32K.
+HEAD_CHUNK_BYTES = 32 * 2**20
 LOGIT_COPIES = 3  # fp32 logits, log-softmax, the loss's gradient / per-token losses
 GRADIENT_CHECKPOINTING = 0.15
 FORWARD_CRITERIA = ("ppl", "iterative_ppl", "block_influence", "angular", "magnitude")
@@ -96,6 +99,12 @@ class Plan:
         return {**asdict(self), "peak_bytes": self.peak_bytes, "peak_stage": self.peak_stage}
 
 
+def head_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per LM-head call when scoring: as many as keep their fp32 logits within
+    ``HEAD_CHUNK_BYTES`` (at least one)."""
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab_size))
+
+
 def removable_blocks(num_layers: int, protect_first: int, protect_last: int) -> list[int]:
     """Original indices that may be removed: all but the first and last protected blocks."""
     return list(range(min(protect_first, num_layers), max(num_layers - protect_last, 0)))
@@ -132,7 +141,7 @@ class _Shape:
 
     def forward(self, tokens: int, b: int) -> int:
         hidden = tokens * (HIDDEN_COPIES * self.hidden + MLP_COPIES * self.intermediate) * b
-        return hidden + min(tokens, HEAD_CHUNK_TOKENS) * self.vocab * 4 * LOGIT_COPIES
+        return hidden + min(tokens, head_chunk_tokens(self.vocab)) * self.vocab * 4 * LOGIT_COPIES
 
     def backward(self, tokens: int, b: int, layers: int | None = None) -> int:
         stored = (layers or self.layers) * tokens

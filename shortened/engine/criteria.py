@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shortened.planning import head_chunk_tokens
+
 from .architectures import FamilyAdapter, block_view, keep_blocks
 from .checkpoint import ScoreCheckpoint
 from .progress import Progress, ProgressCallback, no_progress
@@ -74,19 +76,18 @@ def _nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     )
 
 
-# Tokens per LM-head call when scoring from hidden states: the full [batch, seq, vocab]
-# logits (plus their log-softmax) would otherwise be the largest allocation of a scoring
-# pass, often a third of the weights of a 7B model at batch 4 x 128 tokens.
-HEAD_CHUNK_TOKENS = 256
-
-
 def nll_from_hidden(
-    model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK_TOKENS
+    model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int | None = None
 ) -> torch.Tensor:
     """Summed next-token NLL from the final (normed) hidden states, applying the LM head
-    (and Gemma 2's logit soft-capping) a few hundred tokens at a time."""
+    (and Gemma 2's logit soft-capping) ``chunk`` tokens at a time: by default as many as keep
+    one call's fp32 logits within ``shortened.planning.HEAD_CHUNK_BYTES``. The full
+    [batch, seq, vocab] logits with their log-softmax would otherwise be the largest
+    allocation of a scoring pass (a tenth of a 1B model's weights at 4 x 64 tokens with a
+    128K vocabulary)."""
     head: Any = model.get_output_embeddings()  # type: ignore[operator]
     cap = getattr(model.config, "final_logit_softcapping", None)
+    chunk = chunk or head_chunk_tokens(head.weight.shape[0])
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)

@@ -41,6 +41,22 @@ def test_ppl_equals_naive_rebuild(model_type):
         assert abs(a - b) / b < 1e-4
 
 
+def test_ppl_is_exact_whatever_the_lm_head_chunk(monkeypatch):
+    """The LM head runs a byte budget of tokens at a time (a few dozen with a 128K vocabulary):
+    chunk boundaries inside and across windows change nothing."""
+    import shortened.planning
+
+    model = tiny_model("llama", num_layers=6)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    naive = ppl_scores_naive(model, WINDOWS, batch_size=4)
+    for tokens in (1, 7, 23, 10_000):  # one token; across windows of 23 targets; exactly one; all
+        monkeypatch.setattr(shortened.planning, "HEAD_CHUNK_BYTES", tokens * 4 * vocab)
+        assert shortened.planning.head_chunk_tokens(vocab) == tokens
+        fast = CRITERIA["ppl"](context(model, score_all_blocks=True)).block_scores
+        for a, b in zip(fast, naive, strict=True):
+            assert abs(a - b) / b < 1e-4
+
+
 def test_ppl_baseline_matches_full_model():
     model = tiny_model("llama")
     result = CRITERIA["ppl"](context(model))
