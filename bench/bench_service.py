@@ -154,57 +154,111 @@ class CpuMeter:
         self.cores = {name: round(seconds / wall, 2) for name, seconds in used.items()}
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection with just enough of the protocol for this bench
+    (requests with a JSON body or none; answers with a Content-Length, as the API's are).
+    httpx spent about 6 ms of CPU per request here, as much as the API itself: a load
+    generator that slow measures itself on a 2-core machine."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        if self.writer is None or self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + (body or b""))
+        try:
+            status_line = await self.reader.readline()
+            if not status_line:
+                raise ConnectionError("closed by the server")
+            status = int(status_line.split()[1])
+            length, close = 0, False
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            payload = await self.reader.readexactly(length)
+        except BaseException:
+            self.close()
+            raise
+        if close:
+            self.close()
+        return status, payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+Request = Callable[[Connection, int], Awaitable[tuple[int, bytes]]]
+
+
 async def _drive(
     url: str,
     n_requests: int,
     concurrency: int,
-    request: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]],
+    request: Request,
     expect: int,
     time_limit_s: float,
-    on_ok: Callable[[httpx.Response], None] | None,
+    on_ok: Callable[[bytes], None] | None,
     rate: float | None,
 ) -> dict[str, Any]:
-    """``concurrency`` clients send ``n_requests`` in all (or stop at ``time_limit_s``).
+    """``concurrency`` clients, one keep-alive connection each, send ``n_requests`` in all
+    (or stop at ``time_limit_s``).
 
     Closed loop (``rate`` None): each client sends its next request as soon as the previous
     one is answered. Paced (``rate`` req/s in all): request k is due at start + k/rate, sent
     by the next free client; its latency counts from when it was due, so a server that falls
     behind is not flattered by the requests it delayed. A warm-up round (one request per
-    client, not counted) opens the keep-alive connections first."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    client, not counted) opens the connections first."""
+    host, port = url.removeprefix("http://").split(":")
+    connections = [Connection(host, int(port)) for _ in range(concurrency)]
     latencies: list[float] = []
     errors: Counter[str] = Counter()
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        await asyncio.gather(
-            *(request(client, i) for i in range(concurrency)), return_exceptions=True
-        )
-        indices = iter(range(n_requests))
-        start = time.perf_counter()
-        stop_at = start + time_limit_s
+    await asyncio.gather(
+        *(request(connection, i) for i, connection in enumerate(connections)),
+        return_exceptions=True,
+    )
+    indices = iter(range(n_requests))
+    start = time.perf_counter()
+    stop_at = start + time_limit_s
 
-        async def one_client() -> None:
-            for index in indices:  # shared: every request is sent once
-                now = time.perf_counter()
-                if now > stop_at:
-                    return
-                due = now
-                if rate is not None:
-                    due = start + index / rate
-                    if due > now:
-                        await asyncio.sleep(due - now)
-                try:
-                    response = await request(client, index)
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] += 1
-                    continue
-                latencies.append(time.perf_counter() - due)
-                if response.status_code != expect:
-                    errors[f"HTTP {response.status_code}"] += 1
-                elif on_ok is not None:
-                    on_ok(response)
+    async def one_client(connection: Connection) -> None:
+        for index in indices:  # shared: every request is sent once
+            now = time.perf_counter()
+            if now > stop_at:
+                return
+            due = now
+            if rate is not None:
+                due = start + index / rate
+                if due > now:
+                    await asyncio.sleep(due - now)
+            try:
+                status, payload = await asyncio.wait_for(request(connection, index), 30)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                errors[type(exc).__name__] += 1
+                continue
+            latencies.append(time.perf_counter() - due)
+            if status != expect:
+                errors[f"HTTP {status}"] += 1
+            elif on_ok is not None:
+                on_ok(payload)
 
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+    try:
+        await asyncio.gather(*(one_client(connection) for connection in connections))
+    finally:
+        for connection in connections:
+            connection.close()
+    wall = time.perf_counter() - start
     if not latencies:
         raise RuntimeError(f"no request was answered: {dict(errors)}")
     return {
@@ -222,21 +276,31 @@ async def _drive(
     }
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (uvicorn's standard extra brings it): a cheaper client."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def load(
     url: str,
     api_pid: int,
     n_requests: int,
     concurrency: int,
-    request: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]],
+    request: Request,
     expect: int,
-    on_ok: Callable[[httpx.Response], None] | None = None,
+    on_ok: Callable[[bytes], None] | None = None,
     time_limit_s: float = PHASE_TIME_LIMIT_S,
     rate: float | None = None,
 ) -> dict[str, Any]:
     with CpuMeter(api_pid) as cpu:
-        result = asyncio.run(
-            _drive(url, n_requests, concurrency, request, expect, time_limit_s, on_ok, rate)
-        )
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            result = runner.run(
+                _drive(url, n_requests, concurrency, request, expect, time_limit_s, on_ok, rate)
+            )
     result["cpu_cores_used"] = cpu.cores
     # CPU time per request: unlike latency, hardly affected by other load on the machine.
     result["cpu_ms_per_request"] = {
@@ -435,7 +499,8 @@ def run() -> dict:
     context: dict[str, Any] = {
         "setup": f"python -m service.serve --api-only with 1 and then {API_WORKERS} API "
         f"processes, PostgreSQL job store, Redis broker, loopback only; {CONCURRENCY} "
-        f"concurrent keep-alive clients (httpx.AsyncClient) in the bench process; "
+        f"concurrent keep-alive connections (a minimal HTTP/1.1 client on uvloop) in the bench "
+        f"process; "
         f"{os.cpu_count()} CPU cores shared by all",
         "spec": SPEC,
     }
@@ -506,14 +571,16 @@ def load_phases(url: str, pid: int, workdir: Path, started: float) -> dict[str, 
     ``url`` whose process tree is ``pid``."""
     job_ids: list[str] = []
 
-    async def post(client: httpx.AsyncClient, _: int) -> httpx.Response:
-        return await client.post("/jobs/prune", json=SPEC)
+    body = json.dumps(SPEC).encode()
 
-    def keep_id(response: httpx.Response) -> None:
-        job_ids.append(response.json()["id"])
+    async def post(connection: Connection, _: int) -> tuple[int, bytes]:
+        return await connection.request("POST", "/jobs/prune", body)
 
-    async def get(client: httpx.AsyncClient, index: int) -> httpx.Response:
-        return await client.get(f"/jobs/{job_ids[index % len(job_ids)]}")
+    def keep_id(payload: bytes) -> None:
+        job_ids.append(json.loads(payload)["id"])
+
+    async def get(connection: Connection, index: int) -> tuple[int, bytes]:
+        return await connection.request("GET", f"/jobs/{job_ids[index % len(job_ids)]}")
 
     phases: dict[str, Any] = {}
     profiles: dict[str, Any] = {}

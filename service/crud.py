@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol, cast
 
 from sqlalchemy import CursorResult, Result, Select, and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, noload
+from sqlalchemy.orm import Session, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.jsonsafe import json_safe
@@ -185,16 +185,16 @@ def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | No
     ).first()
 
 
-def count_active_jobs(session: Session, tenant: str) -> int:
-    """Queued and running jobs of a tenant (its concurrency limit counts these)."""
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.tenant == tenant, Job.status.in_(("queued", "running")))
-        )
-        or 0
+def count_active_jobs(session: Session, tenant: str, up_to: int | None = None) -> int:
+    """Queued and running jobs of a tenant (its concurrency limit counts these); with
+    ``up_to``, counted no further than that (what a limit check needs: the work is bounded by
+    the limit, not by how many jobs the tenant has)."""
+    active = select(Job.id).where(
+        Job.tenant == tenant, or_(Job.status == "queued", Job.status == "running")
     )
+    if up_to is not None:
+        active = active.limit(up_to)
+    return int(session.scalar(select(func.count()).select_from(active.subquery())) or 0)
 
 
 def reload(session: Session, job_id: str) -> Job:
@@ -222,7 +222,7 @@ def read_job(session: Session, job_id: str, tenant: str | None = None) -> Job | 
     row, then its attempt history only when it has one (a queued job has none: ``attempts``
     is counted up in the transaction that inserts each attempt row)."""
     job = session.scalars(
-        select(Job).where(Job.id == job_id).options(noload(Job.attempt_rows))
+        select(Job).where(Job.id == job_id).options(lazyload(Job.attempt_rows))
     ).first()
     if job is None or (tenant is not None and job.tenant != tenant):
         return None

@@ -6,10 +6,11 @@ request-scoped session dependency is ``service.api.deps.get_session``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -25,11 +26,14 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, *, pooled: bool = True) -> Engine:
+def make_engine(url: str, *, pooled: bool = True, pool_size: int = 5) -> Engine:
     """An engine for ``url``; SQLite gets WAL and a busy timeout so the API and the worker
-    processes can write the same file. ``pooled=False``: a connection per use, for a process
-    that forks (no open connection is ever inherited by a child)."""
-    pool: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
+    processes can write the same file. ``pool_size``: connections kept open (the API keeps
+    one per request thread: a connection opened for a burst and closed after it costs
+    PostgreSQL a backend process each time, several times the request itself).
+    ``pooled=False``: a connection per use, for a process that forks (no open connection is
+    ever inherited by a child)."""
+    pool: dict[str, Any] = {"pool_size": pool_size} if pooled else {"poolclass": NullPool}
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -45,12 +49,51 @@ def make_engine(url: str, *, pooled: bool = True) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **pool)
+    engine = create_engine(url, **pool)
+    ping_when_idle(engine)
+    return engine
+
+
+# A pooled connection unused for longer than this is pinged before it is handed out.
+PING_IF_IDLE_S = 5.0
+
+
+def ping_when_idle(engine: Engine, idle_s: float = PING_IF_IDLE_S) -> None:
+    """SQLAlchemy's ``pool_pre_ping``, but only for a connection that sat in the pool for
+    ``idle_s`` or more. Connections die while idle (a database restart, a proxy's or
+    firewall's idle timeout); a connection handed back a moment ago is alive, and pinging it
+    anyway cost a round trip and about 1 ms of CPU on every request (half of a status
+    read). A dead idle connection is replaced before use, as with pre-ping; the rare one
+    that dies between two requests in quick succession fails that request, and SQLAlchemy
+    then discards the whole pool (a disconnect invalidates every pooled connection)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < idle_s:
+            return  # new (just connected) or in use a moment ago
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            raise exc.DisconnectionError(f"pooled connection lost while idle: {error}") from error
+        if not alive:
+            raise exc.DisconnectionError("pooled connection lost while idle")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     # expire_on_commit=False: rows are serialised to responses after the commit.
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reads that change nothing (``GET /jobs/{id}``): in autocommit, so each
+    statement runs on its own and no BEGIN/ROLLBACK round trips surround it; every
+    statement still sees only committed rows, as in a READ COMMITTED transaction."""
+    return make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
 
 
 def ping(engine: Engine) -> None:

@@ -11,11 +11,18 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from anyio import to_thread
 from fastapi import FastAPI
 
 from service.api.docs import add_offline_docs
 from service.api.routes import batches, health, jobs, report, schedules, webhooks
-from service.db import is_sqlite, make_engine, make_sessionmaker, upgrade_database
+from service.db import (
+    is_sqlite,
+    make_engine,
+    make_read_sessionmaker,
+    make_sessionmaker,
+    upgrade_database,
+)
 from service.errors import add_error_handlers
 from service.limits import BodyLimits
 from service.metrics import setup_metrics
@@ -79,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # deploy step (`alembic upgrade head`), not something every API replica races to do.
         if is_sqlite(settings.resolved_database_url):
             upgrade_database(settings)
+        # Sync routes run on these threads; each holds one pooled connection at most.
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         stop_loops = (
             start_background_loops(
                 settings, app.state.sessionmaker, app.state.celery, app.state.scheduler
@@ -102,8 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.engine = make_engine(settings.resolved_database_url)
+    app.state.engine = make_engine(settings.resolved_database_url, pool_size=settings.api_threads)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
+    app.state.read_sessionmaker = make_read_sessionmaker(app.state.engine)
     # Used only to send task messages (by name): the API never imports the tasks or torch.
     app.state.celery = make_celery(settings)
     app.state.store = None  # opened on first use, see deps.get_store

@@ -1,9 +1,11 @@
 """Prometheus metrics of the API, served on ``GET /metrics``.
 
-* HTTP traffic, by prometheus-fastapi-instrumentator: ``http_requests_total`` and the
-  ``http_request_duration_seconds`` histogram, labelled by ``method``, ``handler`` (the route
-  template, e.g. ``/jobs/{job_id}``: bounded cardinality; unknown paths are ``none``) and
-  ``status`` (the exact code).
+* HTTP traffic (``RequestMetrics``, a pure ASGI middleware): ``http_requests_total`` and
+  the ``http_request_duration_seconds`` histogram, labelled by ``method``, ``handler`` (the
+  route template, e.g. ``/jobs/{job_id}``: bounded cardinality; unknown paths are ``none``)
+  and ``status`` (the exact code), the names and labels prometheus-fastapi-instrumentator
+  uses. The template is the route the router itself matched (``scope["route"]``), so a
+  request is not matched against every route a second time.
 * The job store and the queue, read when Prometheus scrapes (``JobStoreCollector``):
   ``shortened_jobs{status,kind}`` (one GROUP BY query) and ``shortened_queue_depth{queue}``,
   the messages waiting in the Celery queue (Redis: the queue's lists; the embedded filesystem
@@ -12,13 +14,14 @@
 
 Each app has its own registry (tests build many apps in one process). With
 ``PROMETHEUS_MULTIPROC_DIR`` set (uvicorn ``--workers N``) the HTTP metrics of all worker
-processes are merged, as the instrumentator does; the job store metrics are read once.
+processes are merged; the job store metrics are read once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 import typing
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -30,6 +33,8 @@ from prometheus_client import (
     PLATFORM_COLLECTOR,
     PROCESS_COLLECTOR,
     CollectorRegistry,
+    Counter,
+    Histogram,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -137,27 +142,60 @@ def metrics_registry() -> CollectorRegistry:
     return registry
 
 
+class RequestMetrics:
+    """Counts every HTTP request and observes its duration, by method, route template and
+    status code. Pure ASGI: no request object, no second routing pass (the template is the
+    route the router matched and left in the scope; none when nothing matched)."""
+
+    def __init__(self, app: Any, registry: CollectorRegistry) -> None:
+        self.app = app
+        labels = ("method", "status", "handler")
+        self.requests = Counter(
+            "http_requests_total",
+            "Total number of requests by method, status and handler.",
+            labels,
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "Latency by method, status and handler.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless a response starts: an exception escaped every handler
+
+        async def send_and_see(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_see)
+        finally:
+            handler = getattr(scope.get("route"), "path", None) or "none"
+            if handler != METRICS_PATH:  # scrapes are not API traffic
+                labels = (scope["method"], str(status), handler)
+                self.requests.labels(*labels).inc()
+                self.latency.labels(*labels).observe(time.perf_counter() - started)
+
+
 def setup_metrics(app: FastAPI) -> None:
     """Instrument ``app``'s requests and add ``GET /metrics`` (not in the OpenAPI schema).
     Call after ``app.state`` has its sessionmaker, celery app and settings."""
-    from prometheus_fastapi_instrumentator import Instrumentator
-    from prometheus_fastapi_instrumentator import metrics as instrumentations
-
     registry = metrics_registry()
     store_collector = JobStoreCollector(
         app.state.sessionmaker, app.state.celery, app.state.settings
     )
     registry.register(store_collector)
-    instrumentator = Instrumentator(
-        should_group_status_codes=False,
-        excluded_handlers=[f"^{METRICS_PATH}$"],
-        registry=registry,
-    )
-    instrumentator.add(
-        instrumentations.requests(registry=registry),
-        instrumentations.latency(buckets=LATENCY_BUCKETS, registry=registry),
-    )
-    instrumentator.instrument(app)
+    app.add_middleware(RequestMetrics, registry=registry)
     app.state.metrics_registry = registry
 
     @app.get(METRICS_PATH, include_in_schema=False)

@@ -118,8 +118,8 @@ def reserve(
     limit = settings.limits_for(tenant).max_concurrent_jobs
     if limit is None:
         return
-    active = crud.count_active_jobs(session, tenant)
-    if active + adding > limit:
+    if crud.count_active_jobs(session, tenant, up_to=max(limit - adding + 1, 0)) + adding > limit:
+        active = crud.count_active_jobs(session, tenant)  # the exact figure, for the message
         raise LimitExceeded(tenant, active, adding, limit, batch)
 
 

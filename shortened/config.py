@@ -112,6 +112,14 @@ class Settings(BaseSettings):
         ge=0,
         description="API processes `shortened serve` / `python -m service.serve` runs (0: one per CPU core)",
     )
+    api_threads: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Per API process: requests handled at once on worker threads, and the "
+        "database connections kept open for them (the pool holds as many, so a request never "
+        "waits to connect; PostgreSQL sees replicas x API processes x this)",
+    )
     background_loops: bool = Field(
         default=True,
         description="Run the reaper, scheduler and webhook dispatcher threads in this API process "

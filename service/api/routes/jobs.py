@@ -189,9 +189,10 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
 def get_job(job_id: JobId, request: Request, principal: PrincipalDep) -> Response:
-    # The busiest route (clients poll it): its own session (see _submit), the row and its
-    # attempts in as few queries as it takes, and the model serialised once.
-    with request.app.state.sessionmaker() as session:
+    # The busiest route (clients poll it): its own read-only session (see _submit; in
+    # autocommit, so no BEGIN/ROLLBACK round trips), the row and its attempts in as few
+    # queries as it takes, and the model serialised once.
+    with request.app.state.read_sessionmaker() as session:
         job = crud.read_job(session, job_id, principal.scope)
         if job is None:
             raise HTTPException(404, detail=f"job {job_id} not found")
