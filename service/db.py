@@ -58,7 +58,7 @@ def make_engine(url: str, *, pooled: bool = True, pool_size: int = 5) -> Engine:
 PING_IF_IDLE_S = 5.0
 
 
-def ping_when_idle(engine: Engine, idle_s: float = PING_IF_IDLE_S) -> None:
+def ping_when_idle(engine: Engine, idle_s: float | None = None) -> None:
     """SQLAlchemy's ``pool_pre_ping``, but only for a connection that sat in the pool for
     ``idle_s`` or more. Connections die while idle (a database restart, a proxy's or
     firewall's idle timeout); a connection handed back a moment ago is alive, and pinging it
@@ -66,6 +66,8 @@ def ping_when_idle(engine: Engine, idle_s: float = PING_IF_IDLE_S) -> None:
     read). A dead idle connection is replaced before use, as with pre-ping; the rare one
     that dies between two requests in quick succession fails that request, and SQLAlchemy
     then discards the whole pool (a disconnect invalidates every pooled connection)."""
+
+    idle_s = PING_IF_IDLE_S if idle_s is None else idle_s
 
     @event.listens_for(engine, "checkin")
     def _checked_in(_dbapi_connection: Any, record: Any) -> None:
