@@ -14,11 +14,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
+
+from uvicorn.supervisors.multiprocess import Process as UvicornProcess
 
 from service.db import make_engine, make_sessionmaker, upgrade_database
 from shortened.config import Settings, get_settings
@@ -189,6 +192,46 @@ API_APP = "service.main:app"
 WORKER_HEALTHCHECK_TIMEOUT_S = 60
 
 
+def run_processes(config: Any) -> None:
+    """uvicorn's multi-process supervisor (health pings, restarts, graceful stop), with one
+    listening socket per process where the platform has SO_REUSEPORT: the kernel then spreads
+    new connections evenly over the processes. On one shared socket the process that wakes
+    first accepts every connection waiting, so a burst of keep-alive clients (a platform's
+    pollers starting together) could all land on one process and leave the others idle."""
+    from uvicorn.supervisors import multiprocess
+
+    if not hasattr(socket, "SO_REUSEPORT"):
+        multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    # Bound without SO_REUSEPORT and closed again: a port in use fails here, at once, rather
+    # than being shared with whatever else listens on it.
+    config.bind_socket().close()
+    shared = multiprocess.Process
+    multiprocess.Process = ReusePortProcess  # type: ignore[misc]  # what the supervisor spawns
+    try:
+        multiprocess.Multiprocess(config, sockets=[]).run()
+    finally:
+        multiprocess.Process = shared  # type: ignore[misc]
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class ReusePortProcess(UvicornProcess):  # type: ignore[misc]
+    """An API process that listens on a socket of its own (SO_REUSEPORT): what
+    ``run_processes`` has uvicorn's supervisor spawn (picklable: a module-level class)."""
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:
+        super().target([reuse_port_socket(self.config.host, self.config.port)])
+
+
 def serve_api(settings: Settings) -> None:
     """The API on ``settings.api_host:api_port`` in ``resolved_api_workers`` processes, until
     SIGINT/SIGTERM; returns once they have drained and stopped.
@@ -245,13 +288,15 @@ def serve_api(settings: Settings) -> None:
     try:
         # The supervisor handles SIGINT/SIGTERM itself: it stops the processes (each drains
         # its requests) and returns.
-        uvicorn.run(
-            API_APP,
-            workers=workers,
-            # The supervisor restarts a process that does not answer its ping in time; a
-            # process still importing the app on a busy host must not count as hung.
-            timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
-            **run_args,
+        run_processes(
+            uvicorn.Config(
+                API_APP,
+                workers=workers,
+                # The supervisor restarts a process that does not answer its ping in time; a
+                # process still importing the app on a busy host must not count as hung.
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
+                **run_args,
+            )
         )
     finally:
         if stop_loops is not None:

@@ -125,6 +125,56 @@ def test_processes_share_the_job_store_and_merge_their_metrics(
     assert started == [str(process.popen.pid)], process.log()[-3000:]
 
 
+def test_a_burst_of_keep_alive_connections_is_spread_over_the_processes(
+    api_only: tuple[e2e.Process, str, Path],
+) -> None:
+    """40 clients connecting at once (a platform's pollers starting together) and keeping
+    their connections: each process holds a fair share. On one shared listening socket the
+    process that woke first could accept them all and leave the other idle."""
+    import socket
+
+    process, url, _ = api_only
+    port = int(url.rsplit(":", 1)[1])
+
+    def listening() -> bool:  # each process listens once its app has started
+        apis = _api_processes(process.popen.pid)
+        return len(apis) == 2 and all(
+            any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                for c in api.net_connections(kind="tcp")
+            )
+            for api in apis
+        )
+
+    e2e.wait_until(listening, STARTUP_S, "both API processes listening", process)
+    connections = [socket.socket() for _ in range(40)]
+    for connection in connections:  # all at once: the kernel queues them before any accept
+        connection.setblocking(False)
+        connection.connect_ex(("127.0.0.1", port))
+    for connection in connections:
+        connection.setblocking(True)
+    try:
+        for connection in connections:  # one request each: every connection was accepted
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        for connection in connections:
+            assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        ours = {connection.getsockname()[1] for connection in connections}
+        held = {
+            api.pid: sum(
+                1
+                for c in api.net_connections(kind="tcp")
+                if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port in ours
+            )
+            for api in _api_processes(process.popen.pid)
+        }
+    finally:
+        for connection in connections:
+            connection.close()
+    assert sum(held.values()) == 40, held
+    # Hashed over two sockets: below 8 of 40 has a chance of about 1e-5.
+    assert min(held.values()) >= 8, held
+
+
 def test_shortened_serve_with_two_api_processes_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = e2e.free_port()
     env = e2e.base_env({"SHORTENED_DATA_DIR": str(tmp_path / "var")})
