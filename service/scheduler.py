@@ -58,7 +58,7 @@ from service.locks import is_postgres
 from service.loop import BackgroundLoop
 from service.models import Schedule, ScheduleRun, utcnow
 from service.queue import make_celery
-from service.submission import LimitExceeded, admit, dispatch
+from service.submission import LimitExceeded, admit, dispatch, reserve
 from shortened.config import Settings, get_settings
 from shortened.redact import redact
 
@@ -288,12 +288,16 @@ class Scheduler(BackgroundLoop):
             if picked:
                 notes.append(f"model {picked}")
             try:
+                # The limit before the job's rows: a slot over the limit is recorded as
+                # skipped in this same transaction, without them.
+                reserve(session, self.settings, schedule.tenant, inserted=False)
                 job = admit(
                     session,
                     self.settings,
                     tenant=schedule.tenant,
                     kind=schedule.kind,
                     spec=spec,
+                    check_limit=False,
                     idempotency_key=f"schedule:{schedule.id}:{slot_at.isoformat()}",
                     schedule_id=schedule.id,
                 )

@@ -10,10 +10,11 @@ through here, in this order:
    then whether the job can run at all (the model's config and layer count against the
    target, the data files), for requests a tenant wrote (a schedule's template was checked
    when it was saved, a follow-up's spec is part of its root's);
-3. the tenant lock (``service.locks.tenant_lock``) and the concurrency limit, counted over
-   every job being added (:class:`LimitExceeded`); a pipeline's next step is exempt, since it
-   continues work admitted already and takes the place of the step that just finished;
-4. the job rows, each with its first ``queued`` event (``crud.create_job``), committed;
+3. the job rows, each with its first ``queued`` event (``crud.create_job``);
+4. the tenant lock (``service.locks.tenant_lock``) and the concurrency limit, counted over
+   every job being added (:class:`LimitExceeded`, and the rows are rolled back); a
+   pipeline's next step is exempt, since it continues work admitted already and takes the
+   place of the step that just finished; then the commit;
 5. dispatch: the task message, carrying only the job id, sent to the broker.
 
 Broker failure is handled the same way on every path: the job row is committed *before* the
@@ -109,17 +110,32 @@ def request_hash(payload: Any) -> str:
 
 
 def reserve(
-    session: Session, settings: Settings, tenant: str, adding: int = 1, *, batch: bool = False
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    adding: int = 1,
+    *,
+    batch: bool = False,
+    inserted: bool = True,
 ) -> None:
-    """Take the tenant lock (held until the caller's transaction ends) and check that
-    ``adding`` more jobs (of one ``batch``) fit under its concurrency limit; raises
-    ``LimitExceeded``."""
-    tenant_lock(session, tenant)
+    """Check that the tenant's queued and running jobs, counting the ``adding`` ones (of one
+    ``batch``) this transaction has just inserted (or, with ``inserted=False``, is about to
+    insert), stay within its concurrency limit; raises ``LimitExceeded`` (the caller rolls
+    back, or with ``inserted=False`` may go on without the jobs: the scheduler records a
+    skipped slot in the same transaction).
+
+    Called after the inserts, under the tenant lock (held until the caller's transaction
+    ends): the lock covers only this count and the commit, not the inserts, which is what
+    lets one tenant's submissions proceed in parallel. It is still exact: a transaction
+    counts only once it holds the lock, so it sees every job admitted before it (committed)
+    and none of those still waiting (uncommitted), which count themselves in turn."""
     limit = settings.limits_for(tenant).max_concurrent_jobs
     if limit is None:
         return
-    if crud.count_active_jobs(session, tenant, up_to=max(limit - adding + 1, 0)) + adding > limit:
-        active = crud.count_active_jobs(session, tenant)  # the exact figure, for the message
+    tenant_lock(session, tenant)
+    counted = 0 if inserted else adding
+    if crud.count_active_jobs(session, tenant, up_to=limit + 1) + counted > limit:
+        active = crud.count_active_jobs(session, tenant) + counted - adding  # for the message
         raise LimitExceeded(tenant, active, adding, limit, batch)
 
 
@@ -137,15 +153,13 @@ def admit(
     parent_id: str | None = None,
     schedule_id: str | None = None,
 ) -> Job:
-    """Policy (with ``principal``), lock and limit (with ``check_limit``), then the job row
-    with its first event, flushed in the caller's transaction: the caller commits, then
+    """Policy (with ``principal``), the job row with its first event, then lock and limit
+    (with ``check_limit``), in the caller's transaction: the caller commits, then
     calls :func:`dispatch`. Raises ``PolicyViolation``, ``LimitExceeded``, or
     ``crud.DuplicateIdempotencyKey`` (the transaction is rolled back then)."""
     if principal is not None:
         check_submission(settings, session, principal, spec, kind)
-    if check_limit:
-        reserve(session, settings, tenant)
-    return crud.create_job(
+    job = crud.create_job(
         session,
         kind,
         spec,
@@ -156,6 +170,9 @@ def admit(
         schedule_id=schedule_id,
         commit=False,
     )
+    if check_limit:
+        reserve(session, settings, tenant)
+    return job
 
 
 def plan_submission(
@@ -278,8 +295,7 @@ def submit_batch(
                 raise PolicyViolation(
                     [{**e, "msg": f"combination {where}: {e['msg']}"} for e in exc.errors]
                 ) from exc
-        reserve(session, settings, tenant, len(points), batch=True)
-    except (PolicyViolation, LimitExceeded):
+    except PolicyViolation:
         session.rollback()
         raise
     try:
@@ -301,6 +317,11 @@ def submit_batch(
         )
         recorded.append({"job_id": job.id, "values": values})
     batch.request = {**body.model_dump(mode="json"), "points": recorded}
+    try:
+        reserve(session, settings, tenant, len(points), batch=True)
+    except LimitExceeded:
+        session.rollback()
+        raise
     session.commit()
     unsent = dispatch(session, celery, [p["job_id"] for p in recorded])
     if unsent:
