@@ -142,6 +142,8 @@ class Job(Base):
         Index("ix_jobs_kind_created_at", "kind", "created_at"),
         Index("ix_jobs_parent_id", "parent_id"),
         Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        # A tenant's queued and running jobs: counted at every admission (its limit).
+        Index("ix_jobs_tenant_status", "tenant", "status"),
         Index("ix_jobs_batch_id", "batch_id"),
         Index("ix_jobs_schedule_id", "schedule_id"),
         # NULL keys are distinct on both backends: only keyed submissions are deduplicated.
