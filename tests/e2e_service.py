@@ -17,10 +17,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -239,6 +240,52 @@ def worker_and_api(common: dict[str, str], queue: str, root: Path) -> Iterator[t
             api_process.stop()
     finally:
         worker.stop(timeout=60)
+
+
+@contextmanager
+def s3_stack(
+    s3_server: str, root: Path, allowed_roots: Sequence[Path] = ()
+) -> Iterator[dict[str, Any]]:
+    """The distributed service: API + worker (``worker_and_api``) against Redis, PostgreSQL and
+    S3, each namespaced for this stack, the database migrated (a deploy step with PostgreSQL).
+    ``allowed_roots``: local directories jobs may name. Yields ``api`` (an httpx client),
+    ``worker``, ``root``, ``worker_dir``, ``s3`` (a boto3 client), ``bucket``, ``broker_url``
+    and ``queue``."""
+    import json
+
+    import boto3
+
+    from service.db import upgrade_database
+
+    with (
+        redis_namespace() as (broker_url, queue),
+        postgres_database() as database_url,
+        s3_bucket(s3_server) as bucket,
+    ):
+        common = {
+            "SHORTENED_DATABASE_URL": database_url,
+            "SHORTENED_BROKER_URL": broker_url,
+            "SHORTENED_QUEUE": queue,
+            "SHORTENED_ARTIFACTS_URL": f"s3://{bucket}/artifacts",
+            "SHORTENED_S3_ENDPOINT_URL": s3_server,
+        }
+        if allowed_roots:
+            common["SHORTENED_ALLOWED_LOCAL_ROOTS"] = json.dumps([str(p) for p in allowed_roots])
+        upgrade_database(database_url)
+        with (
+            worker_and_api(common, queue, root) as (worker, url),
+            httpx.Client(base_url=url, timeout=30) as api,
+        ):
+            yield {
+                "api": api,
+                "worker": worker,
+                "root": root,
+                "worker_dir": root / "worker",
+                "s3": boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1"),
+                "bucket": bucket,
+                "broker_url": broker_url,
+                "queue": queue,
+            }
 
 
 def _answers(url: str) -> bool:

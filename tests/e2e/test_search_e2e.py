@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 from tests.e2e_service import (
@@ -14,12 +13,9 @@ from tests.e2e_service import (
     REPO,
     TINY_MODEL,
     download_artifacts,
-    postgres_database,
-    redis_namespace,
-    s3_bucket,
+    s3_stack,
     wait_for_job,
     wait_until,
-    worker_and_api,
 )
 
 HELDOUT = REPO / "data" / "stdlib_docs_heldout.txt"
@@ -29,26 +25,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(s3_server, tmp_path_factory):
-    from service.db import upgrade_database
-
-    root = tmp_path_factory.mktemp("search")
-    with (
-        redis_namespace() as (broker_url, queue),
-        postgres_database() as database_url,
-        s3_bucket(s3_server) as bucket,
-    ):
-        common = {
-            "SHORTENED_DATABASE_URL": database_url,
-            "SHORTENED_BROKER_URL": broker_url,
-            "SHORTENED_QUEUE": queue,
-            "SHORTENED_ARTIFACTS_URL": f"s3://{bucket}/artifacts",
-            "SHORTENED_S3_ENDPOINT_URL": s3_server,
-            "SHORTENED_ALLOWED_LOCAL_ROOTS": json.dumps([str(REPO)]),
-        }
-        upgrade_database(database_url)
-        with worker_and_api(common, queue, root) as (worker, url):
-            with httpx.Client(base_url=url, timeout=30) as api:
-                yield {"api": api, "worker": worker, "root": root}
+    with s3_stack(s3_server, tmp_path_factory.mktemp("search"), [REPO]) as stack:
+        yield stack
 
 
 def search_spec(**overrides) -> dict:

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 
@@ -27,14 +26,10 @@ from tests.e2e_service import (
     free_port,
     generate,
     message_ignored,
-    postgres_database,
     prune_spec,
-    redis_namespace,
-    s3_bucket,
+    s3_stack,
     stage_history,
-    start_api,
     start_process,
-    start_worker,
     submit,
     wait_for_job,
     wait_until,
@@ -47,49 +42,10 @@ ENGINE_STAGES = ["loading", "calibration", "scoring", "pruning", "saving"]
 
 @pytest.fixture(scope="module")
 def stack(s3_server, tmp_path_factory):
-    """API + worker against Redis, PostgreSQL and S3, each namespaced for this session."""
-    from service.db import upgrade_database
-
-    root = tmp_path_factory.mktemp("e2e")
-    with (
-        redis_namespace() as (broker_url, queue),
-        postgres_database() as database_url,
-        s3_bucket(s3_server) as bucket,
-    ):
-        common = {
-            "SHORTENED_DATABASE_URL": database_url,
-            "SHORTENED_BROKER_URL": broker_url,
-            "SHORTENED_QUEUE": queue,
-            "SHORTENED_ARTIFACTS_URL": f"s3://{bucket}/artifacts",
-            "SHORTENED_S3_ENDPOINT_URL": s3_server,
-        }
-        upgrade_database(database_url)  # with PostgreSQL, migrating is a deploy step
-        # Separate data dirs: API and worker share nothing but the database, broker and bucket.
-        worker_dir, api_dir = root / "worker", root / "api"
-        worker = start_worker(
-            base_env({**common, "SHORTENED_DATA_DIR": str(worker_dir)}), queue, root / "worker.log"
-        )
-        try:
-            api_process, url = start_api(
-                base_env({**common, "SHORTENED_DATA_DIR": str(api_dir)}),
-                free_port(),
-                root / "api.log",
-            )
-            try:
-                with httpx.Client(base_url=url, timeout=30) as api:
-                    yield {
-                        "api": api,
-                        "worker": worker,
-                        "worker_dir": worker_dir,
-                        "s3": boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1"),
-                        "bucket": bucket,
-                        "broker_url": broker_url,
-                        "queue": queue,
-                    }
-            finally:
-                api_process.stop()
-        finally:
-            worker.stop(timeout=60)
+    """API + worker against Redis, PostgreSQL and S3, each namespaced for this module; API
+    and worker share nothing but the database, broker and bucket."""
+    with s3_stack(s3_server, tmp_path_factory.mktemp("e2e")) as stack:
+        yield stack
 
 
 def s3_keys(stack, job_id: str) -> list[str]:

@@ -4,7 +4,6 @@ models/tiny-llama -> S3 (moto) artifacts."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import httpx
@@ -13,14 +12,11 @@ import pytest
 from tests.e2e_service import (
     REPO,
     TINY_MODEL,
-    postgres_database,
     prune_spec,
-    redis_namespace,
-    s3_bucket,
+    s3_stack,
     submit,
     wait_for_job,
     wait_until,
-    worker_and_api,
 )
 
 TRAIN = REPO / "data" / "stdlib_docs_train.jsonl"
@@ -31,27 +27,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(s3_server, tmp_path_factory):
-    from service.db import upgrade_database
-
     root = tmp_path_factory.mktemp("pipeline")
-    with (
-        redis_namespace() as (broker_url, queue),
-        postgres_database() as database_url,
-        s3_bucket(s3_server) as bucket,
-    ):
-        common = {
-            "SHORTENED_DATABASE_URL": database_url,
-            "SHORTENED_BROKER_URL": broker_url,
-            "SHORTENED_QUEUE": queue,
-            "SHORTENED_ARTIFACTS_URL": f"s3://{bucket}/artifacts",
-            "SHORTENED_S3_ENDPOINT_URL": s3_server,
-            "SHORTENED_ALLOWED_LOCAL_ROOTS": json.dumps([str(REPO), str(root / "data")]),
-        }
-        (root / "data").mkdir()
-        upgrade_database(database_url)
-        with worker_and_api(common, queue, root) as (worker, url):
-            with httpx.Client(base_url=url, timeout=30) as api:
-                yield {"api": api, "worker": worker, "data": root / "data"}
+    (root / "data").mkdir()
+    with s3_stack(s3_server, root, [REPO, root / "data"]) as stack:
+        yield {**stack, "data": root / "data"}
 
 
 def retrain_section(**overrides) -> dict:
