@@ -42,12 +42,21 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     return {"visibility_timeout": settings.visibility_timeout_s}
 
 
+def broker_transport(url: str) -> str | None:
+    """The transport class for ``url``: ``service.redis_broker.RedisTransport`` for plain Redis
+    (imported by kombu when it connects: nothing imports redis-py before that), kombu's
+    choice otherwise (Sentinel, the filesystem broker)."""
+    redis = url.startswith(("redis://", "rediss://"))
+    return "service.redis_broker:RedisTransport" if redis else None
+
+
 def make_celery(settings: Settings | None = None, include: Sequence[str] = ()) -> Celery:
     """The Celery app with every option producer and consumer must agree on. The API uses it
     as is (it only sends); the worker passes ``include=["worker.tasks"]``."""
     settings = settings or get_settings()
     app = Celery("shortened", broker=settings.resolved_broker_url, include=list(include))
     app.conf.update(
+        broker_transport=broker_transport(settings.resolved_broker_url),
         broker_transport_options=broker_transport_options(settings),
         # Keep retrying the broker at start-up instead of exiting (Redis may start later),
         # and after a lost connection for as long as it takes (Redis restarted): a worker

@@ -142,3 +142,20 @@ def browser():
         yield driver
     finally:
         driver.quit()
+
+
+@_pytest.fixture(autouse=True)
+def _prometheus_values_restored():
+    """A test that switches this process to Prometheus multiprocess values (the worker's
+    metrics start-up does, through the environment and prometheus_client's value class)
+    leaves it as it found it: later apps in this process keep in-process metrics."""
+    from prometheus_client import values
+
+    saved_env = _os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    saved_class = values.ValueClass
+    yield
+    if saved_env is None:
+        _os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    else:
+        _os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved_env
+    values.ValueClass = saved_class
