@@ -244,11 +244,15 @@ def worker_and_api(common: dict[str, str], queue: str, root: Path) -> Iterator[t
 
 @contextmanager
 def s3_stack(
-    s3_server: str, root: Path, allowed_roots: Sequence[Path] = ()
+    s3_server: str,
+    root: Path,
+    allowed_roots: Sequence[Path] = (),
+    settings: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The distributed service: API + worker (``worker_and_api``) against Redis, PostgreSQL and
     S3, each namespaced for this stack, the database migrated (a deploy step with PostgreSQL).
-    ``allowed_roots``: local directories jobs may name. Yields ``api`` (an httpx client),
+    ``allowed_roots``: local directories jobs may name; ``settings``: more environment for
+    both. Yields ``api`` (an httpx client),
     ``worker``, ``root``, ``worker_dir``, ``s3`` (a boto3 client), ``bucket``, ``broker_url``
     and ``queue``."""
     import json
@@ -271,6 +275,7 @@ def s3_stack(
         }
         if allowed_roots:
             common["SHORTENED_ALLOWED_LOCAL_ROOTS"] = json.dumps([str(p) for p in allowed_roots])
+        common.update(settings or {})
         upgrade_database(database_url)
         with (
             worker_and_api(common, queue, root) as (worker, url),

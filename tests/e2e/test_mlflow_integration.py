@@ -18,15 +18,12 @@ from tests.e2e_service import (
     REPO,
     Process,
     free_port,
-    postgres_database,
     prune_spec,
-    redis_namespace,
-    s3_bucket,
+    s3_stack,
     start_process,
     submit,
     wait_for_job,
     wait_until,
-    worker_and_api,
 )
 from worker.tracking import metric_name
 
@@ -79,39 +76,17 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(mlflow_server, s3_server, tmp_path_factory):
-    from service.db import upgrade_database
-
-    root = tmp_path_factory.mktemp("mlflow-e2e")
     down = f"http://127.0.0.1:{free_port()}"  # allowed, but nothing listens there
-    with (
-        redis_namespace() as (broker_url, queue),
-        postgres_database() as database_url,
-        s3_bucket(s3_server) as bucket,
-    ):
-        upgrade_database(database_url)
-        common = {
-            "SHORTENED_DATABASE_URL": database_url,
-            "SHORTENED_BROKER_URL": broker_url,
-            "SHORTENED_QUEUE": queue,
-            "SHORTENED_ARTIFACTS_URL": f"s3://{bucket}/artifacts",
-            "SHORTENED_S3_ENDPOINT_URL": s3_server,
-            "SHORTENED_MLFLOW_TRACKING_URI": mlflow_server,
-            "SHORTENED_MLFLOW_EXPERIMENT": "e2e-default",
-            "SHORTENED_MLFLOW_ALLOWED_TRACKING_URIS": json.dumps([down]),
-            "SHORTENED_MLFLOW_REQUEST_TIMEOUT_S": "60",  # a busy test machine
-            "SHORTENED_MLFLOW_REQUEST_RETRIES": "1",
-        }
-        with (
-            worker_and_api(common, queue, root) as (worker, url),
-            httpx.Client(base_url=url, timeout=30) as api,
-        ):
-            yield {
-                "api": api,
-                "worker": worker,
-                "mlflow": mlflow_server,
-                "down": down,
-                "bucket": bucket,
-            }
+    settings = {
+        "SHORTENED_MLFLOW_TRACKING_URI": mlflow_server,
+        "SHORTENED_MLFLOW_EXPERIMENT": "e2e-default",
+        "SHORTENED_MLFLOW_ALLOWED_TRACKING_URIS": json.dumps([down]),
+        "SHORTENED_MLFLOW_REQUEST_TIMEOUT_S": "60",  # a busy test machine
+        "SHORTENED_MLFLOW_REQUEST_RETRIES": "1",
+    }
+    root = tmp_path_factory.mktemp("mlflow-e2e")
+    with s3_stack(s3_server, root, settings=settings) as stack:
+        yield {**stack, "mlflow": mlflow_server, "down": down}
 
 
 @pytest.fixture(scope="module")
