@@ -23,15 +23,30 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, Literal, Protocol, cast
 
-from sqlalchemy import CursorResult, Result, Select, and_, case, func, or_, select, update
+from sqlalchemy import (
+    CursorResult,
+    Engine,
+    Result,
+    Select,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, lazyload
+from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.jsonsafe import json_safe
-from service.models import FINISHED_STATUSES, Job, JobAttempt, JobEvent, utcnow
+from service.models import FINISHED_STATUSES, Job, JobAttempt, JobEvent, JobRow, utcnow
+from service.statements import Statement
 from shortened.redact import redact, redact_data
 
 
@@ -114,6 +129,22 @@ def list_events(
 # ---------------------------------------------------------------------------- API side
 
 
+# The columns create_job writes; the others are NULL (SQL NULL, not JSON null) until the
+# worker sets them.
+_NEW_JOB_COLUMNS = (
+    "id", "kind", "status", "spec", "parent_id", "progress_done", "progress_total",
+    "progress_unit", "cancel_requested", "attempts", "event_seq", "tenant", "idempotency_key",
+    "request_hash", "schedule_id", "batch_id", "dispatched_at", "dispatch_count", "created_at",
+    "updated_at",
+)  # fmt: skip
+_INSERT_JOB = Statement(insert(Job).values({name: bindparam(name) for name in _NEW_JOB_COLUMNS}))
+_INSERT_FIRST_EVENT = Statement(
+    insert(JobEvent).values(
+        {name: bindparam(name) for name in ("job_id", "seq", "time", "type", "message", "data")}
+    )
+)
+
+
 def create_job(
     session: Session,
     kind: str,
@@ -127,35 +158,38 @@ def create_job(
     batch_id: str | None = None,
     commit: bool = True,
 ) -> Job:
-    """Insert a queued job (the caller sends its message next). Raises
-    ``DuplicateIdempotencyKey`` when the tenant already used ``idempotency_key``.
-    With ``commit=False`` the job is only flushed, in the caller's transaction."""
+    """Insert a queued job with its first event (the caller sends its message next).
+    Raises ``DuplicateIdempotencyKey`` when the tenant already used ``idempotency_key``.
+    With ``commit=False`` the rows are only inserted, in the caller's transaction.
+
+    Every admission runs this, so the rows go in through :class:`Statement` (two INSERTs,
+    no ORM flush); the returned job is attached to the session as the persistent object of
+    its row, every attribute loaded."""
     now = utcnow()
-    job = Job(
-        id=new_job_id(),
-        kind=kind,
-        status="queued",
-        spec=spec,
-        parent_id=parent_id,
-        progress_done=0,
-        progress_total=0,
-        progress_unit="",
-        cancel_requested=False,
-        attempts=0,
-        event_seq=1,  # its "queued" event, inserted below
-        tenant=tenant,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        schedule_id=schedule_id,
-        batch_id=batch_id,
-        dispatched_at=now,
-        dispatch_count=1,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(job)
+    values: dict[str, Any] = {
+        "id": new_job_id(),
+        "kind": kind,
+        "status": "queued",
+        "spec": spec,
+        "parent_id": parent_id,
+        "progress_done": 0,
+        "progress_total": 0,
+        "progress_unit": "",
+        "cancel_requested": False,
+        "attempts": 0,
+        "event_seq": 1,  # its "queued" event, inserted below
+        "tenant": tenant,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "schedule_id": schedule_id,
+        "batch_id": batch_id,
+        "dispatched_at": now,
+        "dispatch_count": 1,
+        "created_at": now,
+        "updated_at": now,
+    }
     try:
-        session.flush()
+        _INSERT_JOB.run(session, values)
     except IntegrityError as exc:
         session.rollback()
         if idempotency_key is not None:
@@ -164,13 +198,18 @@ def create_job(
     # The job's first event, numbered 1 directly: the row is new, nobody else can be
     # numbering its events yet (append_event's UPDATE is for existing jobs).
     data = {"status": "queued"}
-    session.add(
-        JobEvent(job_id=job.id, seq=1, time=now, type="status", message="queued", data=data)
-    )
+    _INSERT_FIRST_EVENT.run(
+        session,
+        {"job_id": values["id"], "seq": 1, "time": now, "type": "status", "message": "queued",
+         "data": data},
+    )  # fmt: skip
+    job = Job(**{c.key: values.get(c.key) for c in _JOB_COLUMNS})
+    make_transient_to_detached(job)
+    session.add(job)  # persistent: no INSERT, and a later change is an UPDATE
+    set_committed_value(job, "attempt_rows", [])  # a new job has none: no query for them
     from service.webhooks.outbox import enqueue_status_change
 
     enqueue_status_change(session, job.id, 1, data, now, job=job)
-    set_committed_value(job, "attempt_rows", [])  # a new job has none: no query for them
     if not commit:
         return job
     session.commit()  # expire_on_commit=False: the object is the row as inserted
@@ -185,16 +224,24 @@ def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | No
     ).first()
 
 
+_ACTIVE_JOBS = select(Job.status).where(  # in ix_jobs_tenant_status: no row read for it
+    Job.tenant == bindparam("tenant"), or_(Job.status == "queued", Job.status == "running")
+)
+_COUNT_ACTIVE = Statement(select(func.count()).select_from(_ACTIVE_JOBS.subquery()))
+_COUNT_ACTIVE_UP_TO = Statement(
+    select(func.count()).select_from(_ACTIVE_JOBS.limit(bindparam("up_to")).subquery())
+)
+
+
 def count_active_jobs(session: Session, tenant: str, up_to: int | None = None) -> int:
     """Queued and running jobs of a tenant (its concurrency limit counts these); with
     ``up_to``, counted no further than that (what a limit check needs: the work is bounded by
     the limit, not by how many jobs the tenant has)."""
-    active = select(Job.status).where(  # in ix_jobs_tenant_status: no row read for it
-        Job.tenant == tenant, or_(Job.status == "queued", Job.status == "running")
-    )
-    if up_to is not None:
-        active = active.limit(up_to)
-    return int(session.scalar(select(func.count()).select_from(active.subquery())) or 0)
+    if up_to is None:
+        rows = _COUNT_ACTIVE.run(session, {"tenant": tenant})
+    else:
+        rows = _COUNT_ACTIVE_UP_TO.run(session, {"tenant": tenant, "up_to": up_to})
+    return int(rows[0][0] or 0)
 
 
 def reload(session: Session, job_id: str) -> Job:
@@ -217,23 +264,39 @@ def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | N
     return job
 
 
-def read_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
-    """``get_job`` for a response (``GET /jobs/{id}``), in as few round trips as it takes: the
-    row, then its attempt history only when it has one (a queued job has none: ``attempts``
-    is counted up in the transaction that inserts each attempt row)."""
-    job = session.scalars(
-        select(Job).where(Job.id == job_id).options(lazyload(Job.attempt_rows))
-    ).first()
-    if job is None or (tenant is not None and job.tenant != tenant):
-        return None
-    rows: list[JobAttempt] = []
-    if job.attempts:
-        rows = list(
-            session.scalars(
-                select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)
-            )
-        )
-    set_committed_value(job, "attempt_rows", rows)
+_JOB_COLUMNS = tuple(Job.__table__.c)
+_READ_JOB = Statement(select(*_JOB_COLUMNS).where(Job.id == bindparam("job_id")))
+_ATTEMPT_COLUMNS = (
+    JobAttempt.attempt,
+    JobAttempt.worker,
+    JobAttempt.started_at,
+    JobAttempt.ended_at,
+    JobAttempt.outcome,
+    JobAttempt.error_code,
+)
+_READ_ATTEMPTS = Statement(
+    select(*_ATTEMPT_COLUMNS)
+    .where(JobAttempt.job_id == bindparam("job_id"))
+    .order_by(JobAttempt.attempt)
+)
+
+
+def read_job(engine: Engine, job_id: str, tenant: str | None = None) -> JobRow | None:
+    """The job for a response (``GET /jobs/{id}``, which clients poll), None when unknown or
+    (with ``tenant``) another tenant's: the row, then its attempt history only when it has
+    one (``attempts`` is counted up in the transaction that inserts each attempt row), on a
+    connection in autocommit (no BEGIN/ROLLBACK round trips; each statement still sees only
+    committed rows) through :class:`service.statements.Statement`."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        rows = _READ_JOB.execute(connection, {"job_id": job_id})
+        if not rows:
+            return None
+        job = JobRow(**{c.key: value for c, value in zip(_JOB_COLUMNS, rows[0], strict=True)})
+        if tenant is not None and job.tenant != tenant:
+            return None
+        attempts = _READ_ATTEMPTS.execute(connection, {"job_id": job_id}) if job.attempts else []
+    names = [c.key for c in _ATTEMPT_COLUMNS]
+    job.attempt_rows = [SimpleNamespace(**dict(zip(names, a, strict=True))) for a in attempts]
     return job
 
 

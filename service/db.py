@@ -91,13 +91,6 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    """Sessions for reads that change nothing (``GET /jobs/{id}``): in autocommit, so each
-    statement runs on its own and no BEGIN/ROLLBACK round trips surround it; every
-    statement still sees only committed rows, as in a READ COMMITTED transaction."""
-    return make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
-
-
 def ping(engine: Engine) -> None:
     with engine.connect() as connection:
         connection.execute(text("SELECT 1"))

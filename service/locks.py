@@ -22,19 +22,26 @@ from collections.abc import Callable, Iterator
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
+from service.statements import Statement
+
 
 def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+_PG_XACT_LOCK = Statement(text("SELECT pg_advisory_xact_lock(hashtext(:key))"))
+_SQLITE_WRITE_LOCK = Statement(text("UPDATE jobs SET id = id WHERE 0"))
+
+
 def xact_lock(session: Session, key: str) -> None:
     """Hold the lock named ``key`` until the session's transaction ends (commit or
     rollback); waits while another transaction holds it. On SQLite: the database's write
-    lock, whatever the key (see the module docstring)."""
+    lock, whatever the key (see the module docstring). Every admission takes one, so it
+    runs as a :class:`service.statements.Statement`."""
     if is_postgres(session):
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+        _PG_XACT_LOCK.run(session, {"key": key})
     else:
-        session.execute(text("UPDATE jobs SET id = id WHERE 0"))
+        _SQLITE_WRITE_LOCK.run(session)
 
 
 def tenant_lock(session: Session, tenant: str) -> None:

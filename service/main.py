@@ -19,7 +19,6 @@ from service.api.routes import batches, health, jobs, report, schedules, webhook
 from service.db import (
     is_sqlite,
     make_engine,
-    make_read_sessionmaker,
     make_sessionmaker,
     upgrade_database,
 )
@@ -113,7 +112,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = make_engine(settings.resolved_database_url, pool_size=settings.api_threads)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
-    app.state.read_sessionmaker = make_read_sessionmaker(app.state.engine)
     # Used only to send task messages (by name): the API never imports the tasks or torch.
     app.state.celery = make_celery(settings)
     app.state.store = None  # opened on first use, see deps.get_store

@@ -9,6 +9,7 @@ The database is the source of truth for a job's state; the broker only carries j
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import (
@@ -149,6 +150,11 @@ class Job(Base):
         # NULL keys are distinct on both backends: only keyed submissions are deduplicated.
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
+
+
+class JobRow(SimpleNamespace):
+    """A job read without the ORM (``crud.read_job``, for a response): the ``jobs`` columns
+    as attributes, and ``attempt_rows`` (each with the ``job_attempts`` columns)."""
 
 
 class JobEvent(Base):

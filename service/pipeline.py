@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.models import Job
+from service.models import Job, JobRow
 from service.schemas import PipelineOut, PipelineStepOut
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -16,7 +16,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 PRUNING_KINDS = ("prune", "search")
 
 
-def planned_kinds(root: Job) -> list[str]:
+def planned_kinds(root: Job | JobRow) -> list[str]:
     """The steps a root job's spec asks for, in order (just the root's kind if none)."""
     kinds = [root.kind]
     if root.kind in PRUNING_KINDS and isinstance(root.spec, dict):
@@ -24,7 +24,12 @@ def planned_kinds(root: Job) -> list[str]:
     return kinds
 
 
-def root_of(session: Session, job: Job) -> Job:
+def is_linked(job: Job | JobRow) -> bool:
+    """Whether ``job`` has a parent or its spec plans follow-ups (else it is no pipeline's)."""
+    return job.parent_id is not None or len(planned_kinds(job)) > 1
+
+
+def root_of(session: Session, job: Job | JobRow) -> Job | JobRow:
     seen = {job.id}
     while job.parent_id is not None:
         parent = session.get(Job, job.parent_id)
@@ -35,12 +40,12 @@ def root_of(session: Session, job: Job) -> Job:
     return job
 
 
-def pipeline_of(session: Session, job: Job) -> PipelineOut | None:
+def pipeline_of(session: Session, job: Job | JobRow) -> PipelineOut | None:
     """The pipeline ``job`` belongs to, or None when it is a plain job (no links)."""
+    if not is_linked(job):
+        return None
     root = root_of(session, job)
-    if root is job and len(planned_kinds(root)) == 1:
-        return None  # a plain job: no parent, and its spec plans no follow-ups
-    chain = [root]
+    chain: list[Job | JobRow] = [root]
     frontier = [root.id]
     while frontier:
         children = session.scalars(

@@ -79,8 +79,11 @@ def _has_dot_dot(path: str) -> bool:
     return any(part == ".." for part in re.split(r"[/\\]", path))
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+
+
 def _has_control(value: str) -> bool:
-    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value)
+    return _CONTROL.search(value) is not None
 
 
 class LocationError(ValueError):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.models import Job, JobAttempt, JobEvent
+from service.models import Job, JobAttempt, JobEvent, JobRow
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["prune", "retrain", "eval", "search"]
@@ -47,7 +48,7 @@ class AttemptOut(BaseModel):
     error_code: str | None
 
     @classmethod
-    def from_row(cls, row: JobAttempt) -> AttemptOut:
+    def from_row(cls, row: JobAttempt | SimpleNamespace) -> AttemptOut:
         return cls(
             attempt=row.attempt,
             worker=row.worker,
@@ -109,7 +110,7 @@ class JobOut(BaseModel):
     updated_at: datetime
 
     @classmethod
-    def from_row(cls, job: Job) -> JobOut:
+    def from_row(cls, job: Job | JobRow) -> JobOut:
         total = job.progress_total or 0
         done = job.progress_done or 0
         error = (

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from service.jsonsafe import json_safe
@@ -18,6 +18,7 @@ from service.models import (
     WebhookEndpoint,
     utcnow,
 )
+from service.statements import Statement
 from shortened.config import get_settings
 
 from .signing import new_delivery_id
@@ -82,6 +83,14 @@ def _wants(event_types: Iterable[str] | None, event_type: str) -> bool:
     return not event_types or event_type in event_types
 
 
+# Every status change of every job reads these (an admission included): a Statement.
+_ENDPOINTS = Statement(
+    select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.event_types)
+    .where(WebhookEndpoint.tenant == bindparam("tenant"), WebhookEndpoint.enabled.is_(True))
+    .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
+)
+
+
 def enqueue_status_change(
     session: Session,
     job_id: str,
@@ -119,11 +128,7 @@ def enqueue_status_change(
         return []
     targets: list[tuple[str | None, str]] = [
         (endpoint_id, url)
-        for endpoint_id, url, event_types in session.execute(
-            select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.event_types)
-            .where(WebhookEndpoint.tenant == job.tenant, WebhookEndpoint.enabled.is_(True))
-            .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
-        )
+        for endpoint_id, url, event_types in _ENDPOINTS.run(session, {"tenant": job.tenant})
         if _wants(event_types, event_type)
     ]
     hook = job.spec.get("webhook") if isinstance(job.spec, dict) else None

@@ -30,7 +30,7 @@ from service.api.deps import SessionDep, SettingsDep, get_celery, get_store, mod
 from service.auth import Principal, PrincipalDep, get_principal
 from service.errors import APIError, coded
 from service.models import Job
-from service.pipeline import pipeline_of
+from service.pipeline import is_linked, pipeline_of
 from service.schemas import ArtifactLink, EventOut, JobKind, JobOut, JobPage, JobStatus
 from service.submission import plan_submission, submit_job
 from shortened.render import ranking_markdown
@@ -189,15 +189,16 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
 def get_job(job_id: JobId, request: Request, principal: PrincipalDep) -> Response:
-    # The busiest route (clients poll it): its own read-only session (see _submit; in
-    # autocommit, so no BEGIN/ROLLBACK round trips), the row and its attempts in as few
-    # queries as it takes, and the model serialised once.
-    with request.app.state.read_sessionmaker() as session:
-        job = crud.read_job(session, job_id, principal.scope)
-        if job is None:
-            raise HTTPException(404, detail=f"job {job_id} not found")
-        out = JobOut.from_row(job)
-        out.pipeline = pipeline_of(session, job)
+    # The busiest route (clients poll it): the row and its attempts read by the lean path of
+    # the job store (see crud.read_job), the pipeline only for a linked job, the model
+    # serialised once.
+    job = crud.read_job(request.app.state.engine, job_id, principal.scope)
+    if job is None:
+        raise HTTPException(404, detail=f"job {job_id} not found")
+    out = JobOut.from_row(job)
+    if is_linked(job):
+        with request.app.state.sessionmaker() as session:
+            out.pipeline = pipeline_of(session, job)
     return model_response(out)
 
 

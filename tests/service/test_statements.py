@@ -1,0 +1,144 @@
+"""Statements run on the driver's cursor (``service.statements``) against SQLite and
+PostgreSQL: what they write and read is what the ORM writes and reads, driver errors are
+SQLAlchemy's, and a dead connection is invalidated so that the pool replaces it."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import bindparam, exc, select, text
+
+from service import crud
+from service.db import make_engine, make_sessionmaker
+from service.models import Job, JobAttempt, JobEvent
+from service.statements import Statement
+
+SPEC = {"model": "models/m", "num_blocks": 2, "nested": {"list": [1, 2.5, None], "s": "é"}}
+
+
+@pytest.fixture
+def engine(database_url):
+    engine = make_engine(database_url, pool_size=1)
+    yield engine
+    engine.dispose()
+
+
+def test_a_created_job_reads_back_through_the_orm_as_written(engine):
+    with make_sessionmaker(engine)() as session:
+        job = crud.create_job(session, "prune", SPEC, tenant="acme", idempotency_key="k1")
+        job_id, created_at = job.id, job.created_at
+    with make_sessionmaker(engine)() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        assert (row.kind, row.status, row.tenant, row.spec) == ("prune", "queued", "acme", SPEC)
+        assert (row.idempotency_key, row.event_seq, row.dispatch_count) == ("k1", 1, 1)
+        assert row.created_at == created_at and row.created_at.tzinfo is not None
+        # Columns the insert leaves out are SQL NULL, not JSON null.
+        nulls = session.execute(
+            text("SELECT result IS NULL, artifacts IS NULL, stage IS NULL FROM jobs WHERE id = :i"),
+            {"i": job_id},
+        ).one()
+        assert all(nulls)
+        (event,) = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id))
+        assert (event.seq, event.type, event.message, event.data) == (
+            1,
+            "status",
+            "queued",
+            {"status": "queued"},
+        )
+
+
+def test_the_returned_job_is_the_persistent_row(engine):
+    """Callers change the job create_job returns and commit: that is an UPDATE of the row."""
+    with make_sessionmaker(engine)() as session:
+        job = crud.create_job(session, "prune", SPEC)
+        job.status, job.result = "succeeded", {"removed_blocks": [3]}
+        session.commit()
+        job_id = job.id
+    with make_sessionmaker(engine)() as session:
+        row = session.get(Job, job_id)
+        assert row is not None and (row.status, row.result) == (
+            "succeeded",
+            {"removed_blocks": [3]},
+        )
+
+
+def test_read_job_equals_the_orm_row_with_its_attempts(engine):
+    with make_sessionmaker(engine)() as session:
+        job = crud.create_job(session, "prune", SPEC, tenant="acme")
+        job_id = job.id
+        job.attempts, job.worker = 2, "w1"
+        job.heartbeat_at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+        job.result = {"ppl": 12.5, "blocks": [1, 2]}
+        for n, outcome in ((2, "running"), (1, "worker_lost")):
+            session.add(JobAttempt(job_id=job_id, attempt=n, worker=f"w{n}", outcome=outcome))
+        session.commit()
+    read = crud.read_job(engine, job_id)
+    assert read is not None
+    with make_sessionmaker(engine)() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        for column in Job.__table__.c:
+            assert getattr(read, column.key) == getattr(row, column.key), column.key
+        assert read.heartbeat_at.tzinfo is not None
+        assert [(a.attempt, a.worker, a.outcome) for a in read.attempt_rows] == [
+            (a.attempt, a.worker, a.outcome) for a in row.attempt_rows
+        ]
+    assert [a.attempt for a in read.attempt_rows] == [1, 2]
+    assert crud.read_job(engine, job_id, tenant="acme") is not None
+    assert crud.read_job(engine, job_id, tenant="other") is None
+    assert crud.read_job(engine, "0" * 32) is None
+
+
+def test_a_statement_sees_what_the_session_has_not_flushed(engine):
+    with make_sessionmaker(engine)() as session:
+        assert crud.count_active_jobs(session, "t") == 0
+        now = datetime.now(UTC)
+        session.add(Job(id="a" * 32, kind="prune", status="queued", spec={}, tenant="t"))
+        session.add(Job(id="b" * 32, kind="prune", status="running", spec={}, tenant="t"))
+        session.add(Job(id="c" * 32, kind="prune", status="failed", spec={}, tenant="t"))
+        session.add(Job(id="d" * 32, kind="prune", status="queued", spec={}, tenant="u"))
+        assert now  # the rows above are pending, not flushed
+        assert crud.count_active_jobs(session, "t") == 2  # a literal bound as the ORM binds it
+        assert crud.count_active_jobs(session, "t", up_to=1) == 1
+
+
+def test_a_duplicate_key_raises_sqlalchemys_integrity_error(engine):
+    insert = Statement(
+        text("INSERT INTO job_events (job_id, seq, type, message) VALUES (:j, :s, 'log', '')")
+    )
+    with make_sessionmaker(engine)() as session:
+        job_id = crud.create_job(session, "prune", SPEC).id
+        with pytest.raises(exc.IntegrityError):
+            insert.run(session, {"j": job_id, "s": 1})  # (job_id, seq) 1 is the queued event
+        session.rollback()
+        with pytest.raises(crud.DuplicateIdempotencyKey):
+            crud.create_job(session, "prune", SPEC, idempotency_key="same")
+            crud.create_job(session, "prune", SPEC, idempotency_key="same")
+
+
+def test_a_missing_parameter_is_named():
+    statement = Statement(select(Job.id).where(Job.id == bindparam("job_id")))
+    engine = make_engine("sqlite://")
+    with engine.connect() as connection, pytest.raises(KeyError, match="job_id"):
+        statement.execute(connection, {})
+
+
+def test_a_dead_connection_is_invalidated_and_replaced(postgres_url):
+    engine = make_engine(postgres_url, pool_size=1)
+    pid_of = Statement(text("SELECT pg_backend_pid()"))
+    with engine.connect() as connection:
+        first = pid_of.execute(connection)[0][0]
+    other = make_engine(postgres_url, pooled=False)
+    with other.connect() as connection:
+        connection.execute(text(f"SELECT pg_terminate_backend({first})"))
+    other.dispose()
+    time.sleep(0.1)
+    with engine.connect() as connection, pytest.raises(exc.DBAPIError) as raised:
+        pid_of.execute(connection)
+    assert raised.value.connection_invalidated
+    with engine.connect() as connection:  # a new connection, no error
+        assert pid_of.execute(connection)[0][0] != first
+    engine.dispose()
