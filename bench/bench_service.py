@@ -81,6 +81,22 @@ SPEC = {
 # ---------------------------------------------------------------------------- measuring
 
 
+REFERENCE_LOOP = 5_000_000
+
+
+def reference_loop_ms() -> float:
+    """Milliseconds this machine takes for a fixed pure-Python loop, best of three: the
+    yardstick of the CPU figures. Shared 2-core machines of one class run at times twice as
+    slow as at others; a CPU figure compares with a target only next to this."""
+    best = float("inf")
+    for _ in range(3):
+        started, total = time.perf_counter(), 0
+        for i in range(REFERENCE_LOOP):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)
@@ -489,6 +505,7 @@ def diagnose(phase: dict[str, Any], single: dict[str, Any], target_ms: float) ->
 
 def run() -> dict:
     started = time.perf_counter()
+    speed_before = reference_loop_ms()
     from service.db import upgrade_database
 
     global SPEC
@@ -541,6 +558,7 @@ def run() -> dict:
                     api.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    context["reference_loop_ms"] = {"before": speed_before, "after": reference_loop_ms()}
     return report(context, all_phases, dispatch, started)
 
 
@@ -651,6 +669,8 @@ def report(
                 )
         context[f"phases_{workers}_processes"] = phases
     rows.append(("dispatch queued->running p50 s (idle worker)", dispatch["p50_s"], f"<= {TARGETS['dispatch_p50_s']:g}"))  # fmt: skip
+    speed = context.get("reference_loop_ms", {})
+    rows.append((f"reference Python loop ms (machine speed: {REFERENCE_LOOP:,} additions; before / after)", f"{speed.get('before')} / {speed.get('after')}", "-"))  # fmt: skip
     context.update(dispatch=dispatch, seconds=round(time.perf_counter() - started, 1))
     busy = max(
         p["cpu_cores_used"]["other_processes"]

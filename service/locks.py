@@ -44,10 +44,15 @@ def xact_lock(session: Session, key: str) -> None:
         _SQLITE_WRITE_LOCK.run(session)
 
 
+def tenant_lock_key(tenant: str) -> str:
+    return f"submit:{tenant}"
+
+
 def tenant_lock(session: Session, tenant: str) -> None:
     """Serialise the admissions of one tenant until commit, so that two concurrent ones
-    cannot both pass its concurrency limit (every path that creates jobs takes it)."""
-    xact_lock(session, f"submit:{tenant}")
+    cannot both pass its concurrency limit (every path that creates jobs takes it, here or
+    in ``crud.commit_within_limit``)."""
+    xact_lock(session, tenant_lock_key(tenant))
 
 
 def _try_lock(connection: Connection, key: str) -> bool:

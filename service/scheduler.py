@@ -290,14 +290,13 @@ class Scheduler(BackgroundLoop):
             try:
                 # The limit before the job's rows: a slot over the limit is recorded as
                 # skipped in this same transaction, without them.
-                reserve(session, self.settings, schedule.tenant, inserted=False)
+                reserve(session, self.settings, schedule.tenant)
                 job = admit(
                     session,
                     self.settings,
                     tenant=schedule.tenant,
                     kind=schedule.kind,
                     spec=spec,
-                    check_limit=False,
                     idempotency_key=f"schedule:{schedule.id}:{slot_at.isoformat()}",
                     schedule_id=schedule.id,
                 )

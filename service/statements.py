@@ -75,10 +75,21 @@ class Statement:
         return {name: value for (name, *_), value in zip(compiled.binds, values, strict=True)}
 
     def execute(
-        self, connection: Connection, params: Mapping[str, Any] | None = None
+        self,
+        connection: Connection,
+        params: Mapping[str, Any] | None = None,
+        *,
+        commit: bool = False,
     ) -> list[tuple[Any, ...]]:
         """Run the statement in ``connection`` (and its transaction, if one is open); the
-        rows it returns, each value through its column type's result processor."""
+        rows it returns, each value through its column type's result processor.
+
+        ``commit``: then commit the driver's transaction. With psycopg the statement and the
+        COMMIT go to the server together (pipeline mode) and it runs them back to back, so a
+        lock the statement takes is held until the commit with no round trip in between;
+        if the statement fails, the COMMIT is not run (the transaction is left failed, for
+        the caller to roll back). The caller then ends its SQLAlchemy transaction as usual
+        (``session.commit()``: nothing left to send)."""
         dialect = connection.dialect
         compiled = self._compiled.get(dialect.name)
         if compiled is None:
@@ -88,8 +99,15 @@ class Statement:
         assert dbapi_connection is not None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(compiled.sql, bound)
+            if commit and hasattr(dbapi_connection, "pipeline"):  # psycopg: one flight
+                with dbapi_connection.pipeline():
+                    cursor.execute(compiled.sql, bound)
+                    dbapi_connection.commit()
+            else:
+                cursor.execute(compiled.sql, bound)
             rows: Sequence[Any] = cursor.fetchall() if cursor.description is not None else ()
+            if commit:
+                dbapi_connection.commit()  # psycopg: committed already, nothing is sent
         except dialect.loaded_dbapi.Error as error:
             invalidated = dialect.is_disconnect(error, dbapi_connection, cursor)
             if invalidated:

@@ -11,10 +11,10 @@ through here, in this order:
    target, the data files), for requests a tenant wrote (a schedule's template was checked
    when it was saved, a follow-up's spec is part of its root's);
 3. the job rows, each with its first ``queued`` event (``crud.create_job``);
-4. the tenant lock (``service.locks.tenant_lock``) and the concurrency limit, counted over
-   every job being added (:class:`LimitExceeded`, and the rows are rolled back); a
-   pipeline's next step is exempt, since it continues work admitted already and takes the
-   place of the step that just finished; then the commit;
+4. the concurrency limit, counted over every job being added under the tenant lock, and the
+   commit (:func:`commit_admitted`; :class:`LimitExceeded`, and the rows are rolled back);
+   a pipeline's next step is exempt, since it continues work admitted already and takes
+   the place of the step that just finished;
 5. dispatch: the task message, carrying only the job id, sent to the broker.
 
 Broker failure is handled the same way on every path: the job row is committed *before* the
@@ -109,34 +109,48 @@ def request_hash(payload: Any) -> str:
 # ---------------------------------------------------------------------------- the steps
 
 
-def reserve(
+def commit_admitted(
     session: Session,
     settings: Settings,
     tenant: str,
     adding: int = 1,
     *,
     batch: bool = False,
-    inserted: bool = True,
+    check_limit: bool = True,
 ) -> None:
-    """Check that the tenant's queued and running jobs, counting the ``adding`` ones (of one
-    ``batch``) this transaction has just inserted (or, with ``inserted=False``, is about to
-    insert), stay within its concurrency limit; raises ``LimitExceeded`` (the caller rolls
-    back, or with ``inserted=False`` may go on without the jobs: the scheduler records a
-    skipped slot in the same transaction).
+    """Commit the ``adding`` jobs (of one ``batch``) this transaction has inserted; with
+    ``check_limit``, only if the tenant's queued and running jobs, these included, stay
+    within its concurrency limit, else raise ``LimitExceeded`` with the rows rolled back.
 
-    Called after the inserts, under the tenant lock (held until the caller's transaction
-    ends): the lock covers only this count and the commit, not the inserts, which is what
-    lets one tenant's submissions proceed in parallel. It is still exact: a transaction
-    counts only once it holds the lock, so it sees every job admitted before it (committed)
-    and none of those still waiting (uncommitted), which count themselves in turn."""
+    The count runs under the tenant lock, held from the count to the commit and not during
+    the inserts, which is what lets one tenant's submissions proceed in parallel. It is
+    exact: a transaction counts only once it holds the lock, so it sees every job admitted
+    before it (committed) and none of those still waiting (uncommitted), which count
+    themselves in turn (``crud.commit_within_limit``)."""
+    limit = settings.limits_for(tenant).max_concurrent_jobs if check_limit else None
+    if limit is None:
+        session.commit()
+        return
+    try:
+        crud.commit_within_limit(session, tenant, limit)
+    except crud.OverLimit:
+        session.rollback()
+        active = crud.count_active_jobs(session, tenant)  # the committed ones: for the message
+        raise LimitExceeded(tenant, active, adding, limit, batch) from None
+
+
+def reserve(session: Session, settings: Settings, tenant: str, adding: int = 1) -> None:
+    """Before inserting ``adding`` jobs: take the tenant lock (held until the caller's
+    transaction ends) and check that they fit within the tenant's concurrency limit; raises
+    ``LimitExceeded``, after which the caller may go on without the jobs (the scheduler
+    records a skipped slot in the same transaction)."""
     limit = settings.limits_for(tenant).max_concurrent_jobs
     if limit is None:
         return
     tenant_lock(session, tenant)
-    counted = 0 if inserted else adding
-    if crud.count_active_jobs(session, tenant, up_to=limit + 1) + counted > limit:
-        active = crud.count_active_jobs(session, tenant) + counted - adding  # for the message
-        raise LimitExceeded(tenant, active, adding, limit, batch)
+    active = crud.count_active_jobs(session, tenant, up_to=limit + 1)
+    if active + adding > limit:
+        raise LimitExceeded(tenant, crud.count_active_jobs(session, tenant), adding, limit, False)
 
 
 def admit(
@@ -147,16 +161,15 @@ def admit(
     kind: str,
     spec: dict[str, Any],
     principal: Principal | None = None,
-    check_limit: bool = True,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
     parent_id: str | None = None,
     schedule_id: str | None = None,
 ) -> Job:
-    """Policy (with ``principal``), the job row with its first event, then lock and limit
-    (with ``check_limit``), in the caller's transaction: the caller commits, then
-    calls :func:`dispatch`. Raises ``PolicyViolation``, ``LimitExceeded``, or
-    ``crud.DuplicateIdempotencyKey`` (the transaction is rolled back then)."""
+    """Policy (with ``principal``), then the job row with its first event, in the caller's
+    transaction: the caller commits (:func:`commit_admitted`, which checks the limit), then
+    calls :func:`dispatch`. Raises ``PolicyViolation`` or ``crud.DuplicateIdempotencyKey``
+    (the transaction is rolled back then)."""
     if principal is not None:
         check_submission(settings, session, principal, spec, kind)
     job = crud.create_job(
@@ -170,8 +183,6 @@ def admit(
         schedule_id=schedule_id,
         commit=False,
     )
-    if check_limit:
-        reserve(session, settings, tenant)
     return job
 
 
@@ -252,7 +263,6 @@ def submit_job(
             kind=kind,
             spec=spec,
             principal=principal,
-            check_limit=check_limit,
             idempotency_key=idempotency_key,
             request_hash=hash_,
             parent_id=parent_id,
@@ -260,10 +270,10 @@ def submit_job(
     except crud.DuplicateIdempotencyKey:  # a concurrent request with the same key won
         existing = crud.find_by_idempotency_key(session, tenant, idempotency_key or "")
         return Submitted(_same_request(existing, hash_, "job"), replayed=True)
-    except (PolicyViolation, LimitExceeded):
+    except PolicyViolation:
         session.rollback()
         raise
-    session.commit()
+    commit_admitted(session, settings, tenant, check_limit=check_limit)
     unsent = dispatch(session, celery, [job.id])
     return Submitted(job, unsent=bool(unsent))
 
@@ -317,12 +327,7 @@ def submit_batch(
         )
         recorded.append({"job_id": job.id, "values": values})
     batch.request = {**body.model_dump(mode="json"), "points": recorded}
-    try:
-        reserve(session, settings, tenant, len(points), batch=True)
-    except LimitExceeded:
-        session.rollback()
-        raise
-    session.commit()
+    commit_admitted(session, settings, tenant, len(points), batch=True)
     unsent = dispatch(session, celery, [p["job_id"] for p in recorded])
     if unsent:
         log.warning("batch %s: %d of %d messages not sent", batch.id, len(unsent), len(recorded))

@@ -142,3 +142,38 @@ def test_a_dead_connection_is_invalidated_and_replaced(postgres_url):
     with engine.connect() as connection:  # a new connection, no error
         assert pid_of.execute(connection)[0][0] != first
     engine.dispose()
+
+
+def test_a_statement_and_its_commit_go_together(engine):
+    """``commit=True``: committed when the statement succeeds; when it fails, nothing is
+    committed and the transaction rolls back (on PostgreSQL both were sent in one flight)."""
+    good = Statement(text("SELECT count(*) FROM jobs WHERE kind = :kind"))
+    bad = Statement(text("SELECT no_such_column FROM jobs WHERE kind = :kind"))
+    sessions = make_sessionmaker(engine)
+    with sessions() as session:
+        kept = crud.create_job(session, "prune", SPEC, commit=False).id
+        assert good.execute(session.connection(), {"kind": "prune"}, commit=True) == [(1,)]
+        session.commit()
+        lost = crud.create_job(session, "prune", SPEC, commit=False).id
+        with pytest.raises(exc.DBAPIError):
+            bad.execute(session.connection(), {"kind": "prune"}, commit=True)
+        session.rollback()
+    with sessions() as session:
+        assert session.get(Job, kept) is not None
+        assert session.get(Job, lost) is None
+
+
+def test_commit_within_limit_counts_the_transactions_own_jobs(engine):
+    sessions = make_sessionmaker(engine)
+    with sessions() as session:
+        crud.create_job(session, "prune", SPEC, tenant="t", commit=False)
+        crud.create_job(session, "prune", SPEC, tenant="t", commit=False)
+        crud.commit_within_limit(session, "t", 2)
+        third = crud.create_job(session, "prune", SPEC, tenant="t", commit=False).id
+        with pytest.raises(crud.OverLimit):
+            crud.commit_within_limit(session, "t", 2)
+        session.rollback()
+        assert session.get(Job, third) is None
+        crud.create_job(session, "prune", SPEC, tenant="other", commit=False)
+        crud.commit_within_limit(session, "other", 1)  # another tenant's count
+        assert crud.count_active_jobs(session, "t") == 2
