@@ -49,7 +49,7 @@ from sqlalchemy.orm.attributes import instance_dict, set_committed_value
 from service.jsonsafe import json_safe
 from service.locks import tenant_lock, tenant_lock_key
 from service.models import FINISHED_STATUSES, Job, JobAttempt, JobEvent, JobRow, utcnow
-from service.statements import Statement
+from service.statements import Statement, run_together
 from shortened.redact import redact, redact_data
 
 
@@ -191,21 +191,24 @@ def create_job(
         "created_at": now,
         "updated_at": now,
     }
+    from service.webhooks.outbox import ENDPOINTS, enqueue_status_change
+
+    # The job's first event is numbered 1 directly: the row is new, nobody else can be
+    # numbering its events yet (append_event's UPDATE is for existing jobs). The two rows
+    # and the tenant's webhook endpoints (for the event's deliveries) in one flight.
+    data = {"status": "queued"}
+    event = {"job_id": values["id"], "seq": 1, "time": now, "type": "status",
+             "message": "queued", "data": data}  # fmt: skip
     try:
-        _INSERT_JOB.run(session, values)
+        _, _, endpoints = run_together(
+            session,
+            [(_INSERT_JOB, values), (_INSERT_FIRST_EVENT, event), (ENDPOINTS, {"tenant": tenant})],
+        )
     except IntegrityError as exc:
         session.rollback()
         if idempotency_key is not None:
             raise DuplicateIdempotencyKey(idempotency_key) from exc
         raise
-    # The job's first event, numbered 1 directly: the row is new, nobody else can be
-    # numbering its events yet (append_event's UPDATE is for existing jobs).
-    data = {"status": "queued"}
-    _INSERT_FIRST_EVENT.run(
-        session,
-        {"job_id": values["id"], "seq": 1, "time": now, "type": "status", "message": "queued",
-         "data": data},
-    )  # fmt: skip
     # The row's persistent object, built as a query result is (the column values set as
     # loaded, no attribute events: the constructor's cost more than both INSERTs' CPU).
     configure_mappers()  # what the constructor would do first (at once when done already)
@@ -214,9 +217,7 @@ def create_job(
     make_transient_to_detached(job)
     session.add(job)  # persistent: no INSERT, and a later change is an UPDATE
     set_committed_value(job, "attempt_rows", [])  # a new job has none: no query for them
-    from service.webhooks.outbox import enqueue_status_change
-
-    enqueue_status_change(session, job.id, 1, data, now, job=job)
+    enqueue_status_change(session, job.id, 1, data, now, job=job, endpoints=endpoints)
     if not commit:
         return job
     session.commit()  # expire_on_commit=False: the object is the row as inserted

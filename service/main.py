@@ -5,6 +5,7 @@ uvicorn service.main:app
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -94,9 +95,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.background_loops
             else None
         )
+        # What start-up built (routes, schemas, the ORM's metadata, compiled statements)
+        # lives as long as the process: out of the collector's generations, so that a full
+        # collection no longer walks it. Those walks were the status read's p99 tail at 50
+        # clients (150 -> 50-65 ms) and ~0.15 ms of its mean CPU.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()  # collectable again (a process that runs several apps: the tests)
             if stop_loops is not None:
                 stop_loops()
             app.state.engine.dispose()

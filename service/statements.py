@@ -17,6 +17,7 @@ the error shows to be dead is invalidated so that the pool replaces it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -74,6 +75,12 @@ class Statement:
             return tuple(values)
         return {name: value for (name, *_), value in zip(compiled.binds, values, strict=True)}
 
+    def compiled(self, dialect: Dialect) -> _Compiled:
+        compiled = self._compiled.get(dialect.name)
+        if compiled is None:
+            compiled = self._compiled[dialect.name] = self._compile(dialect)
+        return compiled
+
     def execute(
         self,
         connection: Connection,
@@ -82,53 +89,9 @@ class Statement:
         commit: bool = False,
     ) -> list[tuple[Any, ...]]:
         """Run the statement in ``connection`` (and its transaction, if one is open); the
-        rows it returns, each value through its column type's result processor.
-
-        ``commit``: then commit the driver's transaction. With psycopg the statement and the
-        COMMIT go to the server together (pipeline mode) and it runs them back to back, so a
-        lock the statement takes is held until the commit with no round trip in between;
-        if the statement fails, the COMMIT is not run (the transaction is left failed, for
-        the caller to roll back). The caller then ends its SQLAlchemy transaction as usual
-        (``session.commit()``: nothing left to send)."""
-        dialect = connection.dialect
-        compiled = self._compiled.get(dialect.name)
-        if compiled is None:
-            compiled = self._compiled[dialect.name] = self._compile(dialect)
-        bound = self._params(compiled, params or {})
-        dbapi_connection = connection.connection.dbapi_connection
-        assert dbapi_connection is not None
-        cursor = dbapi_connection.cursor()
-        try:
-            if commit and hasattr(dbapi_connection, "pipeline"):  # psycopg: one flight
-                with dbapi_connection.pipeline():
-                    cursor.execute(compiled.sql, bound)
-                    dbapi_connection.commit()
-            else:
-                cursor.execute(compiled.sql, bound)
-            rows: Sequence[Any] = cursor.fetchall() if cursor.description is not None else ()
-            if commit:
-                dbapi_connection.commit()  # psycopg: committed already, nothing is sent
-        except dialect.loaded_dbapi.Error as error:
-            invalidated = dialect.is_disconnect(error, dbapi_connection, cursor)
-            if invalidated:
-                connection.invalidate(error)
-            raise exc.DBAPIError.instance(
-                compiled.sql,
-                bound,
-                error,
-                dialect.loaded_dbapi.Error,
-                connection_invalidated=invalidated,
-                dialect=dialect,
-            ) from error
-        finally:
-            cursor.close()
-        processors = compiled.results
-        if not any(processors):
-            return [tuple(row) for row in rows]
-        return [
-            tuple(p(v) if p is not None else v for p, v in zip(processors, row, strict=False))
-            for row in rows
-        ]
+        rows it returns, each value through its column type's result processor. ``commit``:
+        then commit, as :func:`execute_together` does."""
+        return execute_together(connection, [(self, params)], commit=commit)[0]
 
     def run(
         self, session: Session, params: Mapping[str, Any] | None = None
@@ -139,3 +102,82 @@ class Statement:
         if session.autoflush:
             session.flush()  # returns at once when there is nothing to flush
         return self.execute(session.connection(), params)
+
+
+def execute_together(
+    connection: Connection,
+    statements: Sequence[tuple[Statement, Mapping[str, Any] | None]],
+    *,
+    commit: bool = False,
+) -> list[list[tuple[Any, ...]]]:
+    """Run ``statements`` in order in ``connection``'s transaction and return the rows of
+    each. With psycopg they go to the server in one flight (pipeline mode, with the BEGIN
+    of a new transaction): one round trip instead of one each; the first that fails stops
+    the rest, and its error is raised.
+
+    ``commit``: then commit the driver's transaction. With psycopg the COMMIT goes in the
+    same flight and the server runs it right after the last statement, so a lock a
+    statement takes is held until the commit with no round trip in between; if a
+    statement fails, the COMMIT is not run (the transaction is left failed, for the caller
+    to roll back). The caller then ends its SQLAlchemy transaction as usual
+    (``session.commit()``: nothing left to send)."""
+    dialect = connection.dialect
+    prepared = []
+    for statement, params in statements:
+        compiled = statement.compiled(dialect)
+        prepared.append((compiled, statement._params(compiled, params or {})))
+    dbapi_connection = connection.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursors = [dbapi_connection.cursor() for _ in prepared]
+    together = len(prepared) > 1 or commit
+    try:
+        with (
+            dbapi_connection.pipeline()
+            if together and hasattr(dbapi_connection, "pipeline")  # psycopg
+            else contextlib.nullcontext()
+        ):
+            for cursor, (compiled, bound) in zip(cursors, prepared, strict=True):
+                cursor.execute(compiled.sql, bound)
+            if commit:
+                dbapi_connection.commit()
+        fetched: list[Sequence[Any]] = [
+            cursor.fetchall() if cursor.description is not None else () for cursor in cursors
+        ]
+    except dialect.loaded_dbapi.Error as error:
+        invalidated = dialect.is_disconnect(error, dbapi_connection, None)
+        if invalidated:
+            connection.invalidate(error)
+        raise exc.DBAPIError.instance(
+            "; ".join(compiled.sql for compiled, _ in prepared),
+            [bound for _, bound in prepared],
+            error,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=invalidated,
+            dialect=dialect,
+        ) from error
+    finally:
+        for cursor in cursors:
+            cursor.close()
+    return [
+        _processed(compiled.results, rows)
+        for (compiled, _), rows in zip(prepared, fetched, strict=True)
+    ]
+
+
+def _processed(processors: tuple[Processor, ...], rows: Sequence[Any]) -> list[tuple[Any, ...]]:
+    if not any(processors):
+        return [tuple(row) for row in rows]
+    return [
+        tuple(p(v) if p is not None else v for p, v in zip(processors, row, strict=False))
+        for row in rows
+    ]
+
+
+def run_together(
+    session: Session, statements: Sequence[tuple[Statement, Mapping[str, Any] | None]]
+) -> list[list[tuple[Any, ...]]]:
+    """:func:`execute_together` in ``session``'s transaction, after flushing it (see
+    :meth:`Statement.run`)."""
+    if session.autoflush:
+        session.flush()
+    return execute_together(session.connection(), statements)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -83,8 +83,9 @@ def _wants(event_types: Iterable[str] | None, event_type: str) -> bool:
     return not event_types or event_type in event_types
 
 
-# Every status change of every job reads these (an admission included): a Statement.
-_ENDPOINTS = Statement(
+# A tenant's enabled endpoints (id, url, event_types), oldest first: every status change of
+# every job reads them (an admission too, in the flight of its inserts), so a Statement.
+ENDPOINTS = Statement(
     select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.event_types)
     .where(WebhookEndpoint.tenant == bindparam("tenant"), WebhookEndpoint.enabled.is_(True))
     .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
@@ -100,10 +101,12 @@ def enqueue_status_change(
     *,
     links_base_url: str | None = None,
     job: Job | None = None,
+    endpoints: Sequence[tuple[Any, ...]] | None = None,
 ) -> list[str]:
     """Add the deliveries of a job's status change to the session (the caller commits, with
     the change itself) and return their ids. Called by ``crud.append_event`` (and by
-    ``crud.create_job`` with the new ``job`` itself, which saves reading it back)."""
+    ``crud.create_job`` with the new ``job`` itself, which saves reading it back, and the
+    tenant's ``endpoints`` (:data:`ENDPOINTS`), read in the same flight as its inserts)."""
     event_type = event_type_for(data)
     if event_type is None:
         return []
@@ -128,7 +131,9 @@ def enqueue_status_change(
         return []
     targets: list[tuple[str | None, str]] = [
         (endpoint_id, url)
-        for endpoint_id, url, event_types in _ENDPOINTS.run(session, {"tenant": job.tenant})
+        for endpoint_id, url, event_types in (
+            endpoints if endpoints is not None else ENDPOINTS.run(session, {"tenant": job.tenant})
+        )
         if _wants(event_types, event_type)
     ]
     hook = job.spec.get("webhook") if isinstance(job.spec, dict) else None

@@ -8,12 +8,12 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import bindparam, exc, select, text
+from sqlalchemy import bindparam, exc, func, select, text
 
 from service import crud
 from service.db import make_engine, make_sessionmaker
 from service.models import Job, JobAttempt, JobEvent
-from service.statements import Statement
+from service.statements import Statement, run_together
 
 SPEC = {"model": "models/m", "num_blocks": 2, "nested": {"list": [1, 2.5, None], "s": "é"}}
 
@@ -177,3 +177,19 @@ def test_commit_within_limit_counts_the_transactions_own_jobs(engine):
         crud.create_job(session, "prune", SPEC, tenant="other", commit=False)
         crud.commit_within_limit(session, "other", 1)  # another tenant's count
         assert crud.count_active_jobs(session, "t") == 2
+
+
+def test_statements_run_together_return_each_ones_rows(engine):
+    count = Statement(select(func.count()).select_from(Job).where(Job.tenant == bindparam("t")))
+    kinds = Statement(select(Job.kind).where(Job.tenant == bindparam("t")).order_by(Job.kind))
+    bad = Statement(text("SELECT no_such_column FROM jobs"))
+    with make_sessionmaker(engine)() as session:
+        crud.create_job(session, "prune", SPEC, tenant="t", commit=False)
+        crud.create_job(session, "eval", SPEC, tenant="t", commit=False)
+        assert run_together(session, [(count, {"t": "t"}), (kinds, {"t": "t"})]) == [
+            [(2,)],
+            [("eval",), ("prune",)],
+        ]
+        with pytest.raises(exc.DBAPIError, match="no_such_column"):
+            run_together(session, [(count, {"t": "t"}), (bad, None), (kinds, {"t": "t"})])
+        session.rollback()
