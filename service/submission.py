@@ -44,7 +44,7 @@ from service import batches, crud
 from service.locks import tenant_lock
 from service.models import Batch, Job
 from service.policy import PolicyViolation, SourcePolicy, check_submission
-from service.queue import RUN_JOB_TASK
+from service.queue import send_run_job
 from service.tracing import annotate_job
 from shortened.config import Settings
 
@@ -207,9 +207,8 @@ def dispatch(
     unsent: list[str] = []
     for job_id in job_ids:
         try:
-            # The message carries the id only; the worker reads the spec from the job store.
             annotate_job(job_id)
-            celery.send_task(RUN_JOB_TASK, args=[job_id])
+            send_run_job(celery, job_id)
         except Exception as exc:
             unsent.append(job_id)
             log.warning("could not send job %s: %s (the reaper will re-send it)", job_id, exc)

@@ -7,7 +7,7 @@ import json
 
 import redis
 
-from service.queue import RUN_JOB_TASK, broker_transport, make_celery
+from service.queue import RUN_JOB_TASK, broker_transport, make_celery, send_run_job
 from service.redis_broker import RedisTransport
 from shortened.config import Settings
 from tests.e2e_service import redis_namespace
@@ -46,5 +46,33 @@ def test_messages_reach_the_queue_and_the_client_is_built_once(tmp_path):
             headers = [b["headers"] for b in bodies]
             assert {h["task"] for h in headers} == {RUN_JOB_TASK}
             assert sorted(h["argsrepr"] for h in headers) == [f"['job-{n}']" for n in range(5)]
+        finally:
+            celery.close()
+
+
+def test_the_queue_is_declared_with_the_first_message_only(tmp_path, monkeypatch):
+    import kombu.messaging
+
+    declared = []
+    real = kombu.messaging.maybe_declare
+
+    def counted(entity, *args, **kwargs):
+        declared.append(entity.name)
+        return real(entity, *args, **kwargs)
+
+    monkeypatch.setattr(kombu.messaging, "maybe_declare", counted)
+    with redis_namespace() as (broker_url, queue):
+        celery = make_celery(
+            Settings(broker_url=broker_url, queue=queue, data_dir=tmp_path / "var")
+        )
+        try:
+            for n in range(4):
+                send_run_job(celery, f"job-{n}")
+            raw = redis.Redis.from_url(broker_url)
+            bodies = [json.loads(m) for m in raw.lrange(queue, 0, -1)]
+            assert sorted(b["headers"]["argsrepr"] for b in bodies) == [
+                f"['job-{n}']" for n in range(4)
+            ]
+            assert declared == [queue]  # the first message's declaration, no more
         finally:
             celery.close()
