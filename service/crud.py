@@ -292,7 +292,8 @@ def commit_within_limit(session: Session, tenant: str, limit: int) -> None:
                 commit=True,
             )
         except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) == OVER_LIMIT_SQLSTATE:
+            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+            if code == OVER_LIMIT_SQLSTATE:
                 raise OverLimit(tenant) from exc
             raise
     else:

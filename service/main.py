@@ -98,8 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # What start-up built (routes, schemas, the ORM's metadata, compiled statements)
         # lives as long as the process: out of the collector's generations, so that a full
         # collection no longer walks it. Those walks were the status read's p99 tail at 50
-        # clients (150 -> 50-65 ms) and ~0.15 ms of its mean CPU.
-        gc.collect()
+        # clients (150 -> 50-65 ms) and ~0.15 ms of its mean CPU. (No collection first: in
+        # a process with a large heap already, the tests', it took seconds.)
         gc.freeze()
         try:
             yield
