@@ -6,6 +6,7 @@ request-scoped session dependency is ``service.api.deps.get_session``.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,40 @@ def alembic_config(database_url: str) -> Any:
     # in URL-encoded passwords. env.py also skips logging setup when this is set.
     config.attributes["database_url"] = database_url
     return config
+
+
+class SchemaBehind(RuntimeError):
+    """The job store's schema is older than this version's migrations."""
+
+
+@functools.cache
+def migration_revisions() -> tuple[str, frozenset[str]]:
+    """The head and every revision of the migrations this version ships."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(""))
+    head = script.get_current_head()
+    assert head is not None
+    return head, frozenset(r.revision for r in script.walk_revisions())
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise :class:`SchemaBehind` when the database has not been migrated to this version's
+    head (``/readyz`` reports it: with PostgreSQL, migrating is a deploy step). A revision
+    this version does not know is a later version's, which migrated first: not an error
+    (old replicas keep serving during a rolling update)."""
+    head, known = migration_revisions()
+    with engine.connect() as connection:
+        try:
+            current = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except exc.DBAPIError:
+            current = None  # not migrated at all
+    if current == head or (current is not None and current not in known):
+        return
+    raise SchemaBehind(
+        f"the database schema is at revision {current or 'none'}, this version needs {head}: "
+        "run the migrations (alembic upgrade head)"
+    )
 
 
 def upgrade_database(settings: Settings | str, revision: str = "head") -> None:

@@ -47,3 +47,23 @@ def test_not_ready_when_the_store_cannot_take_a_write(tmp_path: Path):
     assert status == 503
     assert "not writable" in components["storage"]["error"], components
     assert str(tmp_path) not in components["storage"]["error"]
+
+
+def test_not_ready_until_the_database_is_migrated_to_this_versions_head(tmp_path: Path):
+    """With PostgreSQL, migrating is a deploy step: an API whose database is behind says so
+    (admission needs the latest migration); once migrated it is ready."""
+    from service.db import migration_revisions
+    from tests.e2e_service import postgres_database
+
+    head, _ = migration_revisions()
+    with postgres_database() as url:
+        upgrade_database(url, "0005")
+        settings = Settings(data_dir=tmp_path / "var", database_url=url)
+        with TestClient(create_app(settings)) as client:
+            response = client.get("/readyz")
+            assert response.status_code == 503
+            error = response.json()["components"]["database"]["error"]
+            assert "revision 0005" in error and head in error and "upgrade head" in error
+            upgrade_database(url)
+            assert client.get("/readyz").status_code == 200
+            client.app.state.engine.dispose()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.db import ping
+from service.db import check_schema, ping
 from service.queue import filesystem_broker_folders
 from service.schemas import ComponentOut, ReadinessOut
 
@@ -31,6 +31,7 @@ def healthz() -> dict[str, str]:
 
 def _check_database(request: Request) -> None:
     ping(request.app.state.engine)
+    check_schema(request.app.state.engine)
 
 
 def _check_broker(request: Request) -> None:
