@@ -132,6 +132,8 @@ def list_events(
 # ---------------------------------------------------------------------------- API side
 
 
+_JOB_COLUMNS = tuple(Job.__table__.c)
+_JOB_KEYS = tuple(c.key for c in _JOB_COLUMNS)
 # The columns create_job writes; the others are NULL (SQL NULL, not JSON null) until the
 # worker sets them.
 _NEW_JOB_COLUMNS = (
@@ -213,7 +215,7 @@ def create_job(
     # loaded, no attribute events: the constructor's cost more than both INSERTs' CPU).
     configure_mappers()  # what the constructor would do first (at once when done already)
     job = Job.__mapper__.class_manager.new_instance()
-    instance_dict(job).update({c.key: values.get(c.key) for c in _JOB_COLUMNS})
+    instance_dict(job).update({key: values.get(key) for key in _JOB_KEYS})
     make_transient_to_detached(job)
     session.add(job)  # persistent: no INSERT, and a later change is an UPDATE
     set_committed_value(job, "attempt_rows", [])  # a new job has none: no query for them
@@ -323,7 +325,6 @@ def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | N
     return job
 
 
-_JOB_COLUMNS = tuple(Job.__table__.c)
 _READ_JOB = Statement(select(*_JOB_COLUMNS).where(Job.id == bindparam("job_id")))
 _ATTEMPT_COLUMNS = (
     JobAttempt.attempt,
@@ -338,6 +339,7 @@ _READ_ATTEMPTS = Statement(
     .where(JobAttempt.job_id == bindparam("job_id"))
     .order_by(JobAttempt.attempt)
 )
+_ATTEMPT_KEYS = tuple(c.key for c in _ATTEMPT_COLUMNS)
 
 
 def read_job(engine: Engine, job_id: str, tenant: str | None = None) -> JobRow | None:
@@ -350,12 +352,13 @@ def read_job(engine: Engine, job_id: str, tenant: str | None = None) -> JobRow |
         rows = _READ_JOB.execute(connection, {"job_id": job_id})
         if not rows:
             return None
-        job = JobRow(**{c.key: value for c, value in zip(_JOB_COLUMNS, rows[0], strict=True)})
+        job = JobRow(**dict(zip(_JOB_KEYS, rows[0], strict=True)))
         if tenant is not None and job.tenant != tenant:
             return None
         attempts = _READ_ATTEMPTS.execute(connection, {"job_id": job_id}) if job.attempts else []
-    names = [c.key for c in _ATTEMPT_COLUMNS]
-    job.attempt_rows = [SimpleNamespace(**dict(zip(names, a, strict=True))) for a in attempts]
+    job.attempt_rows = [
+        SimpleNamespace(**dict(zip(_ATTEMPT_KEYS, a, strict=True))) for a in attempts
+    ]
     return job
 
 

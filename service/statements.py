@@ -99,9 +99,7 @@ class Statement:
         """:meth:`execute` in ``session``'s transaction, after flushing what the session
         holds (as the session's own queries do with autoflush), so that the statement sees
         the session's pending changes."""
-        if session.autoflush:
-            session.flush()  # returns at once when there is nothing to flush
-        return self.execute(session.connection(), params)
+        return run_together(session, [(self, params)])[0]
 
 
 def execute_together(
@@ -179,5 +177,5 @@ def run_together(
     """:func:`execute_together` in ``session``'s transaction, after flushing it (see
     :meth:`Statement.run`)."""
     if session.autoflush:
-        session.flush()
+        session.flush()  # returns at once when there is nothing to flush
     return execute_together(session.connection(), statements)
