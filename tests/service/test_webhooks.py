@@ -613,6 +613,16 @@ def pruned(stack, receiver: Receiver) -> dict:
         30,
         "the job's notifications",
     )
+    # A receiver answers before the dispatcher records the answer: wait for every delivery
+    # of the job's five messages to leave "pending" before the tests read the log.
+    wait_until(
+        lambda: (
+            len(log := job_webhooks(acme, job_id)) >= 5
+            and all(d["status"] != "pending" for d in log)
+        ),
+        30,
+        "the job's delivery log",
+    )
     return {
         "job_id": job_id,
         "job": job,
