@@ -4,7 +4,6 @@ SQLAlchemy's, and a dead connection is invalidated so that the pool replaces it.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 
 import pytest
@@ -133,9 +132,9 @@ def test_a_dead_connection_is_invalidated_and_replaced(postgres_url):
         first = pid_of.execute(connection)[0][0]
     other = make_engine(postgres_url, pooled=False)
     with other.connect() as connection:
-        connection.execute(text(f"SELECT pg_terminate_backend({first})"))
+        # Returns once the backend has exited (the timeout makes it wait), not just signalled.
+        assert connection.execute(text(f"SELECT pg_terminate_backend({first}, 10000)")).scalar()
     other.dispose()
-    time.sleep(0.1)
     with engine.connect() as connection, pytest.raises(exc.DBAPIError) as raised:
         pid_of.execute(connection)
     assert raised.value.connection_invalidated
