@@ -254,6 +254,13 @@ def count_active_jobs(session: Session, tenant: str, up_to: int | None = None) -
     return int(rows[0][0] or 0)
 
 
+def over_limit_locked(session: Session, tenant: str, limit: int, adding: int = 0) -> bool:
+    """Take the tenant lock (held until the transaction ends), then whether the tenant's
+    queued and running jobs, plus ``adding`` not yet inserted, exceed ``limit``."""
+    tenant_lock(session, tenant)
+    return count_active_jobs(session, tenant, up_to=limit + 1) + adding > limit
+
+
 class OverLimit(Exception):
     """Committing would take the tenant past its limit of queued and running jobs."""
 
@@ -299,8 +306,7 @@ def commit_within_limit(session: Session, tenant: str, limit: int) -> None:
                 raise OverLimit(tenant) from exc
             raise
     else:
-        tenant_lock(session, tenant)
-        if count_active_jobs(session, tenant, up_to=limit + 1) > limit:
+        if over_limit_locked(session, tenant, limit):
             raise OverLimit(tenant)
     session.commit()
 

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.orm import Session
 
 from service import batches, crud
-from service.locks import tenant_lock
 from service.models import Batch, Job
 from service.policy import PolicyViolation, SourcePolicy, check_submission
 from service.queue import send_run_job
@@ -147,9 +146,7 @@ def reserve(session: Session, settings: Settings, tenant: str, adding: int = 1) 
     limit = settings.limits_for(tenant).max_concurrent_jobs
     if limit is None:
         return
-    tenant_lock(session, tenant)
-    active = crud.count_active_jobs(session, tenant, up_to=limit + 1)
-    if active + adding > limit:
+    if crud.over_limit_locked(session, tenant, limit, adding):
         raise LimitExceeded(tenant, crud.count_active_jobs(session, tenant), adding, limit, False)
 
 
