@@ -13,6 +13,7 @@ from service import crud
 from service.db import make_engine, make_sessionmaker
 from service.models import Job, JobAttempt, JobEvent
 from service.statements import Statement, run_together
+from tests.service.test_db_pool import terminate
 
 SPEC = {"model": "models/m", "num_blocks": 2, "nested": {"list": [1, 2.5, None], "s": "é"}}
 
@@ -130,11 +131,7 @@ def test_a_dead_connection_is_invalidated_and_replaced(postgres_url):
     pid_of = Statement(text("SELECT pg_backend_pid()"))
     with engine.connect() as connection:
         first = pid_of.execute(connection)[0][0]
-    other = make_engine(postgres_url, pooled=False)
-    with other.connect() as connection:
-        # Returns once the backend has exited (the timeout makes it wait), not just signalled.
-        assert connection.execute(text(f"SELECT pg_terminate_backend({first}, 10000)")).scalar()
-    other.dispose()
+    terminate(postgres_url, first)
     with engine.connect() as connection, pytest.raises(exc.DBAPIError) as raised:
         pid_of.execute(connection)
     assert raised.value.connection_invalidated
