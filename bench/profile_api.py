@@ -82,7 +82,12 @@ def _inline_threadpool() -> None:
 async def _measure(app: Any, spec: dict[str, Any], top: int) -> dict[str, Any]:
     transport = httpx.ASGITransport(app=app)
     out: dict[str, Any] = {}
-    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+    # The lifespan as in production (httpx's transport does not run it): with PostgreSQL,
+    # status reads then run on the event loop (service.async_reads).
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client,
+    ):
         ids: list[str] = []
         for _ in range(N_WARMUP):
             response = await client.post("/jobs/prune", json=spec)

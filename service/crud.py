@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import SimpleNamespace
-from typing import Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from sqlalchemy import (
     CursorResult,
@@ -51,6 +51,9 @@ from service.locks import tenant_lock, tenant_lock_key
 from service.models import FINISHED_STATUSES, Job, JobAttempt, JobEvent, JobRow, utcnow
 from service.statements import Statement, run_together
 from shortened.redact import redact, redact_data
+
+if TYPE_CHECKING:
+    from service.async_reads import AsyncReads, Reader
 
 
 class InvalidCursor(ValueError):
@@ -355,13 +358,38 @@ def read_job(engine: Engine, job_id: str, tenant: str | None = None) -> JobRow |
     connection in autocommit (no BEGIN/ROLLBACK round trips; each statement still sees only
     committed rows) through :class:`service.statements.Statement`."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        rows = _READ_JOB.execute(connection, {"job_id": job_id})
-        if not rows:
-            return None
-        job = JobRow(**dict(zip(_JOB_KEYS, rows[0], strict=True)))
-        if tenant is not None and job.tenant != tenant:
+        job = _job_row(_READ_JOB.execute(connection, {"job_id": job_id}), tenant)
+        if job is None:
             return None
         attempts = _READ_ATTEMPTS.execute(connection, {"job_id": job_id}) if job.attempts else []
+    return _with_attempts(job, attempts)
+
+
+async def read_job_async(
+    reads: AsyncReads, job_id: str, tenant: str | None = None
+) -> JobRow | None:
+    """:func:`read_job` on the event loop (PostgreSQL, see ``service.async_reads``)."""
+
+    async def read(reader: Reader) -> JobRow | None:
+        job = _job_row(await reader.rows(_READ_JOB, {"job_id": job_id}), tenant)
+        if job is None:
+            return None
+        attempts = await reader.rows(_READ_ATTEMPTS, {"job_id": job_id}) if job.attempts else []
+        return _with_attempts(job, attempts)
+
+    return await reads.run(read)
+
+
+def _job_row(rows: list[tuple[Any, ...]], tenant: str | None) -> JobRow | None:
+    if not rows:
+        return None
+    job = JobRow(**dict(zip(_JOB_KEYS, rows[0], strict=True)))
+    if tenant is not None and job.tenant != tenant:
+        return None
+    return job
+
+
+def _with_attempts(job: JobRow, attempts: list[tuple[Any, ...]]) -> JobRow:
     job.attempt_rows = [
         SimpleNamespace(**dict(zip(_ATTEMPT_KEYS, a, strict=True))) for a in attempts
     ]

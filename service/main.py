@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from service.api.docs import add_offline_docs
 from service.api.routes import batches, health, jobs, report, schedules, webhooks
+from service.async_reads import AsyncReads, pool_size
 from service.db import (
     is_sqlite,
     make_engine,
@@ -88,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             upgrade_database(settings)
         # Sync routes run on these threads; each holds one pooled connection at most.
         to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        # Status reads on the event loop (PostgreSQL), with this loop's connections.
+        app.state.reads = AsyncReads.for_engine(app.state.engine, pool_size(settings.api_threads))
         stop_loops = (
             start_background_loops(
                 settings, app.state.sessionmaker, app.state.celery, app.state.scheduler
@@ -107,6 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.unfreeze()  # collectable again (a process that runs several apps: the tests)
             if stop_loops is not None:
                 stop_loops()
+            if app.state.reads is not None:
+                await app.state.reads.close()
+                app.state.reads = None
             app.state.engine.dispose()
 
     app = FastAPI(
@@ -120,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = make_engine(settings.resolved_database_url, pool_size=settings.api_threads)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
+    app.state.reads = None  # made by the lifespan, on the loop that uses it
     # Used only to send task messages (by name): the API never imports the tasks or torch.
     app.state.celery = make_celery(settings)
     app.state.store = None  # opened on first use, see deps.get_store

@@ -66,7 +66,9 @@ class Statement:
             results.append(column.type.dialect_impl(dialect).result_processor(dialect, None))
         return _Compiled(compiled.string, compiled.positional, tuple(binds), tuple(results))
 
-    def _params(self, compiled: _Compiled, params: Mapping[str, Any]) -> Any:
+    def bound(self, compiled: _Compiled, params: Mapping[str, Any]) -> Any:
+        """``params`` as the driver takes them: in the SQL's order or by name, each value
+        through its type's bind processor."""
         values = []
         for _, key, fixed, processor in compiled.binds:
             value = params[key] if key is not None else fixed
@@ -74,6 +76,10 @@ class Statement:
         if compiled.positional:
             return tuple(values)
         return {name: value for (name, *_), value in zip(compiled.binds, values, strict=True)}
+
+    def processed(self, compiled: _Compiled, rows: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The driver's ``rows``, each value through its column type's result processor."""
+        return _processed(compiled.results, rows)
 
     def compiled(self, dialect: Dialect) -> _Compiled:
         compiled = self._compiled.get(dialect.name)
@@ -123,7 +129,7 @@ def execute_together(
     prepared = []
     for statement, params in statements:
         compiled = statement.compiled(dialect)
-        prepared.append((compiled, statement._params(compiled, params or {})))
+        prepared.append((compiled, statement.bound(compiled, params or {})))
     dbapi_connection = connection.connection.dbapi_connection
     assert dbapi_connection is not None
     cursors = [dbapi_connection.cursor() for _ in prepared]

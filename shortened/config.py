@@ -118,7 +118,9 @@ class Settings(BaseSettings):
         le=1024,
         description="Per API process: requests handled at once on worker threads, and the "
         "database connections kept open for them (the pool holds as many, so a request never "
-        "waits to connect; PostgreSQL sees replicas x API processes x this)",
+        "waits to connect); with PostgreSQL, status reads run on the event loop with up to a "
+        "quarter as many connections of their own (at least 2), so PostgreSQL sees replicas x "
+        "API processes x 1.25 x this at most",
     )
     background_loops: bool = Field(
         default=True,

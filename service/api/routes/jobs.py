@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service import crud
 from service.api.admission import (
@@ -188,18 +189,27 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-def get_job(job_id: JobId, request: Request, principal: PrincipalDep) -> Response:
-    # The busiest route (clients poll it): the row and its attempts read by the lean path of
-    # the job store (see crud.read_job), the pipeline only for a linked job, the model
-    # serialised once.
-    job = crud.read_job(request.app.state.engine, job_id, principal.scope)
+async def get_job(job_id: JobId, request: Request, principal: PrincipalDep) -> Response:
+    # The busiest route (clients poll it): a coroutine, so that no thread hand-over is paid
+    # for it. The row and its attempts are read by the lean path of the job store, on the
+    # event loop with PostgreSQL (crud.read_job_async), on a worker thread with SQLite; the
+    # pipeline only for a linked job (on a thread: the ORM); the model serialised once.
+    state = request.app.state
+    if state.reads is not None:
+        job = await crud.read_job_async(state.reads, job_id, principal.scope)
+    else:
+        job = await run_in_threadpool(crud.read_job, state.engine, job_id, principal.scope)
     if job is None:
         raise HTTPException(404, detail=f"job {job_id} not found")
     out = JobOut.from_row(job)
     if is_linked(job):
-        with request.app.state.sessionmaker() as session:
-            out.pipeline = pipeline_of(session, job)
+        out.pipeline = await run_in_threadpool(_pipeline_of, state.sessionmaker, job)
     return model_response(out)
+
+
+def _pipeline_of(sessionmaker: Any, job: Any) -> Any:
+    with sessionmaker() as session:
+        return pipeline_of(session, job)
 
 
 @router.get(
