@@ -53,7 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = 50
 N_SUBMIT = 1000
 N_STATUS = 1000
-N_SINGLE = 100  # single-client requests per phase (service time)
+N_SINGLE = 500  # single-client requests per phase (service time; long enough that a tick of
+# the background loops or a garbage collection in the window does not dominate its CPU figure)
 N_WARMUP = 200  # per request kind, from all clients at once (every API process gets some)
 N_DISPATCH = 10
 N_PACED = 400  # paced phases: at most this many requests, over about PACED_SECONDS
