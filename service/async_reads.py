@@ -74,7 +74,6 @@ class AsyncReads:
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._slots = asyncio.Semaphore(size)
         self._closed = False
-        self.size = size
 
     @classmethod
     def for_engine(cls, engine: Engine, size: int) -> AsyncReads | None:
@@ -96,16 +95,18 @@ class AsyncReads:
                         connection = await self._connect()
                     result = await read(Reader(connection, self.dialect))
                 except psycopg.Error as error:
-                    broken = connection is None or connection.broken
-                    if connection is not None:
+                    if connection is None:  # could not connect: nothing to read again on
+                        lost = True
+                    else:
+                        lost = connection.broken
                         await self._discard(connection)
-                    if broken:
-                        await self._discard_idle()
-                    if broken and attempt == 1 and connection is not None:
-                        log.info("status read: connection lost (%s), reading again", error)
-                        continue
+                        if lost:  # the idle ones went the same way
+                            await self._discard_idle()
+                            if attempt == 1:
+                                log.info("status read: connection lost (%s), reading again", error)
+                                continue
                     raise exc.DBAPIError.instance(
-                        None, None, error, psycopg.Error, connection_invalidated=broken,
+                        None, None, error, psycopg.Error, connection_invalidated=lost,
                         dialect=self.dialect,
                     ) from error  # fmt: skip
                 except BaseException:  # cancelled mid-read: the connection's state is unknown

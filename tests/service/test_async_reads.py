@@ -6,7 +6,6 @@ pool, survive a connection the server dropped, and raise SQLAlchemy's errors; th
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,31 +13,17 @@ from sqlalchemy import exc, text
 
 from service import crud
 from service.async_reads import AsyncReads, pool_size
-from service.db import make_engine, make_sessionmaker
-from service.models import Job, JobAttempt
+from service.db import make_engine
+from service.models import Job
 from shortened.config import Settings
 from tests.service.test_db_pool import terminate
+from tests.service.test_statements import SPEC, job_with_attempts
 
 
 @pytest.fixture
 def engine(postgres_url):
     yield (engine := make_engine(postgres_url, pool_size=1))
     engine.dispose()
-
-
-SPEC = {"model": "models/m", "num_blocks": 2, "nested": {"list": [1, 2.5, None], "s": "é"}}
-
-
-def _job_with_attempts(engine, tenant: str = "acme") -> str:
-    with make_sessionmaker(engine)() as session:
-        job = crud.create_job(session, "prune", SPEC, tenant=tenant)
-        job.attempts, job.worker = 2, "w1"
-        job.heartbeat_at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-        job.result = {"ppl": 12.5, "blocks": [1, 2]}
-        for n, outcome in ((2, "running"), (1, "worker_lost")):
-            session.add(JobAttempt(job_id=job.id, attempt=n, worker=f"w{n}", outcome=outcome))
-        session.commit()
-        return job.id
 
 
 def _run(engine, size, read):
@@ -67,7 +52,7 @@ def _backend_pid(reads):
 
 
 def test_a_read_returns_what_the_thread_path_returns(engine):
-    job_id = _job_with_attempts(engine)
+    job_id = job_with_attempts(engine)
     plain = crud.read_job(engine, job_id)
 
     async def reads_of(reads):
@@ -138,7 +123,7 @@ def test_sqlite_has_no_pool(tmp_path):
 
 
 def test_the_status_route_reads_on_the_loop_with_postgresql(engine, postgres_url, tmp_path):
-    job_id = _job_with_attempts(engine, tenant="default")
+    job_id = job_with_attempts(engine, tenant="default")
     from service.main import create_app
 
     settings = Settings(

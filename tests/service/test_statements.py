@@ -65,16 +65,21 @@ def test_the_returned_job_is_the_persistent_row(engine):
         )
 
 
-def test_read_job_equals_the_orm_row_with_its_attempts(engine):
+def job_with_attempts(engine, tenant: str = "acme") -> str:
+    """A job with a result, a heartbeat and two attempt rows (inserted out of order)."""
     with make_sessionmaker(engine)() as session:
-        job = crud.create_job(session, "prune", SPEC, tenant="acme")
-        job_id = job.id
+        job = crud.create_job(session, "prune", SPEC, tenant=tenant)
         job.attempts, job.worker = 2, "w1"
         job.heartbeat_at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
         job.result = {"ppl": 12.5, "blocks": [1, 2]}
         for n, outcome in ((2, "running"), (1, "worker_lost")):
-            session.add(JobAttempt(job_id=job_id, attempt=n, worker=f"w{n}", outcome=outcome))
+            session.add(JobAttempt(job_id=job.id, attempt=n, worker=f"w{n}", outcome=outcome))
         session.commit()
+        return job.id
+
+
+def test_read_job_equals_the_orm_row_with_its_attempts(engine):
+    job_id = job_with_attempts(engine)
     read = crud.read_job(engine, job_id)
     assert read is not None
     with make_sessionmaker(engine)() as session:
