@@ -228,8 +228,10 @@ def plan_for(argv: list[str], config: dict[str, Any] | None = None) -> dict[str,
     its model's config (``config``: the one recorded when it ran)."""
     from shortened.admission import Lookups, model_config
     from shortened.cli import build_parser
-    from shortened.cli.engine_commands import eval_spec, prune_spec, retrain_spec
-    from shortened.planning import plan_job
+    from shortened.cli.eval_command import eval_spec
+    from shortened.cli.prune_command import prune_spec
+    from shortened.cli.retrain_command import retrain_spec
+    from shortened.kinds import plan_job
 
     args = build_parser().parse_args(argv)
     spec = {"prune": prune_spec, "retrain": retrain_spec, "eval": eval_spec}[args.command](args)

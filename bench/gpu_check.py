@@ -92,7 +92,7 @@ def measured(run: Any) -> tuple[Any, dict[str, Any]]:
 
 def prune(source: Path, output: Path, criterion: str, weights: int) -> dict[str, Any]:
     from shortened.engine.prune import prune_model
-    from shortened.planning import plan_job
+    from shortened.kinds import plan_job
     from shortened.specs import PruneSpec
 
     spec = PruneSpec(

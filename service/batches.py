@@ -18,24 +18,40 @@ from __future__ import annotations
 import copy
 import itertools
 import statistics
-import uuid
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.models import Batch, Job, utcnow
+from service.models import Batch, Job
 from service.pipeline import pipeline_of
+from shortened.kinds import JOB_KINDS, job_kind
 from shortened.render import markdown_cell, markdown_table
-from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 
-SPEC_TYPES: dict[str, type[BaseModel]] = {
-    "prune": PruneSpec,
-    "retrain": RetrainSpec,
-    "eval": EvalSpec,
-}
+
+def _batchable_kind(value: str) -> str:
+    batchable = [name for name, kind in JOB_KINDS.items() if kind.batchable]
+    if value not in batchable:
+        raise ValueError(f"a batch's kind is one of: {', '.join(batchable)}")
+    return value
+
+
+# The kinds a batch's grid may be of (``shortened.kinds``: ``batchable``), checked against
+# the table when a request is read.
+BatchKind = Annotated[
+    str,
+    AfterValidator(_batchable_kind),
+    WithJsonSchema({"type": "string", "enum": [n for n, k in JOB_KINDS.items() if k.batchable]}),
+]
 MAX_VALUES_PER_AXIS = 64
 
 
@@ -43,9 +59,7 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=255, description="A label for the batch")
-    kind: Literal["prune", "retrain", "eval"] = Field(
-        default="prune", description="Kind of every job of the grid"
-    )
+    kind: BatchKind = Field(default="prune", description="Kind of every job of the grid")
     base: dict[str, Any] = Field(description="The spec every job starts from (a full job spec)")
     grid: dict[str, list[Any]] = Field(
         description="Axes: dotted spec field -> values (e.g. 'num_blocks': [2, 4], "
@@ -115,7 +129,7 @@ def expand(request: BatchRequest, max_jobs: int) -> list[tuple[dict[str, Any], d
                 }
             ]
         )
-    spec_type = SPEC_TYPES[request.kind]
+    spec_type = job_kind(request.kind).spec
     out = []
     for combo in itertools.product(*request.grid.values()):
         point = dict(zip(axes, combo, strict=True))
@@ -169,64 +183,6 @@ def _eval_figures(result: dict[str, Any] | None, role: str = "model") -> dict[st
     if "params" in part:
         figures["params"] = part["params"]
     return figures
-
-
-# ---------------------------------------------------------------------------- store
-
-
-class DuplicateBatchKey(Exception):
-    """Another batch of the tenant was created with the same Idempotency-Key."""
-
-
-def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Batch | None:
-    return session.scalar(select(Batch).where(Batch.tenant == tenant, Batch.idempotency_key == key))
-
-
-def get_batch(session: Session, batch_id: str, tenant: str | None = None) -> Batch | None:
-    """The batch, or None when unknown or (with ``tenant``) owned by another tenant."""
-    batch = session.get(Batch, batch_id)
-    if batch is None or (tenant is not None and batch.tenant != tenant):
-        return None
-    return batch
-
-
-def list_batches(session: Session, tenant: str | None, limit: int) -> list[Batch]:
-    """Newest first: the tenant's, or every tenant's with ``tenant`` None."""
-    query = select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
-    if tenant is not None:
-        query = query.where(Batch.tenant == tenant)
-    return list(session.scalars(query))
-
-
-def create_batch(
-    session: Session,
-    request: BatchRequest,
-    *,
-    tenant: str,
-    job_count: int,
-    idempotency_key: str | None,
-    request_hash: str,
-) -> Batch:
-    """Insert the batch row, flushed in the caller's transaction (its jobs follow). Raises
-    ``DuplicateBatchKey``, with the transaction rolled back, when the key is taken."""
-    batch = Batch(
-        id=uuid.uuid4().hex,
-        tenant=tenant,
-        name=request.name,
-        kind=request.kind,
-        request={},
-        job_count=job_count,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        created_at=utcnow(),
-    )
-    session.add(batch)
-    try:
-        session.flush()
-    except IntegrityError as exc:
-        session.rollback()
-        raise DuplicateBatchKey(idempotency_key) from exc
-    return batch
 
 
 # ---------------------------------------------------------------------------- comparison

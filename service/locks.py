@@ -51,7 +51,7 @@ def tenant_lock_key(tenant: str) -> str:
 def tenant_lock(session: Session, tenant: str) -> None:
     """Serialise the admissions of one tenant until commit, so that two concurrent ones
     cannot both pass its concurrency limit (every path that creates jobs takes it, here or
-    in ``crud.commit_within_limit``)."""
+    in ``job_admission.commit_within_limit``)."""
     xact_lock(session, tenant_lock_key(tenant))
 
 

@@ -16,7 +16,7 @@ from anyio import to_thread
 from fastapi import FastAPI
 
 from service.api.docs import add_offline_docs
-from service.api.routes import batches, health, jobs, report, schedules, webhooks
+from service.api.routes import batches, health, jobs, report, schedules, submit, webhooks
 from service.async_reads import AsyncReads, pool_size
 from service.db import (
     is_sqlite,
@@ -136,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimits, max_bytes=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(batches.router)
+    app.include_router(submit.submit_router())
     app.include_router(jobs.router)
     app.include_router(schedules.router)
     app.include_router(report.router)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import typing
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +41,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from service.models import JOB_STATUSES, Job
-from service.schemas import JobKind
+from shortened.kinds import kind_names
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -87,7 +86,7 @@ class JobStoreCollector(Collector):
                 "Jobs in the job store by status and kind",
                 labels=["status", "kind"],
             )
-            kinds = sorted(set(typing.get_args(JobKind)) | {kind for _, kind in counts})
+            kinds = sorted(set(kind_names()) | {kind for _, kind in counts})
             statuses = list(JOB_STATUSES) + sorted({s for s, _ in counts} - set(JOB_STATUSES))
             for status in statuses:  # every combination, zeros included: no vanishing series
                 for kind in kinds:

@@ -153,7 +153,7 @@ class Job(Base):
 
 
 class JobRow(SimpleNamespace):
-    """A job read without the ORM (``crud.read_job``, for a response): the ``jobs`` columns
+    """A job read without the ORM (``job_reads.read_job``, for a response): the ``jobs`` columns
     as attributes, and ``attempt_rows`` (each with the ``job_attempts`` columns)."""
 
 

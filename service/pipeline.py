@@ -10,18 +10,14 @@ from sqlalchemy.orm import Session
 
 from service.models import Job, JobRow
 from service.schemas import PipelineOut, PipelineStepOut
+from shortened import kinds
 
 FINISHED = ("succeeded", "failed", "cancelled")
-# Kinds whose spec may continue into retrain / eval with the model they produce.
-PRUNING_KINDS = ("prune", "search")
 
 
 def planned_kinds(root: Job | JobRow) -> list[str]:
     """The steps a root job's spec asks for, in order (just the root's kind if none)."""
-    kinds = [root.kind]
-    if root.kind in PRUNING_KINDS and isinstance(root.spec, dict):
-        kinds += [k for k in ("retrain", "eval") if root.spec.get(k) is not None]
-    return kinds
+    return kinds.planned_kinds(root.kind, root.spec)
 
 
 def is_linked(job: Job | JobRow) -> bool:
@@ -30,14 +26,7 @@ def is_linked(job: Job | JobRow) -> bool:
 
 
 def root_of(session: Session, job: Job | JobRow) -> Job | JobRow:
-    seen = {job.id}
-    while job.parent_id is not None:
-        parent = session.get(Job, job.parent_id)
-        if parent is None or parent.id in seen:
-            break
-        seen.add(parent.id)
-        job = parent
-    return job
+    return ancestors(session, job)[0]
 
 
 def pipeline_of(session: Session, job: Job | JobRow) -> PipelineOut | None:
@@ -95,24 +84,22 @@ def followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any]
 
 
 def _followup_specs(session: Session, job: Job) -> list[tuple[str, dict[str, Any]]]:
-    from shortened.specs import JOB_SPECS, PruneSpec, SearchSpec
-
-    if job.kind in PRUNING_KINDS:
-        spec = JOB_SPECS[job.kind].model_validate(job.spec)
-        assert isinstance(spec, PruneSpec | SearchSpec)
-        source = f"job://{job.id}"
-        if spec.retrain is not None:
-            retrain = spec.retrain.for_model(source, teacher=spec.model)
-            return [("retrain", retrain.model_dump(mode="json"))]
-        if spec.eval is not None:
-            return [("eval", spec.eval.for_model(source, spec.model).model_dump(mode="json"))]
+    chain = ancestors(session, job)
+    root = chain[0]
+    if not isinstance(root.spec, dict) or root.kind not in kinds.JOB_KINDS:
         return []
-    if job.kind == "retrain" and job.parent_id is not None:
-        parent = session.get(Job, job.parent_id)
-        if parent is None or parent.kind not in PRUNING_KINDS or not parent.spec.get("eval"):
-            return []
-        parent_spec = JOB_SPECS[parent.kind].model_validate(parent.spec)
-        assert isinstance(parent_spec, PruneSpec | SearchSpec) and parent_spec.eval is not None
-        evaluated = parent_spec.eval.for_model(f"job://{job.id}", f"job://{parent.id}")
-        return [("eval", evaluated.model_dump(mode="json"))]
-    return []
+    step = kinds.next_step(root.kind, root.spec, [(j.kind, j.id) for j in chain])
+    return [step] if step is not None else []
+
+
+def ancestors(session: Session, job: Job | JobRow) -> list[Job | JobRow]:
+    """``job``'s chain of parents, root first, ``job`` last."""
+    chain = [job]
+    seen = {job.id}
+    while chain[0].parent_id is not None:
+        parent = session.get(Job, chain[0].parent_id)
+        if parent is None or parent.id in seen:
+            break
+        seen.add(parent.id)
+        chain.insert(0, parent)
+    return chain

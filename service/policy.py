@@ -33,10 +33,10 @@ from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.orm import Session
 
-from service import crud
 from service.auth import Principal
-from service.pipeline import PRUNING_KINDS
+from service.stores.job_reads import get_job
 from shortened.config import Settings
+from shortened.kinds import pruning_kinds
 
 SOURCE_FIELDS = frozenset(
     {"model", "source", "validation_source", "compare_with", "task_include_path", "teacher"}
@@ -186,7 +186,7 @@ class SourcePolicy:
             # The same answer for unknown ids and other tenants' jobs: no existence oracle.
             if (
                 not _JOB_ID.match(job_id)
-                or crud.get_job(self.session, job_id, self.principal.scope) is None
+                or get_job(self.session, job_id, self.principal.scope) is None
             ):
                 return f"no job {job_id!r}"
             return None
@@ -204,10 +204,9 @@ class SourcePolicy:
     ) -> list[dict[str, Any]]:
         """``shortened.admission``'s problems as 422 errors (only for sources the policy
         allowed: nothing outside the allowed roots is looked at)."""
-        from shortened.admission import problems
-        from shortened.specs import JOB_SPECS
+        from shortened.kinds import parse_spec, problems
 
-        parsed = JOB_SPECS[kind].model_validate(spec)
+        parsed = parse_spec(kind, spec)
         if not check_model:
             parsed = parsed.model_copy(update={"model": None})
         errors = [
@@ -234,7 +233,7 @@ class SourcePolicy:
 
     def _plan(self, kind: str, parsed: BaseModel) -> Plan | None:
         from shortened.admission import Missing, model_config
-        from shortened.planning import plan_job
+        from shortened.kinds import plan_job
 
         try:
             config = model_config(parsed.model, self.lookups())  # type: ignore[attr-defined]
@@ -245,9 +244,9 @@ class SourcePolicy:
     def plan(self, kind: str, spec: dict[str, Any]) -> dict[str, Any] | None:
         """The job's plan (``shortened.planning``), or None when its model's config cannot
         be read here (a hub model, a job still running)."""
-        from shortened.specs import JOB_SPECS
+        from shortened.kinds import parse_spec
 
-        plan = self._plan(kind, JOB_SPECS[kind].model_validate(spec))
+        plan = self._plan(kind, parse_spec(kind, spec))
         return plan.to_dict() if plan else None
 
     def lookups(self) -> Lookups:
@@ -264,7 +263,7 @@ class SourcePolicy:
             )
 
         def job_config(job_id: str) -> dict[str, Any] | None:
-            job = crud.get_job(self.session, job_id.partition("/")[0], self.principal.scope)
+            job = get_job(self.session, job_id.partition("/")[0], self.principal.scope)
             if job is None:
                 raise Missing(f"no job {job_id!r}")
             if job.status in ("failed", "cancelled"):
@@ -272,7 +271,7 @@ class SourcePolicy:
             result = job.result or {}
             if (
                 job.status != "succeeded"
-                or job.kind not in PRUNING_KINDS
+                or job.kind not in pruning_kinds()
                 or "model_type" not in result
             ):
                 return None  # not finished yet, or no layer count recorded: the worker checks

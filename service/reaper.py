@@ -16,34 +16,21 @@ each API replica (``reaper_interval_s``) and/or ``python -m service.reaper``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from service import crud
-from service.db import make_engine, make_sessionmaker
 from service.loop import BackgroundLoop
-from service.queue import make_celery
+from service.stores.job_recovery import due_for_redispatch, reap_expired_leases
 from service.submission import dispatch
-from shortened.config import Settings, get_settings
+from shortened.config import Settings
+from shortened.storage.keys import job_prefix, scratch_prefix
 
 if TYPE_CHECKING:
     from celery import Celery
     from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
-
-
-def scratch_prefix(job_id: str) -> str:
-    """Where a job's attempts keep state for the next attempt (block scores): never served,
-    removed when the job ends."""
-    return f"scratch/{job_id}"
-
-
-def job_prefix(job_id: str) -> str:
-    """Where a job's outputs are published (complete only once its manifest is there)."""
-    return f"jobs/{job_id}"
 
 
 @dataclass
@@ -86,7 +73,7 @@ class Reaper(BackgroundLoop):
     def run_once(self) -> ReapReport:
         report = ReapReport()
         with self.sessions() as session:
-            reaped = crud.reap_expired_leases(session, max_attempts=self.settings.max_attempts)
+            reaped = reap_expired_leases(session, max_attempts=self.settings.max_attempts)
         for job in reaped:
             log.warning("job %s attempt %d: worker lost, %s", job.job_id, job.attempt, job.action)
             if job.action == "requeued":
@@ -96,7 +83,7 @@ class Reaper(BackgroundLoop):
                 (report.failed if job.action == "failed" else report.cancelled).append(job.job_id)
                 self._drop_leftovers(job.job_id)
         with self.sessions() as session:
-            due = crud.due_for_redispatch(session, after_s=self.settings.redispatch_after_s)
+            due = due_for_redispatch(session, after_s=self.settings.redispatch_after_s)
         for job_id in due:
             log.info("job %s still queued: re-sending its message", job_id)
             report.redispatched.append(job_id)
@@ -104,32 +91,7 @@ class Reaper(BackgroundLoop):
         return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m service.reaper",
-        description="Re-queue jobs of lost workers, re-send lost messages.",
-    )
-    parser.add_argument("--once", action="store_true", help="one round, then exit")
-    parser.add_argument("--interval", type=float, help="seconds between rounds (default: settings)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    settings = get_settings()
-    engine = make_engine(settings.resolved_database_url)
-    reaper = Reaper(settings, make_sessionmaker(engine), make_celery(settings))
-    try:
-        if args.once:
-            report = reaper.run_once()
-            log.info("reaper: %s", report)
-        else:
-            reaper.run_forever(args.interval or settings.reaper_interval_s or 15.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        engine.dispose()
-    return 0
+if __name__ == "__main__":  # the same as ``shortened reaper``
+    from shortened.cli.service_commands import start_service_command
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    start_service_command("reaper")

@@ -35,11 +35,9 @@ the first valid time after it), and ``next_run_at`` is stored in UTC.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
-import signal
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -52,14 +50,12 @@ from croniter import croniter
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 
-from service import crud
-from service.db import make_engine, make_sessionmaker
 from service.locks import is_postgres
 from service.loop import BackgroundLoop
 from service.models import Schedule, ScheduleRun, utcnow
-from service.queue import make_celery
+from service.stores.job_admission import DuplicateIdempotencyKey
 from service.submission import LimitExceeded, admit, dispatch, reserve
-from shortened.config import Settings, get_settings
+from shortened.config import Settings
 from shortened.redact import redact
 
 if TYPE_CHECKING:
@@ -157,9 +153,9 @@ class TemplateError(Exception):
 
 
 def spec_class(kind: str) -> Any:
-    from shortened.specs import JOB_SPECS
+    from shortened.kinds import job_kind
 
-    return JOB_SPECS[kind]
+    return job_kind(kind).spec
 
 
 def split_template(template: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -303,7 +299,7 @@ class Scheduler(BackgroundLoop):
             except LimitExceeded as exc:
                 outcome = "skipped_limit"
                 notes.append(str(exc))
-            except crud.DuplicateIdempotencyKey as exc:  # rolled back already
+            except DuplicateIdempotencyKey as exc:  # rolled back already
                 raise SlotTaken from exc
             else:
                 outcome, job_id = "created", job.id
@@ -431,44 +427,7 @@ class Scheduler(BackgroundLoop):
         return interval_s * random.uniform(0.5, 1.5)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m service.scheduler",
-        description="Create the jobs of due cron slots of schedules (safe with any number of "
-        "schedulers: one job per slot).",
-    )
-    parser.add_argument("--once", action="store_true", help="one round, then exit")
-    parser.add_argument("--interval", type=float, help="seconds between rounds (default: settings)")
-    parser.add_argument("--name", help="this scheduler's name in schedule runs (default: host:pid)")
-    parser.add_argument(
-        "--heartbeat-file",
-        type=Path,
-        help="touch this file after every successful round (for a liveness probe)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    settings = get_settings()
-    engine = make_engine(settings.resolved_database_url)
-    scheduler = Scheduler(settings, make_sessionmaker(engine), make_celery(settings), args.name)
-    scheduler.heartbeat_file = args.heartbeat_file
-    interval = args.interval or settings.scheduler_interval_s or 5.0
+if __name__ == "__main__":  # the same as ``shortened scheduler``
+    from shortened.cli.service_commands import start_service_command
 
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: scheduler.stop())
-    try:
-        if args.once:
-            log.info("scheduler %s: %s", scheduler.name, scheduler.run_once())
-        else:
-            log.info("scheduler %s started (every %.3g s)", scheduler.name, interval)
-            scheduler.run_forever(interval)
-            log.info("scheduler %s stopped", scheduler.name)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        engine.dispose()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    start_service_command("scheduler")

@@ -124,16 +124,16 @@ def recover_embedded_jobs(settings: Settings) -> None:
     (``max_attempts``), else failed with ``worker_lost``; its unpublished objects removed."""
     if not settings.resolved_broker_url.startswith("filesystem://"):
         return
-    from service import crud
     from service.queue import make_celery
     from service.reaper import Reaper
+    from service.stores.job_recovery import expire_running_leases
 
     engine = make_engine(settings.resolved_database_url)
     celery = make_celery(settings)
     try:
         sessions = make_sessionmaker(engine)
         with sessions() as session:
-            if not crud.expire_running_leases(session):
+            if not expire_running_leases(session):
                 return
         reaper = Reaper(settings, sessions, celery)
         while True:
@@ -307,39 +307,7 @@ def serve_api(settings: Settings) -> None:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m service.serve [--host H] [--port P] [--api-workers N] [--api-only]``;
-    ``shortened serve`` runs this."""
-    import argparse
+if __name__ == "__main__":  # the same as ``shortened serve``
+    from shortened.cli.service_commands import start_service_command
 
-    parser = argparse.ArgumentParser(prog="shortened serve")
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument(
-        "--api-workers",
-        type=int,
-        default=None,
-        help="API processes (default: SHORTENED_API_WORKERS, else one per CPU core)",
-    )
-    parser.add_argument(
-        "--api-only",
-        action="store_true",
-        help="serve the API only: no migrations, no worker (they run elsewhere)",
-    )
-    args = parser.parse_args(argv)
-    if args.api_workers is not None and args.api_workers < 1:
-        parser.error("--api-workers must be at least 1")
-    overrides = {
-        key: value
-        for key, value in {
-            "api_host": args.host,
-            "api_port": args.port,
-            "api_workers": args.api_workers,
-        }.items()
-        if value is not None
-    }
-    serve(Settings(**overrides), api_only=args.api_only)
-
-
-if __name__ == "__main__":
-    main()
+    start_service_command("serve")

@@ -10,7 +10,7 @@ through here, in this order:
    then whether the job can run at all (the model's config and layer count against the
    target, the data files), for requests a tenant wrote (a schedule's template was checked
    when it was saved, a follow-up's spec is part of its root's);
-3. the job rows, each with its first ``queued`` event (``crud.create_job``);
+3. the job rows, each with its first ``queued`` event (``job_admission.create_job``);
 4. the concurrency limit, counted over every job being added under the tenant lock, and the
    commit (:func:`commit_admitted`; :class:`LimitExceeded`, and the rows are rolled back);
    a pipeline's next step is exempt, since it continues work admitted already and takes
@@ -19,9 +19,9 @@ through here, in this order:
 
 Broker failure is handled the same way on every path: the job row is committed *before* the
 message is sent, and if sending fails the job stays ``queued``; it is marked for the reaper's
-next round (``crud.dispatch_failed``) with a warning event, and the reaper re-sends its
-message once the broker answers again. The caller gets its job (202) as if the broker had been
-up. This beats failing the job: nothing already accepted is lost (a schedule's slot, a
+next round (``job_recovery.dispatch_failed``) with a warning event, and the reaper re-sends
+its message once the broker answers again. The caller gets its job (202) as if the broker had
+been up. This beats failing the job: nothing already accepted is lost (a schedule's slot, a
 pipeline's next step after an hour of pruning, a batch half sent), a retry with the same
 ``Idempotency-Key`` returns the same job instead of a duplicate, and a message that did reach
 the broker before the error was raised cannot run a job that was reported failed. It is the
@@ -40,10 +40,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session
 
-from service import batches, crud
+from service import batches
 from service.models import Batch, Job
 from service.policy import PolicyViolation, SourcePolicy, check_submission
 from service.queue import send_run_job
+from service.stores import batches as batch_store
+from service.stores import job_admission, job_recovery
 from service.tracing import annotate_job
 from shortened.config import Settings
 
@@ -125,16 +127,17 @@ def commit_admitted(
     the inserts, which is what lets one tenant's submissions proceed in parallel. It is
     exact: a transaction counts only once it holds the lock, so it sees every job admitted
     before it (committed) and none of those still waiting (uncommitted), which count
-    themselves in turn (``crud.commit_within_limit``)."""
+    themselves in turn (``job_admission.commit_within_limit``)."""
     limit = settings.limits_for(tenant).max_concurrent_jobs if check_limit else None
     if limit is None:
         session.commit()
         return
     try:
-        crud.commit_within_limit(session, tenant, limit)
-    except crud.OverLimit:
+        job_admission.commit_within_limit(session, tenant, limit)
+    except job_admission.OverLimit:
         session.rollback()
-        active = crud.count_active_jobs(session, tenant)  # the committed ones: for the message
+        # The committed ones: for the message.
+        active = job_admission.count_active_jobs(session, tenant)
         raise LimitExceeded(tenant, active, adding, limit, batch) from None
 
 
@@ -146,8 +149,9 @@ def reserve(session: Session, settings: Settings, tenant: str, adding: int = 1) 
     limit = settings.limits_for(tenant).max_concurrent_jobs
     if limit is None:
         return
-    if crud.over_limit_locked(session, tenant, limit, adding):
-        raise LimitExceeded(tenant, crud.count_active_jobs(session, tenant), adding, limit, False)
+    if job_admission.over_limit_locked(session, tenant, limit, adding):
+        active = job_admission.count_active_jobs(session, tenant)
+        raise LimitExceeded(tenant, active, adding, limit, False)
 
 
 def admit(
@@ -165,11 +169,11 @@ def admit(
 ) -> Job:
     """Policy (with ``principal``), then the job row with its first event, in the caller's
     transaction: the caller commits (:func:`commit_admitted`, which checks the limit), then
-    calls :func:`dispatch`. Raises ``PolicyViolation`` or ``crud.DuplicateIdempotencyKey``
-    (the transaction is rolled back then)."""
+    calls :func:`dispatch`. Raises ``PolicyViolation`` or
+    ``job_admission.DuplicateIdempotencyKey`` (the transaction is rolled back then)."""
     if principal is not None:
         check_submission(settings, session, principal, spec, kind)
-    job = crud.create_job(
+    job = job_admission.create_job(
         session,
         kind,
         spec,
@@ -193,6 +197,25 @@ def plan_submission(
     return SourcePolicy(settings, session, principal).plan(kind, spec)
 
 
+def plan_batch(
+    session: Session, settings: Settings, principal: Principal, body: BatchRequest
+) -> list[dict[str, Any]]:
+    """A batch's dry run: every combination admitted as :func:`submit_batch` admits it, and
+    its plan (``{"values", "plan"}`` per combination, in grid order); nothing is created."""
+    planned = []
+    for values, spec in batches.expand(body, settings.max_batch_jobs):
+        try:
+            plan = plan_submission(session, settings, principal, body.kind, spec)
+        except PolicyViolation as exc:
+            where = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise PolicyViolation(
+                [{**e, "msg": f"combination {where}: {e['msg']}"} for e in exc.errors]
+            ) from exc
+        planned.append({"values": values, "plan": plan})
+    session.rollback()
+    return planned
+
+
 def dispatch(
     session: Session, celery: Celery, job_ids: Sequence[str], *, first: bool = True
 ) -> list[str]:
@@ -210,7 +233,7 @@ def dispatch(
             unsent.append(job_id)
             log.warning("could not send job %s: %s (the reaper will re-send it)", job_id, exc)
             try:
-                crud.dispatch_failed(session, job_id, DISPATCH_DEFERRED if first else None)
+                job_recovery.dispatch_failed(session, job_id, DISPATCH_DEFERRED if first else None)
             except Exception:  # the reaper still finds it, after its usual wait
                 session.rollback()
                 log.exception("could not mark job %s for re-sending", job_id)
@@ -248,7 +271,7 @@ def submit_job(
     rolled back (the tenant lock released)."""
     hash_ = request_hash({"kind": kind, "spec": spec})
     if idempotency_key is not None and (
-        existing := crud.find_by_idempotency_key(session, tenant, idempotency_key)
+        existing := job_admission.find_by_idempotency_key(session, tenant, idempotency_key)
     ):
         return Submitted(_same_request(existing, hash_, "job"), replayed=True)
     try:
@@ -263,8 +286,8 @@ def submit_job(
             request_hash=hash_,
             parent_id=parent_id,
         )
-    except crud.DuplicateIdempotencyKey:  # a concurrent request with the same key won
-        existing = crud.find_by_idempotency_key(session, tenant, idempotency_key or "")
+    except job_admission.DuplicateIdempotencyKey:  # a concurrent request with the same key won
+        existing = job_admission.find_by_idempotency_key(session, tenant, idempotency_key or "")
         return Submitted(_same_request(existing, hash_, "job"), replayed=True)
     except PolicyViolation:
         session.rollback()
@@ -288,7 +311,7 @@ def submit_batch(
     tenant = principal.tenant
     hash_ = request_hash(body.model_dump(mode="json"))
     if idempotency_key is not None and (
-        existing := batches.find_by_idempotency_key(session, tenant, idempotency_key)
+        existing := batch_store.find_by_idempotency_key(session, tenant, idempotency_key)
     ):
         return SubmittedBatch(_same_request(existing, hash_, "batch"), replayed=True)
     points = batches.expand(body, settings.max_batch_jobs)
@@ -305,7 +328,7 @@ def submit_batch(
         session.rollback()
         raise
     try:
-        batch = batches.create_batch(
+        batch = batch_store.create_batch(
             session,
             body,
             tenant=tenant,
@@ -313,12 +336,12 @@ def submit_batch(
             idempotency_key=idempotency_key,
             request_hash=hash_,
         )
-    except batches.DuplicateBatchKey:  # a concurrent request with the same key won
-        existing = batches.find_by_idempotency_key(session, tenant, idempotency_key or "")
+    except batch_store.DuplicateBatchKey:  # a concurrent request with the same key won
+        existing = batch_store.find_by_idempotency_key(session, tenant, idempotency_key or "")
         return SubmittedBatch(_same_request(existing, hash_, "batch"), replayed=True)
     recorded: list[dict[str, Any]] = []
     for values, spec in points:
-        job = crud.create_job(
+        job = job_admission.create_job(
             session, body.kind, spec, tenant=tenant, batch_id=batch.id, commit=False
         )
         recorded.append({"job_id": job.id, "values": values})

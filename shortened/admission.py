@@ -1,8 +1,8 @@
 """Admission: refuse a job that cannot run before it is queued, from what is knowable without
 torch or the weights.
 
-One function, :func:`check_spec`, used by the API (single jobs, batches, schedules) and by the
-CLI before it imports torch. It reads a checkpoint's ``config.json`` (a local directory, an
+The checks of each job kind, which ``shortened.kinds`` (the job-kind table) runs for the API
+(single jobs, batches, schedules) and for the CLI before it imports torch. It reads a checkpoint's ``config.json`` (a local directory, an
 ``s3://`` object, or a finished job's output through a resolver the service passes) and the
 data files' metadata, and reports every problem with the spec field it belongs to:
 
@@ -20,7 +20,6 @@ does not answer in time is not held against the job (the worker decides then).
 from __future__ import annotations
 
 import functools
-import json
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,12 +30,16 @@ from pydantic import BaseModel
 
 from shortened.engine.families import FAMILIES
 from shortened.locations import local_path
+from shortened.model_configs import (
+    MAX_CONFIG_BYTES,
+    ConfigError,
+    config_problems,
+    parse_config,
+)
 from shortened.specs import (
     DATA_FILE_SUFFIXES,
     NAMED_TEXTS,
-    EvalSpec,
     PruneSpec,
-    RetrainSpec,
     SearchSpec,
 )
 
@@ -124,6 +127,10 @@ def _read_local_config(path: Path) -> dict[str, Any]:
         info = None
     if info is None or not stat.S_ISREG(info.st_mode):
         raise Missing(f"{str(path)!r} has no config.json: not a Hugging Face checkpoint")
+    if info.st_size > MAX_CONFIG_BYTES:  # never read a huge file into the API's memory
+        raise Missing(
+            f"{str(path)!r}: config.json is {info.st_size:,} bytes; at most {MAX_CONFIG_BYTES:,}"
+        )
     # Every submission naming this model reads it: parsed once per version of the file.
     return dict(_parse_config(str(config_path), info.st_mtime_ns, info.st_size))
 
@@ -134,14 +141,15 @@ def _parse_config(config_path: str, _mtime_ns: int, _size: int) -> dict[str, Any
     rewritten file is read again. Raises ``Missing`` (not cached)."""
     path = Path(config_path).parent
     try:
-        config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        data = Path(config_path).read_bytes()
+    except OSError as exc:
         raise Missing(
-            f"{str(path)!r}: config.json is not readable JSON ({type(exc).__name__})"
+            f"{str(path)!r}: config.json is not readable ({type(exc).__name__})"
         ) from None
-    if not isinstance(config, dict):
-        raise Missing(f"{str(path)!r}: config.json is not a JSON object")
-    return config
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise Missing(f"{str(path)!r}: {exc}") from None
 
 
 def model_config(source: str, lookups: Lookups) -> dict[str, Any] | None:
@@ -165,10 +173,9 @@ def model_config(source: str, lookups: Lookups) -> dict[str, Any] | None:
         except Unknown:
             return None
         try:
-            config = json.loads(data)
-        except ValueError:
-            raise Missing(f"{uri} is not readable JSON") from None
-        return config if isinstance(config, dict) else None
+            return parse_config(data)
+        except ConfigError as exc:
+            raise Missing(f"{uri}: {exc}") from None
     return _read_local_config(local_path(source))
 
 
@@ -220,8 +227,9 @@ def _check_model(field: str, source: str | None, lookups: Lookups) -> Iterator[P
             f"model type {model_type!r} is not supported{hint}; supported families: {families}",
         )
         return
-    if not isinstance(config.get("num_hidden_layers"), int):
-        yield Problem(field, "config.json has no integer num_hidden_layers")
+    if found := config_problems(config):
+        for _name, message in found:
+            yield Problem(field, message)
         return
     yield config
 
@@ -325,10 +333,10 @@ def _eval_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterator[P
             yield item
 
 
-def problems(kind: str, spec: BaseModel, lookups: Lookups | None = None) -> list[Problem]:
-    """Everything that stops ``spec`` (an already validated spec of ``kind``) from running.
-    (Whether it fits the workers' memory is ``shortened.planning``'s question.)"""
-    lookups = lookups or Lookups()
+def model_problems(
+    spec: BaseModel, lookups: Lookups
+) -> tuple[list[Problem], dict[str, Any] | None]:
+    """The problems with ``spec.model`` (when the kind has one) and its config when known."""
     found: list[Problem] = []
     config: dict[str, Any] | None = None
     for item in _check_model("model", getattr(spec, "model", None), lookups):
@@ -336,38 +344,38 @@ def problems(kind: str, spec: BaseModel, lookups: Lookups | None = None) -> list
             found.append(item)
         else:
             config = item
-    if kind == "prune":
-        assert isinstance(spec, PruneSpec)
-        if config is not None:
-            found += _check_target(spec, config)
-        if spec.calibration is not None:
-            found += _data_problems("calibration.source", spec.calibration.source, lookups)
-        if spec.retrain is not None:
-            found += _retrain_problems("retrain.", spec.retrain, lookups)
-        if spec.eval is not None:
-            found += _eval_problems("eval.", spec.eval, lookups)
-    elif kind == "search":
-        assert isinstance(spec, SearchSpec)
-        if config is not None:
-            found += _check_target(spec, config)
-        found += _data_problems("calibration.source", spec.calibration.source, lookups)
-        if spec.retrain is not None:
-            found += _retrain_problems("retrain.", spec.retrain, lookups)
-        if spec.eval is not None:
-            found += _eval_problems("eval.", spec.eval, lookups)
-    elif kind == "retrain":
-        assert isinstance(spec, RetrainSpec)
-        found += _retrain_problems("", spec, lookups)
-    elif kind == "eval":
-        assert isinstance(spec, EvalSpec)
-        found += _eval_problems("", spec, lookups)
-    return found
+    return found, config
 
 
-def check_spec(kind: str, spec: BaseModel, lookups: Lookups | None = None) -> None:
-    """Raise ``AdmissionError`` listing every problem that stops ``spec`` from running."""
-    if found := problems(kind, spec, lookups):
-        raise AdmissionError(found)
+# Each kind's own checks (``shortened.kinds`` calls them after the model check): what
+# stops a validated spec from running, with ``prefix`` before every field (a pipeline
+# section's checks run with ``"retrain."`` / ``"eval."``).
+
+
+def pruning_problems(
+    prefix: str, spec: BaseModel, lookups: Lookups, config: dict[str, Any] | None
+) -> Iterator[Problem]:
+    """A prune or search job: its target against the model's blocks, its calibration data."""
+    assert isinstance(spec, PruneSpec | SearchSpec)
+    if config is not None:
+        for problem in _check_target(spec, config):
+            yield Problem(f"{prefix}{problem.field}", problem.message)
+    if spec.calibration is not None:
+        yield from _data_problems(f"{prefix}calibration.source", spec.calibration.source, lookups)
+
+
+def retrain_problems(
+    prefix: str, spec: BaseModel, lookups: Lookups, config: dict[str, Any] | None = None
+) -> Iterator[Problem]:
+    """A retrain job (or section): its data files and KD's teacher."""
+    yield from _retrain_problems(prefix, spec, lookups)
+
+
+def eval_problems(
+    prefix: str, spec: BaseModel, lookups: Lookups, config: dict[str, Any] | None = None
+) -> Iterator[Problem]:
+    """An eval job (or section): its perplexity files and ``compare_with``."""
+    yield from _eval_problems(prefix, spec, lookups)
 
 
 # --------------------------------------------------------------------------- object storage

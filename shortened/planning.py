@@ -37,14 +37,14 @@ CPU, bf16 and fp32); its report gives the estimate next to every measured peak.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
 from shortened.admission import block_params, total_params
-from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
+from shortened.specs import EvalSpec, PruneSpec, RetrainSpec, SearchSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_BYTES = {"cpu": 350 * 10**6, "cuda": 0}
@@ -157,15 +157,43 @@ def _stage(name: str, parts: dict[str, float]) -> StagePlan:
     return StagePlan(name, int(sum(parts.values())), formula + " GB")
 
 
-def plan_prune(spec: PruneSpec, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
+def plan_prune(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
+    """A prune job alone (its pipeline sections' stages are ``shortened.kinds``' to add)."""
+    assert isinstance(spec, PruneSpec)
+    return _pruning_plan("prune", spec, spec.criterion, spec.num_blocks, config, auto_device)
+
+
+def plan_search(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
+    """A search: its costliest criterion's scoring (Taylor+ when tried) and the largest block
+    count of its budget (the candidates are evaluated one at a time, as a forward)."""
+    assert isinstance(spec, SearchSpec)
+    layers = _Shape(config).layers
+    most = min(len(removable_blocks(layers, spec.protect_first, spec.protect_last)), layers - 1)
+    count: int | None = None
+    if spec.num_blocks is not None:
+        count = min(spec.num_blocks.max, most)
+    elif spec.min_speedup is not None:
+        count = most
+    criterion = "taylor" if "taylor" in spec.criteria else spec.criteria[0]
+    return _pruning_plan("search", spec, criterion, count, config, auto_device)
+
+
+def _pruning_plan(
+    kind: str,
+    spec: PruneSpec | SearchSpec,
+    criterion: str,
+    num_blocks: int | None,
+    config: dict[str, Any],
+    auto_device: str,
+) -> Plan:
     device = _device_type(spec.device, auto_device)
     dtype = compute_dtype(spec.dtype, device)
     b, out_b = DTYPE_BYTES[dtype], DTYPE_BYTES[source_dtype(config)]
     shape = _Shape(config)
     per_block, total = block_params(config), total_params(config)
     candidates = removable_blocks(shape.layers, spec.protect_first, spec.protect_last)
-    if spec.num_blocks is not None:
-        k = spec.num_blocks
+    if num_blocks is not None:
+        k = max(0, num_blocks)
     else:
         assert spec.target_ratio is not None
         k = blocks_for_ratio(total, [per_block], spec.target_ratio, len(candidates) or 1)
@@ -173,7 +201,7 @@ def plan_prune(spec: PruneSpec, config: dict[str, Any], auto_device: str = "cpu"
     runtime = RUNTIME_BYTES[device]
     weights = total * b
     plan = Plan(
-        kind="prune",
+        kind=kind,
         model_type=str(config.get("model_type")),
         num_layers=shape.layers,
         device=device,
@@ -184,7 +212,7 @@ def plan_prune(spec: PruneSpec, config: dict[str, Any], auto_device: str = "cpu"
         block_params=per_block,
         weight_bytes=weights,
         output_bytes=after * out_b,
-        protected_blocks=[i for i in range(shape.layers) if i not in candidates],
+        protected_blocks=sorted(set(range(shape.layers)) - set(candidates)),
         removable_blocks=candidates,
         num_blocks=k,
     )
@@ -193,7 +221,7 @@ def plan_prune(spec: PruneSpec, config: dict[str, Any], auto_device: str = "cpu"
     calibration = spec.calibration
     tokens = spec.batch_size * (calibration.seq_len if calibration else 0)
     weights_x = WEIGHT_MULTIPLE["scoring"] * weights
-    if spec.criterion == "taylor" and calibration is not None:
+    if criterion == "taylor" and calibration is not None:
         loss_batch = spec.taylor_batch_size or calibration.n_samples
         forwards = math.ceil(calibration.n_samples / loss_batch) * math.ceil(
             min(loss_batch, calibration.n_samples) / spec.batch_size
@@ -213,7 +241,7 @@ def plan_prune(spec: PruneSpec, config: dict[str, Any], auto_device: str = "cpu"
     else:
         plan.stages.append(
             _stage(
-                f"scoring {spec.criterion}",
+                f"scoring {criterion}",
                 {"runtime": runtime, "weights": weights_x, "activations": shape.forward(tokens, b)},
             )
         )
@@ -221,15 +249,17 @@ def plan_prune(spec: PruneSpec, config: dict[str, Any], auto_device: str = "cpu"
     # shard-sized copy (measured by bench_scale): the weights in the larger of the two dtypes.
     save = {"runtime": runtime, "weights": WEIGHT_MULTIPLE["save"] * after * max(b, out_b)}
     plan.stages.append(_stage("remove+save", save))
-    pruned = {**config, "num_hidden_layers": shape.layers - k}
-    if spec.retrain is not None:
-        plan.stages += _retrain_stages(spec.retrain, pruned, auto_device)
-    if spec.eval is not None:
-        plan.stages += _eval_stages(spec.eval, pruned, auto_device)
     return plan
 
 
-def _retrain_stages(spec: RetrainSpec, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
+def config_after(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
+    """The config of the model a planned job produces (fewer blocks after pruning)."""
+    return {**config, "num_hidden_layers": plan.num_layers - plan.num_blocks}
+
+
+def retrain_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
+    """The stages of a retrain job or pipeline section, after its model is loaded."""
+    assert isinstance(spec, RetrainSpec)
     device = _device_type(spec.device, auto_device)
     # As choose_precision: LoRA on CUDA freezes the base in half precision, CPT keeps fp32.
     dtype = spec.dtype if spec.dtype != "auto" else "float32"
@@ -271,7 +301,9 @@ def _retrain_stages(spec: RetrainSpec, config: dict[str, Any], auto_device: str)
     return stages
 
 
-def _eval_stages(spec: EvalSpec, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
+def eval_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
+    """The stages of an eval job or pipeline section, after its model is loaded."""
+    assert isinstance(spec, EvalSpec)
     device = _device_type(spec.device, auto_device)
     b = DTYPE_BYTES[compute_dtype(spec.dtype, device)]
     shape, total = _Shape(config), total_params(config)
@@ -304,18 +336,27 @@ def _job_plan(
     )
 
 
-def plan_job(kind: str, spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
-    """The plan of a validated ``spec`` of ``kind`` for the model whose config is given;
-    ``auto_device``: what ``device: auto`` means on the workers (``cpu`` or ``cuda``)."""
-    if kind == "prune":
-        assert isinstance(spec, PruneSpec)
-        return plan_prune(spec, config, auto_device)
-    assert isinstance(spec, (RetrainSpec, EvalSpec))
+def plan_retrain(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
+    """A retrain job: load its model, train it."""
+    assert isinstance(spec, RetrainSpec)
+    return _loaded_plan("retrain", spec, config, auto_device, retrain_stages)
+
+
+def plan_eval(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
+    """An eval job: load its model (and the baseline), measure."""
+    assert isinstance(spec, EvalSpec)
+    return _loaded_plan("eval", spec, config, auto_device, eval_stages)
+
+
+def _loaded_plan(
+    kind: str,
+    spec: RetrainSpec | EvalSpec,
+    config: dict[str, Any],
+    auto_device: str,
+    stages_of: Callable[[BaseModel, dict[str, Any], str], list[StagePlan]],
+) -> Plan:
     stages = [_load_stage(spec.device, spec.dtype, config, auto_device)]
-    if isinstance(spec, RetrainSpec):
-        stages += _retrain_stages(spec, config, auto_device)
-    else:
-        stages += _eval_stages(spec, config, auto_device)
+    stages += stages_of(spec, config, auto_device)
     device = _device_type(spec.device, auto_device)
     return _job_plan(kind, stages, config, compute_dtype(spec.dtype, device), device)
 
@@ -359,7 +400,7 @@ def render_plan(plan: Plan) -> str:
         f"params: {plan.params_before:,} -> {plan.params_after:,} "
         f"(-{100 * (1 - plan.params_after / plan.params_before):.1f}%)",
     ]
-    if plan.kind == "prune":
+    if plan.removable_blocks:
         rows.append(f"remove {plan.num_blocks} of the removable blocks {plan.removable_blocks}")
         rows.append(f"protected blocks: {plan.protected_blocks}")
     if plan.output_bytes:

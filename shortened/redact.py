@@ -2,7 +2,7 @@
 interpreter or library version.
 
 ``redact`` is applied where job errors, job events and schedule run messages are written
-(service.crud), so every reader (API, webhooks, CLI) sees the redacted text; the full text
+(``service.stores``), so every reader (API, webhooks, CLI) sees the redacted text; the full text
 goes to the server log with the job id. Object-store and job URIs (``s3://b/k``,
 ``job://id/f``, ``https://host/p``) and relative paths are the tenant's own names and stay.
 """

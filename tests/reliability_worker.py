@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import time
 
-from worker import tasks
+from shortened.engine.progress import Progress
+from worker import tasks  # noqa: F401  (registers the task on the app)
 from worker.celery_app import app  # the app Celery looks for
+from worker.reporter import JobReporter
 
 DELAY_S = float(os.environ.get("RELIABILITY_BLOCK_DELAY_S", "0"))
 if sweep := os.environ.get("RELIABILITY_RESTORE_SWEEP_S"):
@@ -24,13 +26,13 @@ if sweep := os.environ.get("RELIABILITY_RESTORE_SWEEP_S"):
         "unacked_restore_interval": float(sweep),
         "unacked_restore_throttle": 1,
     }
-_report = tasks.JobReporter.__call__
+_report = JobReporter.__call__
 
 
-def _slow_report(self: tasks.JobReporter, progress: tasks.Progress) -> None:
+def _slow_report(self: JobReporter, progress: Progress) -> None:
     _report(self, progress)
     if DELAY_S and progress.stage == "scoring" and progress.unit == "blocks" and progress.done:
         time.sleep(DELAY_S)
 
 
-tasks.JobReporter.__call__ = _slow_report  # type: ignore[method-assign]
+JobReporter.__call__ = _slow_report  # type: ignore[method-assign]

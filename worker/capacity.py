@@ -34,13 +34,13 @@ def check_fits(kind: str, spec: dict[str, Any], settings: Settings) -> None:
     """Raise ``InsufficientMemory`` when the job's planned peak exceeds this worker's memory.
     A model whose config is not readable here yet (a hub model) is not checked."""
     from shortened.admission import Lookups, Missing, Unknown, model_config
-    from shortened.planning import insufficient_memory, plan_job
-    from shortened.specs import JOB_SPECS
+    from shortened.kinds import parse_spec, plan_job
+    from shortened.planning import insufficient_memory
 
     limit = declared_memory_bytes(settings)
     if limit is None:
         return
-    parsed = JOB_SPECS[kind].model_validate(spec)
+    parsed = parse_spec(kind, spec)
     model = getattr(parsed, "model", None)
     if not isinstance(model, str) or ("://" in model and not model.startswith("file://")):
         return  # remote sources: their config is read when the engine resolves them

@@ -23,8 +23,8 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import crud
 from service.db import make_engine, make_sessionmaker
+from service.stores import job_reads, job_recovery
 from shortened.config import get_settings
 from worker import metrics as worker_metrics
 from worker.processes import worker_id_for
@@ -46,7 +46,7 @@ def _main_process_sessions() -> sessionmaker[Session]:
 
 def current_status(job_id: str) -> str | None:
     with _main_process_sessions()() as session:
-        return crud.job_status(session, job_id)
+        return job_reads.job_status(session, job_id)
 
 
 class JobRequest(Request):  # type: ignore[misc]  # celery ships no type hints
@@ -85,7 +85,7 @@ def requeue_running_jobs(job_ids_by_pid: dict[str, int]) -> list[str]:
     for job_id, pid in job_ids_by_pid.items():
         try:
             with _main_process_sessions()() as session:
-                if not crud.requeue_for_shutdown(session, job_id, worker_id_for(pid)):
+                if not job_recovery.requeue_for_shutdown(session, job_id, worker_id_for(pid)):
                     continue
         except Exception as exc:  # the reaper re-queues it once its lease expires
             log.warning("job %s: could not re-queue it at shutdown: %s", job_id, exc)

@@ -32,7 +32,6 @@ import shutil
 import sys
 import threading
 import time
-import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,9 +85,9 @@ GPU_MEMORY_PEAK = Gauge(
 
 
 def _job_kinds() -> tuple[str, ...]:
-    from service.schemas import JobKind
+    from shortened.kinds import kind_names
 
-    return typing.get_args(JobKind)
+    return kind_names()
 
 
 @dataclass

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service import crud
 from service.pipeline import planned_kinds, root_of
-from service.reaper import job_prefix
+from service.stores import events as event_store
+from service.stores import job_reads
 from shortened.config import Settings
 from shortened.engine.progress import Progress
+from shortened.storage.keys import job_prefix
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -177,13 +178,13 @@ def start_tracking(
 def _warn(sessions: sessionmaker[Session], job_id: str, message: str) -> None:
     log.warning("job %s: %s", job_id, message)
     with contextlib.suppress(Exception), sessions() as session:
-        crud.append_event(session, job_id, "warning", message, {"integration": "mlflow"})
+        event_store.append_event(session, job_id, "warning", message, {"integration": "mlflow"})
         session.commit()
 
 
 def _note(sessions: sessionmaker[Session], job_id: str, message: str, data: dict[str, Any]) -> None:
     with sessions() as session:
-        crud.append_event(session, job_id, "log", message, {"mlflow": data})
+        event_store.append_event(session, job_id, "log", message, {"mlflow": data})
         session.commit()
 
 
@@ -277,7 +278,7 @@ class MlflowRun:
     def _parent_run(self, tags: dict[str, str]) -> str | None:
         """The pipeline's parent run (created by its first step), None for a plain job."""
         with self.sessions() as session:
-            job = crud.get_job(session, self.job_id)
+            job = job_reads.get_job(session, self.job_id)
             assert job is not None
             root = root_of(session, job)
             planned = planned_kinds(root)
@@ -287,7 +288,7 @@ class MlflowRun:
             root_id = root.id
             recorded = [
                 event.data["mlflow"]["parent_run_id"]
-                for event in crud.list_events(session, root_id)
+                for event in event_store.list_events(session, root_id)
                 if event.type == "log"
                 and isinstance(event.data, dict)
                 and isinstance(event.data.get("mlflow"), dict)

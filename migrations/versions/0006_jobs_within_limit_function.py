@@ -16,8 +16,9 @@ down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Called with the COMMIT right behind it (crud.commit_within_limit): the advisory lock is
-# then held only for the count and the commit, on the server, never across a round trip.
+# Called with the COMMIT right behind it (job_admission.commit_within_limit): the advisory
+# lock is then held only for the count and the commit, on the server, never across a round
+# trip.
 # Each statement of a volatile PL/pgSQL function takes a new snapshot, so the count, made
 # after the lock is granted, sees every job committed by the admissions that held it before.
 # Over the limit it raises SQLSTATE SH429 and the COMMIT behind it never runs.

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
-from fastapi import Header, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 
 from service.batches import GridError
@@ -41,6 +41,29 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: coded("Request body too large"),
     429: coded("The tenant has too many queued or running jobs"),
 }
+
+
+def _dry_run(
+    request: Request,
+    dry_run: Annotated[
+        bool,
+        Query(
+            description="Plan only: validate and admit as a real submission (422 when it could "
+            "not run, including insufficient_memory), then answer 200 with the plan (parameters, "
+            "blocks, output size, peak memory per stage); nothing is created"
+        ),
+    ] = False,
+) -> bool:
+    # A repeated flag is ambiguous (``?dry_run=true&dry_run=false``): refused, never guessed.
+    if len(request.query_params.getlist("dry_run")) > 1:
+        raise RequestValidationError(
+            [{"loc": ("query", "dry_run"), "msg": "given more than once", "type": "value_error"}]
+        )
+    return dry_run
+
+
+# Every submitting route's ``dry_run`` (single kinds, batches, schedules): the same flag.
+DryRun = Annotated[bool, Depends(_dry_run)]
 
 
 def checked_idempotency_key(request: Request) -> str | None:

@@ -1,7 +1,7 @@
 """Webhooks: signed notifications of job state changes, through an outbox.
 
 Outbox
-    Every status change of a job goes through ``crud.append_event(..., "status", ...)``,
+    Every status change of a job goes through ``events.append_event(..., "status", ...)``,
     which calls :func:`enqueue_status_change` in the same transaction: one
     ``webhook_deliveries`` row per enabled endpoint of the job's tenant that wants the
     event, and one for the job's own callback (``spec.webhook``). The change and its
@@ -30,7 +30,7 @@ Guarantees
       send, where the connection is pinned to the address that was checked (DNS rebinding).
 """
 
-from .dispatcher import DispatchReport, SendResult, WebhookDispatcher, main
+from .dispatcher import DispatchReport, SendResult, WebhookDispatcher
 from .outbox import (
     enqueue_status_change,
     event_type_for,
@@ -59,7 +59,6 @@ __all__ = [
     "event_type_for",
     "is_job_callback",
     "job_links",
-    "main",
     "new_delivery_id",
     "new_endpoint_id",
     "new_secret",

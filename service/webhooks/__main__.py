@@ -1,7 +1,8 @@
-"""``python -m service.webhooks [--once]``: the dispatcher as a process of its own."""
+"""``python -m service.webhooks [--once]``: the dispatcher as a process of its own, the same
+as ``shortened webhooks`` (``service/commands.py``)."""
 
 import sys
 
-from .dispatcher import main
+from service.commands import main
 
-sys.exit(main())
+sys.exit(main(["webhooks", *sys.argv[1:]]))

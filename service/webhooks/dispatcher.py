@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -23,7 +22,7 @@ from service.models import (
     WebhookEndpoint,
     utcnow,
 )
-from shortened.config import Settings, get_settings
+from shortened.config import Settings
 
 from .outbox import is_job_callback
 from .signing import tenant_signing_secret
@@ -361,34 +360,7 @@ class WebhookDispatcher(BackgroundLoop):
             self._client.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from service.db import make_engine, make_sessionmaker
+if __name__ == "__main__":  # the same as ``shortened webhooks``
+    from shortened.cli.service_commands import start_service_command
 
-    parser = argparse.ArgumentParser(
-        prog="python -m service.webhooks",
-        description="Send due webhook deliveries (signed, retried with backoff).",
-    )
-    parser.add_argument("--once", action="store_true", help="one round, then exit")
-    parser.add_argument("--interval", type=float, help="seconds between rounds (default: settings)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    settings = get_settings()
-    engine = make_engine(settings.resolved_database_url)
-    dispatcher = WebhookDispatcher(settings, make_sessionmaker(engine))
-    try:
-        if args.once:
-            log.info("webhooks: %s", dispatcher.run_once())
-        else:
-            dispatcher.run_forever(args.interval or settings.webhook_interval_s or 1.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        dispatcher.stop()
-        engine.dispose()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    start_service_command("webhooks")

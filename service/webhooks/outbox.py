@@ -104,9 +104,10 @@ def enqueue_status_change(
     endpoints: Sequence[tuple[Any, ...]] | None = None,
 ) -> list[str]:
     """Add the deliveries of a job's status change to the session (the caller commits, with
-    the change itself) and return their ids. Called by ``crud.append_event`` (and by
-    ``crud.create_job`` with the new ``job`` itself, which saves reading it back, and the
-    tenant's ``endpoints`` (:data:`ENDPOINTS`), read in the same flight as its inserts)."""
+    the change itself) and return their ids. Called by ``events.append_event`` (and by
+    ``job_admission.create_job`` with the new ``job`` itself, which saves reading it back,
+    and the tenant's ``endpoints`` (:data:`ENDPOINTS`), read in the same flight as its
+    inserts)."""
     event_type = event_type_for(data)
     if event_type is None:
         return []

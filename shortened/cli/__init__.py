@@ -4,7 +4,7 @@ shortened prune --model DIR --criterion ppl --num-blocks 2 --calibration FILE --
 shortened search --model DIR --calibration FILE --ratio 0.25 [--criteria ppl,taylor] --output OUT
 shortened retrain --model DIR --method lora --data FILE --output OUT [--max-steps N]
 shortened eval --model DIR [--compare-with PARENT] --ppl FILE --tasks T1,T2 --efficiency [--output OUT]
-shortened serve
+shortened serve|reaper|scheduler|webhooks|keys ...   (the service's processes, service_commands.py)
 shortened jobs submit|get|list|cancel|wait|download ...   (a remote service, see jobs.py)
 """
 
@@ -18,16 +18,17 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from ..admission import AdmissionError
-from . import engine_commands, jobs, search_command, serve
+from . import eval_command, jobs, prune_command, retrain_command, search_command
 from .display import validation_message
+from .service_commands import add_service_commands
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    engine_commands.add_prune,
+    prune_command.add_prune,
     search_command.add_search,
-    serve.add_serve,
-    engine_commands.add_retrain,
-    engine_commands.add_eval,
+    retrain_command.add_retrain,
+    eval_command.add_eval,
     jobs.add_parser,
+    add_service_commands,
 ]
 
 
@@ -44,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, arguments = parser.parse_known_args(argv)
+    if arguments and not getattr(args, "passes_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(arguments)}")
+    args.arguments = arguments
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

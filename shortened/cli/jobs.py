@@ -28,10 +28,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..client import DEFAULT_URL, BatchSummary, Job, ShortenedAPIError, ShortenedClient
-from ..specs import JOB_SPECS
+from ..kinds import kind_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-KINDS = tuple(JOB_SPECS)
+KINDS = kind_names()
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 PROG = "shortened jobs"
 

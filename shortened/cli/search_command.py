@@ -11,26 +11,10 @@ import argparse
 import json
 from typing import Any
 
-from ..specs import CRITERIA, SearchSpec, SearchValidationSpec
-from .display import TerminalProgress
-from .engine_commands import (
-    MODEL_HELP,
-    add_pruning_options,
-    admit,
-    calibration_options,
-    shared_options,
-)
-from .spec_options import given, spec_option
-
-
-def _criteria(value: str) -> list[str]:
-    names = [item.strip() for item in value.split(",") if item.strip()]
-    unknown = [name for name in names if name not in CRITERIA]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown criteria {unknown or value!r}; choose from {', '.join(CRITERIA)}"
-        )
-    return names
+from ..specs import SearchSpec
+from .local_run import admit, with_progress
+from .prune_command import PRUNING_ROWS
+from .spec_options import Flag, Group, Row, SpecOption, add_rows, spec_values
 
 
 def _block_range(value: str) -> dict[str, int]:
@@ -41,54 +25,45 @@ def _block_range(value: str) -> dict[str, int]:
         raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {value!r}") from exc
 
 
+SEARCH_ROWS: tuple[Row, ...] = (
+    SpecOption("model", keywords={"required": True}),
+    SpecOption("criteria", help="comma-separated criteria to try:"),
+    Group(
+        None,
+        (
+            SpecOption("target_ratio", "--ratio"),
+            SpecOption(
+                "num_blocks",
+                help="N or MIN-MAX:",
+                keywords={"type": _block_range, "metavar": "MIN-MAX"},
+            ),
+            SpecOption("min_speedup"),
+        ),
+        exclusive=True,
+        required=True,
+    ),
+    SpecOption("validation.fraction", "--validation-fraction"),
+    SpecOption("validation.seed", "--validation-seed"),
+    SpecOption("validation.max_windows", "--validation-windows"),
+    *PRUNING_ROWS,
+    Flag(
+        ("--json",), {"action": "store_true", "help": "print the report's search section as JSON"}
+    ),
+)
+
+
 def add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "search",
         help="try criteria x block counts within a budget, prune with the best on held-out data",
     )
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    spec_option(p, SearchSpec, "criteria", type=_criteria, help="comma-separated criteria to try:")
-    budget = p.add_mutually_exclusive_group(required=True)
-    spec_option(budget, SearchSpec, "target_ratio", "--ratio")
-    spec_option(
-        budget,
-        SearchSpec,
-        "num_blocks",
-        "--num-blocks",
-        type=_block_range,
-        metavar="MIN-MAX",
-        help="N or MIN-MAX:",
-    )
-    spec_option(budget, SearchSpec, "min_speedup")
-    spec_option(p, SearchValidationSpec, "fraction", "--validation-fraction")
-    spec_option(p, SearchValidationSpec, "seed", "--validation-seed")
-    spec_option(p, SearchValidationSpec, "max_windows", "--validation-windows")
-    add_pruning_options(p)
-    p.add_argument("--json", action="store_true", help="print the report's search section as JSON")
+    add_rows(p, SearchSpec, SEARCH_ROWS)
     p.set_defaults(handler=_search)
 
 
 def search_spec(args: argparse.Namespace) -> SearchSpec:
     """The spec of ``shortened search``: the options given, the spec's defaults for the rest."""
-    validation = given(
-        fraction=args.validation_fraction,
-        seed=args.validation_seed,
-        max_windows=args.validation_windows,
-    )
-    return SearchSpec.model_validate(
-        {
-            "model": args.model,
-            "calibration": calibration_options(args),
-            "validation": validation,
-            **shared_options(args),
-            **given(
-                criteria=args.criteria,
-                target_ratio=args.ratio,
-                num_blocks=args.num_blocks,
-                min_speedup=args.min_speedup,
-            ),
-        }
-    )
+    return SearchSpec.model_validate({"calibration": {}, **spec_values(SEARCH_ROWS, args)})
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -98,11 +73,7 @@ def _search(args: argparse.Namespace) -> int:
     from shortened.engine.search import search_model
 
     cache = DirectoryScoreCache(args.score_cache) if args.score_cache else None
-    progress = TerminalProgress()
-    try:
-        report = search_model(spec, args.output, progress=progress, score_cache=cache)
-    finally:
-        progress.close()
+    report = with_progress(search_model, spec, args.output, score_cache=cache)
     print(json.dumps(report["search"], indent=2) if args.json else search_summary(report))
     print(f"saved to {args.output}")
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shortened.specs import EvalSpec
+from shortened.storage.keys import EVAL_CACHE_PREFIX
 
 from .checkpoint import checkpoint_key
 from .score_cache import DirectoryScoreCache, ScoreCache, StoreScoreCache, model_fingerprint
@@ -26,7 +27,7 @@ BASELINE_VERSION = "eval-baseline/v1"
 
 class _BaselineEntries(ScoreCache):
     VERSION = BASELINE_VERSION
-    PREFIX = "eval-cache"
+    PREFIX = EVAL_CACHE_PREFIX
 
     def save(self, key: str, entry: dict[str, Any]) -> None:
         self._write(key, entry)  # a whole result: nothing to merge

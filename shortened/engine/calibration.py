@@ -105,7 +105,7 @@ def fetch_data_file(source: str, *, store: ArtifactStore | None, cache_dir: Path
         return local_path(source)
     if not source.startswith(("s3://", "job://")):
         return Path(source)
-    from shortened.storage import ArtifactNotFound, open_store
+    from shortened.storage import ArtifactNotFound, job_prefix, open_store
 
     cache = Path(cache_dir or Path.home() / ".cache" / "shortened") / "data"
     dest = (
@@ -119,7 +119,7 @@ def fetch_data_file(source: str, *, store: ArtifactStore | None, cache_dir: Path
         if source.startswith("job://"):
             if store is None:
                 raise CalibrationError(f"{source}: job sources need the service's artifact store")
-            key = "jobs/" + source[len("job://") :]
+            key = job_prefix(source[len("job://") :])  # <id>/<file> under the job's outputs
             source_store = store
         else:
             bucket_and_key = source[len("s3://") :]

@@ -39,6 +39,12 @@ class UnsupportedArchitecture(EngineError):
     code = "unsupported_architecture"
 
 
+class InvalidModelConfig(EngineError):
+    """The model's config.json is malformed or its numbers are out of bounds."""
+
+    code = "invalid_model_config"
+
+
 class CalibrationError(EngineError):
     """The calibration data is missing, empty or too short for the requested windows."""
 

@@ -18,7 +18,13 @@ import torch
 from shortened.locations import local_path
 
 from .architectures import FamilyAdapter, adapter_for_model_type
-from .errors import CorruptModel, DeviceUnavailable, ModelGated, ModelNotFound
+from .errors import (
+    CorruptModel,
+    DeviceUnavailable,
+    InvalidModelConfig,
+    ModelGated,
+    ModelNotFound,
+)
 from .outputs import quiet_progress_bars, source_shard_size
 
 if TYPE_CHECKING:
@@ -131,7 +137,7 @@ def resolve_source(
             raise ModelNotFound(f"no model at {source}: {exc}") from exc
         return ResolvedSource(source, str(dest))
     if source.startswith("job://"):
-        from shortened.storage import ArtifactNotFound, download_published
+        from shortened.storage import ArtifactNotFound, download_published, job_prefix
 
         job_id = source[len("job://") :].strip("/")
         if store is None:
@@ -139,7 +145,7 @@ def resolve_source(
         dest = cache_dir / "jobs" / job_id
         try:
             if not (dest / "config.json").exists():
-                download_published(store, f"jobs/{job_id}", dest)
+                download_published(store, job_prefix(job_id), dest)
         except ArtifactNotFound as exc:
             raise ModelNotFound(f"job {job_id} has no published model: {exc}") from exc
         return ResolvedSource(source, str(dest))
@@ -198,6 +204,21 @@ class LoadedModel:
     source_shard_size: int | None = None
 
 
+def check_config_file(path: Path, source: str) -> None:
+    """The checks admission applies to ``config.json`` (``shortened.model_configs``), here for
+    what reaches the engine without admission (the CLI, a hub download)."""
+    from shortened.model_configs import MAX_CONFIG_BYTES, ConfigError, check_config, parse_config
+
+    if not path.is_file():
+        return  # a hub id not downloaded here: transformers reads it
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config.json is larger than {MAX_CONFIG_BYTES:,} bytes")
+        check_config(parse_config(path.read_bytes()))
+    except ConfigError as exc:
+        raise InvalidModelConfig(f"{source!r}: {exc}") from None
+
+
 def load_model(
     source: str,
     *,
@@ -220,6 +241,7 @@ def load_model(
 
     resolved = resolve_source(source, store=store, cache_dir=cache_dir)
     hub_kwargs: dict[str, Any] = {"revision": resolved.revision} if resolved.revision else {}
+    check_config_file(Path(resolved.path_or_id) / "config.json", source)
     try:
         config = AutoConfig.from_pretrained(resolved.path_or_id, **hub_kwargs)
     except (OSError, ValueError) as exc:

@@ -33,6 +33,14 @@ def no_progress(_: Progress) -> None:
     """Default callback: report nothing."""
 
 
+def singular(unit: str) -> str:
+    """The singular of a plural unit (``blocks`` -> ``block``, ``batches`` -> ``batch``)."""
+    for plural, one in (("ches", "ch"), ("shes", "sh"), ("sses", "ss"), ("xes", "x")):
+        if unit.endswith(plural):
+            return unit[: -len(plural)] + one
+    return unit[:-1] if unit.endswith("s") and not unit.endswith("ss") else unit
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -75,7 +83,7 @@ class ProgressLines:
         if not finished and now - self.last_line < self.interval_s:
             return None
         self.last_line, self.last_done = now, update.done
-        unit = update.unit.rstrip("s") if update.unit else "step"
+        unit = singular(update.unit) if update.unit else "step"
         parts = [
             f"[{update.stage}] {unit} {update.done}/{update.total} "
             f"({100 * update.done / update.total:.0f}%)"

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shortened.storage.keys import SCORE_CACHE_PREFIX, cache_entry_key
+
 from .checkpoint import checkpoint_key
 
 if TYPE_CHECKING:
@@ -172,7 +174,7 @@ class ScoreCache:
     (``VERSION``, ``PREFIX``) the same way, e.g. a parent model's evaluation results."""
 
     VERSION = CACHE_VERSION
-    PREFIX = "score-cache"
+    PREFIX = SCORE_CACHE_PREFIX
 
     def load(self, key: str) -> dict[str, Any] | None:
         raise NotImplementedError
@@ -235,7 +237,7 @@ class StoreScoreCache(ScoreCache):
         self._lock = lock
 
     def location(self, key: str) -> str:
-        return f"{self.PREFIX}/{key}.json"
+        return cache_entry_key(self.PREFIX, key)
 
     def load(self, key: str) -> dict[str, Any] | None:
         from shortened.storage import ArtifactNotFound

@@ -1,5 +1,6 @@
-"""Object keys and prefixes: relative, ``/``-separated, never escaping the store or a
-destination directory."""
+"""Object keys and prefixes: where each kind of object lives in the store (the layout, the
+one place that spells it), and the rules every key obeys (relative, ``/``-separated, never
+escaping the store or a destination directory)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,33 @@ import re
 from pathlib import Path
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+# Shared entries of the score and evaluation caches, one ``<prefix>/<key>.json`` each.
+SCORE_CACHE_PREFIX = "score-cache"
+EVAL_CACHE_PREFIX = "eval-cache"
+
+
+def job_prefix(job_id: str) -> str:
+    """Where a job's outputs are published (complete only once its manifest is there); a
+    ``job://<id>/<path>`` source reads ``<path>`` under it."""
+    return f"jobs/{job_id}"
+
+
+def job_key(job_id: str, name: str) -> str:
+    """The object of one published file of a job (``name`` as its manifest lists it)."""
+    return f"{job_prefix(job_id)}/{name}"
+
+
+def scratch_prefix(job_id: str) -> str:
+    """Where a job's attempts keep state for the next attempt (block scores): never served,
+    removed when the job ends."""
+    return f"scratch/{job_id}"
+
+
+def cache_entry_key(prefix: str, key: str) -> str:
+    """The object of one cache entry under ``prefix`` (``SCORE_CACHE_PREFIX``,
+    ``EVAL_CACHE_PREFIX``)."""
+    return f"{prefix}/{key}.json"
 
 
 def check_key(key: str) -> str:

@@ -70,13 +70,13 @@ def kill_everything(process: Process) -> None:
 
 
 def job_status(root: Path, job_id: str) -> str | None:
-    from service import crud
     from service.db import make_engine, make_sessionmaker
+    from service.stores import job_reads
 
     engine = make_engine(f"sqlite:///{root / 'var' / 'shortened.db'}")
     try:
         with make_sessionmaker(engine)() as session:
-            return crud.job_status(session, job_id)
+            return job_reads.job_status(session, job_id)
     finally:
         engine.dispose()
 

@@ -16,7 +16,7 @@ from shortened.cli import main
 from shortened.engine.distillation import DistillationTrainer, KdLoss
 from shortened.engine.errors import RetrainError
 from shortened.engine.progress import Progress
-from shortened.engine.retrain import _training_arguments, retrain_model
+from shortened.engine.retrain import retrain_model, training_arguments
 from shortened.engine.retrain_data import IGNORE_INDEX
 from shortened.specs import PruneSpec, RetrainSpec
 from tests.helpers import (
@@ -76,7 +76,7 @@ def student_and_teacher():
 
 
 def kd_trainer(student, teacher, loss: KdLoss, tmp_path) -> DistillationTrainer:
-    args = _training_arguments(
+    args = training_arguments(
         output_dir=str(tmp_path),
         report_to="none",
         use_cpu=True,

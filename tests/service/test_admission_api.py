@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service import crud
 from service.main import create_app
+from service.stores.job_admission import count_active_jobs
+from service.stores.job_lifecycle import claim_job, finish_job
 from shortened.config import Settings
 
 SPEC = {
@@ -38,7 +39,7 @@ def refusal(response) -> dict[tuple, str]:
 
 def queued(client: TestClient) -> int:
     with client.app.state.sessionmaker() as session:
-        return crud.count_active_jobs(session, "default")
+        return count_active_jobs(session, "default")
 
 
 def test_unusable_single_jobs_are_refused_with_the_field(client: TestClient) -> None:
@@ -77,8 +78,8 @@ def test_unusable_single_jobs_are_refused_with_the_field(client: TestClient) -> 
 def test_job_sources_are_checked_against_the_job_store(client: TestClient) -> None:
     job = client.post("/jobs/prune", json=spec()).json()
     with client.app.state.sessionmaker() as session:
-        crud.claim_job(session, job["id"], "test-worker")
-        crud.finish_job(session, job["id"], "failed", message="boom", error_code="internal_error")
+        claim_job(session, job["id"], "test-worker")
+        finish_job(session, job["id"], "failed", message="boom", error_code="internal_error")
     found = refusal(
         client.post(
             "/jobs/eval",
@@ -132,6 +133,40 @@ def test_dry_run_answers_the_plan_and_creates_nothing(client: TestClient) -> Non
     evaluation = {"model": "models/tiny-llama", "perplexity": {"datasets": ["wikitext2"]}}
     answer = client.post("/jobs/eval?dry_run=true", json=evaluation).json()
     assert answer["plan"]["stages"][0]["name"] == "load" and queued(client) == 0
+
+
+def test_dry_run_is_the_same_flag_on_every_submit_route(client: TestClient) -> None:
+    calibration = {"source": "data/calibration.jsonl", "n_samples": 4}
+    bodies = {
+        "prune": spec(),
+        "search": {"model": "models/tiny-llama", "num_blocks": {"min": 1, "max": 3},
+                   "calibration": calibration},
+        "retrain": {"model": "models/tiny-llama", "method": "lora",
+                    "data": {"source": "data/alpaca_tiny.jsonl"}, "max_steps": 2},
+        "eval": {"model": "models/tiny-llama", "perplexity": {"datasets": ["wikitext2"]}},
+    }  # fmt: skip
+    for kind, body in bodies.items():
+        answer = client.post(f"/jobs/{kind}?dry_run=true", json=body)
+        assert answer.status_code == 200, (kind, answer.text)
+        assert answer.json()["kind"] == kind and answer.json()["plan"]["kind"] == kind
+        # Ambiguous or malformed: a 422 naming the parameter, never a silent submission.
+        for query in ("dry_run=true&dry_run=false", "dry_run=maybe"):
+            refused = client.post(f"/jobs/{kind}?{query}", json=body)
+            assert refused.status_code == 422, (kind, query, refused.text)
+            assert refused.json()["detail"][0]["loc"] == ["query", "dry_run"]
+    search = client.post("/jobs/search?dry_run=true", json=bodies["search"]).json()["plan"]
+    assert search["num_blocks"] == 3 and search["stages"][1]["name"] == "scoring taylor"
+    batch = {"kind": "prune", "base": spec(), "grid": {"num_blocks": [1, 2, 3]}}
+    planned = client.post("/jobs/batch?dry_run=true", json=batch)
+    assert planned.status_code == 200, planned.text
+    plans = planned.json()["plans"]
+    assert [p["values"] for p in plans] == [{"num_blocks": n} for n in (1, 2, 3)]
+    assert [p["plan"]["num_blocks"] for p in plans] == [1, 2, 3]
+    too_many = {**batch, "grid": {"num_blocks": [1, 20]}}
+    found = refusal(client.post("/jobs/batch?dry_run=true", json=too_many))
+    assert any("combination num_blocks=20" in message for message in found.values())
+    assert queued(client) == 0
+    assert client.get("/batches").json() == []
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import exc, text
 
-from service import crud
 from service.async_reads import AsyncReads, pool_size
 from service.db import make_engine
 from service.models import Job
+from service.stores.job_reads import read_job, read_job_async
 from shortened.config import Settings
 from tests.service.test_db_pool import terminate
 from tests.service.test_statements import SPEC, job_with_attempts
@@ -53,14 +53,14 @@ def _backend_pid(reads):
 
 def test_a_read_returns_what_the_thread_path_returns(engine):
     job_id = job_with_attempts(engine)
-    plain = crud.read_job(engine, job_id)
+    plain = read_job(engine, job_id)
 
     async def reads_of(reads):
         return (
-            await crud.read_job_async(reads, job_id),
-            await crud.read_job_async(reads, job_id, tenant="acme"),
-            await crud.read_job_async(reads, job_id, tenant="other"),
-            await crud.read_job_async(reads, "0" * 32),
+            await read_job_async(reads, job_id),
+            await read_job_async(reads, job_id, tenant="acme"),
+            await read_job_async(reads, job_id, tenant="other"),
+            await read_job_async(reads, "0" * 32),
         )
 
     read, scoped, other, unknown = _run(engine, 2, reads_of)

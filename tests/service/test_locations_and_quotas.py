@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service import crud
 from service.auth import create_api_key
 from service.main import create_app
+from service.stores.events import append_event
+from service.stores.job_lifecycle import claim_job, finish_job
 from shortened.config import Settings, TenantLimits
 from shortened.redact import redact
 from tests.service.test_hostile_input import EVAL, PRUNE, RETRAIN, put
@@ -175,8 +176,8 @@ def test_job_errors_and_events_read_through_the_api_carry_nothing_internal(clien
     )
     sessions = client.app.state.sessionmaker
     with sessions() as session:  # as the worker writes them
-        assert crud.claim_job(session, job["id"], worker="w") is not None
-        crud.append_event(
+        assert claim_job(session, job["id"], worker="w") is not None
+        append_event(
             session,
             job["id"],
             "warning",
@@ -184,7 +185,7 @@ def test_job_errors_and_events_read_through_the_api_carry_nothing_internal(clien
             {"source": "/usr/lib/python3.11/site-packages/x.py:3", "traceback": leaky},
         )
         session.commit()
-        crud.finish_job(
+        finish_job(
             session,
             job["id"],
             "failed",

@@ -18,11 +18,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from service import crud
 from service.auth import create_api_key, hash_key, revoke_api_key
 from service.db import upgrade_database
 from service.main import create_app
 from service.models import ApiKey
+from service.stores.job_lifecycle import claim_job, finish_job, request_cancel
 from shortened.config import Settings
 from shortened.storage import open_store, publish_directory
 from tests import reliability_figures as figures
@@ -505,7 +505,7 @@ def test_per_tenant_limits(tmp_path: Path, database_url: str):
         assert service.submit("globex")  # other tenants are not affected
         # A retried request is answered even at the limit; a finished job frees a slot.
         with service.sessions() as session:
-            crud.request_cancel(session, ids[0])
+            request_cancel(session, ids[0])
         assert service.submit("acme")
         assert (
             client.post("/jobs/prune", json=spec(), headers=service.as_("acme")).status_code == 429
@@ -530,8 +530,8 @@ def publish_fake_output(settings: Settings, sessions, job_id: str, tmp_path: Pat
     store = open_store(settings.resolved_artifacts_url, s3_endpoint_url=settings.s3_endpoint_url)
     manifest = publish_directory(store, out, f"jobs/{job_id}")
     with sessions() as session:
-        crud.claim_job(session, job_id, "test-worker")
-        crud.finish_job(session, job_id, "succeeded", message="ok", artifacts=manifest["files"])
+        claim_job(session, job_id, "test-worker")
+        finish_job(session, job_id, "succeeded", message="ok", artifacts=manifest["files"])
     return manifest
 
 

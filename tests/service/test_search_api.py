@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service import crud
 from service.main import create_app
+from service.stores.job_admission import count_active_jobs, create_job
 from shortened.config import Settings
 
 SPEC = {
@@ -55,7 +55,7 @@ def test_bad_searches_are_refused_naming_the_field(client: TestClient) -> None:
         found = {tuple(e["loc"]): e["msg"] for e in response.json()["detail"]}
         assert loc in found and words in found[loc], (loc, found)
     with client.app.state.sessionmaker() as session:
-        assert crud.count_active_jobs(session, "default") == 0
+        assert count_active_jobs(session, "default") == 0
 
 
 def test_a_good_search_is_queued_as_a_search_job(client: TestClient) -> None:
@@ -95,8 +95,8 @@ def test_the_ranking_of_a_succeeded_search_as_json_and_markdown(client: TestClie
         ]
     }
     with client.app.state.sessionmaker() as session:
-        job = crud.create_job(session, "search", spec(), tenant="default")
-        prune = crud.create_job(session, "prune", {"model": "m"}, tenant="default")
+        job = create_job(session, "search", spec(), tenant="default")
+        prune = create_job(session, "prune", {"model": "m"}, tenant="default")
         for row in (job, prune):
             row.status = "succeeded"
         job.result = {"search": search}

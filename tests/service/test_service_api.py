@@ -1,6 +1,6 @@
 """The job API against a real SQLite job store and the real (filesystem) broker transport.
 
-No worker runs here: worker-side transitions are made with the same crud functions the
+No worker runs here: worker-side transitions are made with the same store functions the
 worker uses, so every route is exercised on every status.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service import crud
 from service.db import alembic_config, upgrade_database
 from service.main import create_app
+from service.stores.job_lifecycle import claim_job, finish_job, record_progress
 from shortened.config import Settings
 from shortened.storage import open_store, publish_directory
 
@@ -226,8 +226,8 @@ def test_same_timestamp_jobs_paginate_by_id(client: TestClient, sessions):
 def run_worker_steps(sessions, job_id: str, *, finish: str | None = "succeeded", **fields):
     """What the worker does to the job store, through the same functions."""
     with sessions() as session:
-        assert crud.claim_job(session, job_id, "test-worker") is not None
-        crud.record_progress(
+        assert claim_job(session, job_id, "test-worker") is not None
+        record_progress(
             session,
             job_id,
             stage="loading",
@@ -236,7 +236,7 @@ def run_worker_steps(sessions, job_id: str, *, finish: str | None = "succeeded",
             unit="",
             events=[("stage", "loading", {"stage": "loading"})],
         )
-        crud.record_progress(
+        record_progress(
             session,
             job_id,
             stage="scoring",
@@ -246,7 +246,7 @@ def run_worker_steps(sessions, job_id: str, *, finish: str | None = "succeeded",
             events=[("stage", "scoring", {"stage": "scoring"}), ("metric", "ppl", {"ppl": 12.5})],
         )
         if finish:
-            crud.finish_job(session, job_id, finish, message=finish, **fields)
+            finish_job(session, job_id, finish, message=finish, **fields)
 
 
 def test_job_progress_and_events_in_order(client: TestClient, sessions):
@@ -279,7 +279,7 @@ def test_job_progress_and_events_in_order(client: TestClient, sessions):
     assert client.get(f"/jobs/{job_id}/events", params={"after_seq": -1}).status_code == 422
 
     with sessions() as session:
-        crud.finish_job(
+        finish_job(
             session,
             job_id,
             "failed",
@@ -304,7 +304,7 @@ def test_cancel_queued_job_is_immediate_and_the_worker_skips_it(client: TestClie
     assert job["status"] == "cancelled" and job["finished_at"] is not None
     # The task message arrives later: the job is no longer queued, so it is not run.
     with sessions() as session:
-        assert crud.claim_job(session, job_id, "late-worker") is None
+        assert claim_job(session, job_id, "late-worker") is None
     assert client.get(f"/jobs/{job_id}").json()["attempts"] == 0
     assert client.post(f"/jobs/{job_id}/cancel").status_code == 409
 
@@ -312,7 +312,7 @@ def test_cancel_queued_job_is_immediate_and_the_worker_skips_it(client: TestClie
 def test_cancel_running_job_sets_the_flag(client: TestClient, sessions):
     from shortened.engine.errors import Cancelled
     from shortened.engine.progress import Progress
-    from worker.tasks import JobReporter
+    from worker.reporter import JobReporter
 
     job_id = submit(client)["id"]
     run_worker_steps(sessions, job_id, finish=None)
@@ -348,11 +348,11 @@ def test_cancel_finished_job_is_409(client: TestClient, sessions):
 def test_worker_cannot_claim_a_job_twice(client: TestClient, sessions):
     job_id = submit(client)["id"]
     with sessions() as session:
-        assert crud.claim_job(session, job_id, "w1") is not None
-        assert crud.claim_job(session, job_id, "w2") is None  # redelivered message
-        crud.finish_job(session, job_id, "succeeded", message="ok")
-        assert crud.claim_job(session, job_id, "w3") is None
-        assert not crud.finish_job(session, job_id, "failed", message="late")  # no second ending
+        assert claim_job(session, job_id, "w1") is not None
+        assert claim_job(session, job_id, "w2") is None  # redelivered message
+        finish_job(session, job_id, "succeeded", message="ok")
+        assert claim_job(session, job_id, "w3") is None
+        assert not finish_job(session, job_id, "failed", message="late")  # no second ending
     job = client.get(f"/jobs/{job_id}").json()
     assert job["attempts"] == 1 and job["status"] == "succeeded"
 
@@ -361,8 +361,8 @@ def test_non_finite_numbers_are_stored_as_null(client: TestClient, sessions):
     job_id = submit(client)["id"]
     inf, nan = float("inf"), float("nan")
     with sessions() as session:
-        crud.claim_job(session, job_id, "w")
-        crud.record_progress(
+        claim_job(session, job_id, "w")
+        record_progress(
             session,
             job_id,
             stage="scoring",
@@ -371,9 +371,7 @@ def test_non_finite_numbers_are_stored_as_null(client: TestClient, sessions):
             unit="blocks",
             events=[("metric", "scoring", {"block": 4, "ppl": inf})],
         )
-        crud.finish_job(
-            session, job_id, "succeeded", message="ok", result={"scores": [1.5, inf, nan]}
-        )
+        finish_job(session, job_id, "succeeded", message="ok", result={"scores": [1.5, inf, nan]})
     assert client.get(f"/jobs/{job_id}").json()["result"] == {"scores": [1.5, None, None]}
     assert client.get(f"/jobs/{job_id}/events").json()[-2]["data"] == {"block": 4, "ppl": None}
 

@@ -9,10 +9,17 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import bindparam, exc, func, select, text
 
-from service import crud
 from service.db import make_engine, make_sessionmaker
 from service.models import Job, JobAttempt, JobEvent
 from service.statements import Statement, run_together
+from service.stores.job_admission import (
+    DuplicateIdempotencyKey,
+    OverLimit,
+    commit_within_limit,
+    count_active_jobs,
+    create_job,
+)
+from service.stores.job_reads import read_job
 from tests.service.test_db_pool import terminate
 
 SPEC = {"model": "models/m", "num_blocks": 2, "nested": {"list": [1, 2.5, None], "s": "é"}}
@@ -27,7 +34,7 @@ def engine(database_url):
 
 def test_a_created_job_reads_back_through_the_orm_as_written(engine):
     with make_sessionmaker(engine)() as session:
-        job = crud.create_job(session, "prune", SPEC, tenant="acme", idempotency_key="k1")
+        job = create_job(session, "prune", SPEC, tenant="acme", idempotency_key="k1")
         job_id, created_at = job.id, job.created_at
     with make_sessionmaker(engine)() as session:
         row = session.get(Job, job_id)
@@ -53,7 +60,7 @@ def test_a_created_job_reads_back_through_the_orm_as_written(engine):
 def test_the_returned_job_is_the_persistent_row(engine):
     """Callers change the job create_job returns and commit: that is an UPDATE of the row."""
     with make_sessionmaker(engine)() as session:
-        job = crud.create_job(session, "prune", SPEC)
+        job = create_job(session, "prune", SPEC)
         job.status, job.result = "succeeded", {"removed_blocks": [3]}
         session.commit()
         job_id = job.id
@@ -68,7 +75,7 @@ def test_the_returned_job_is_the_persistent_row(engine):
 def job_with_attempts(engine, tenant: str = "acme") -> str:
     """A job with a result, a heartbeat and two attempt rows (inserted out of order)."""
     with make_sessionmaker(engine)() as session:
-        job = crud.create_job(session, "prune", SPEC, tenant=tenant)
+        job = create_job(session, "prune", SPEC, tenant=tenant)
         job.attempts, job.worker = 2, "w1"
         job.heartbeat_at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
         job.result = {"ppl": 12.5, "blocks": [1, 2]}
@@ -80,7 +87,7 @@ def job_with_attempts(engine, tenant: str = "acme") -> str:
 
 def test_read_job_equals_the_orm_row_with_its_attempts(engine):
     job_id = job_with_attempts(engine)
-    read = crud.read_job(engine, job_id)
+    read = read_job(engine, job_id)
     assert read is not None
     with make_sessionmaker(engine)() as session:
         row = session.get(Job, job_id)
@@ -92,22 +99,22 @@ def test_read_job_equals_the_orm_row_with_its_attempts(engine):
             (a.attempt, a.worker, a.outcome) for a in row.attempt_rows
         ]
     assert [a.attempt for a in read.attempt_rows] == [1, 2]
-    assert crud.read_job(engine, job_id, tenant="acme") is not None
-    assert crud.read_job(engine, job_id, tenant="other") is None
-    assert crud.read_job(engine, "0" * 32) is None
+    assert read_job(engine, job_id, tenant="acme") is not None
+    assert read_job(engine, job_id, tenant="other") is None
+    assert read_job(engine, "0" * 32) is None
 
 
 def test_a_statement_sees_what_the_session_has_not_flushed(engine):
     with make_sessionmaker(engine)() as session:
-        assert crud.count_active_jobs(session, "t") == 0
+        assert count_active_jobs(session, "t") == 0
         now = datetime.now(UTC)
         session.add(Job(id="a" * 32, kind="prune", status="queued", spec={}, tenant="t"))
         session.add(Job(id="b" * 32, kind="prune", status="running", spec={}, tenant="t"))
         session.add(Job(id="c" * 32, kind="prune", status="failed", spec={}, tenant="t"))
         session.add(Job(id="d" * 32, kind="prune", status="queued", spec={}, tenant="u"))
         assert now  # the rows above are pending, not flushed
-        assert crud.count_active_jobs(session, "t") == 2  # a literal bound as the ORM binds it
-        assert crud.count_active_jobs(session, "t", up_to=1) == 1
+        assert count_active_jobs(session, "t") == 2  # a literal bound as the ORM binds it
+        assert count_active_jobs(session, "t", up_to=1) == 1
 
 
 def test_a_duplicate_key_raises_sqlalchemys_integrity_error(engine):
@@ -115,13 +122,13 @@ def test_a_duplicate_key_raises_sqlalchemys_integrity_error(engine):
         text("INSERT INTO job_events (job_id, seq, type, message) VALUES (:j, :s, 'log', '')")
     )
     with make_sessionmaker(engine)() as session:
-        job_id = crud.create_job(session, "prune", SPEC).id
+        job_id = create_job(session, "prune", SPEC).id
         with pytest.raises(exc.IntegrityError):
             insert.run(session, {"j": job_id, "s": 1})  # (job_id, seq) 1 is the queued event
         session.rollback()
-        with pytest.raises(crud.DuplicateIdempotencyKey):
-            crud.create_job(session, "prune", SPEC, idempotency_key="same")
-            crud.create_job(session, "prune", SPEC, idempotency_key="same")
+        with pytest.raises(DuplicateIdempotencyKey):
+            create_job(session, "prune", SPEC, idempotency_key="same")
+            create_job(session, "prune", SPEC, idempotency_key="same")
 
 
 def test_a_missing_parameter_is_named():
@@ -152,10 +159,10 @@ def test_a_statement_and_its_commit_go_together(engine):
     bad = Statement(text("SELECT no_such_column FROM jobs WHERE kind = :kind"))
     sessions = make_sessionmaker(engine)
     with sessions() as session:
-        kept = crud.create_job(session, "prune", SPEC, commit=False).id
+        kept = create_job(session, "prune", SPEC, commit=False).id
         assert good.execute(session.connection(), {"kind": "prune"}, commit=True) == [(1,)]
         session.commit()
-        lost = crud.create_job(session, "prune", SPEC, commit=False).id
+        lost = create_job(session, "prune", SPEC, commit=False).id
         with pytest.raises(exc.DBAPIError):
             bad.execute(session.connection(), {"kind": "prune"}, commit=True)
         session.rollback()
@@ -167,17 +174,17 @@ def test_a_statement_and_its_commit_go_together(engine):
 def test_commit_within_limit_counts_the_transactions_own_jobs(engine):
     sessions = make_sessionmaker(engine)
     with sessions() as session:
-        crud.create_job(session, "prune", SPEC, tenant="t", commit=False)
-        crud.create_job(session, "prune", SPEC, tenant="t", commit=False)
-        crud.commit_within_limit(session, "t", 2)
-        third = crud.create_job(session, "prune", SPEC, tenant="t", commit=False).id
-        with pytest.raises(crud.OverLimit):
-            crud.commit_within_limit(session, "t", 2)
+        create_job(session, "prune", SPEC, tenant="t", commit=False)
+        create_job(session, "prune", SPEC, tenant="t", commit=False)
+        commit_within_limit(session, "t", 2)
+        third = create_job(session, "prune", SPEC, tenant="t", commit=False).id
+        with pytest.raises(OverLimit):
+            commit_within_limit(session, "t", 2)
         session.rollback()
         assert session.get(Job, third) is None
-        crud.create_job(session, "prune", SPEC, tenant="other", commit=False)
-        crud.commit_within_limit(session, "other", 1)  # another tenant's count
-        assert crud.count_active_jobs(session, "t") == 2
+        create_job(session, "prune", SPEC, tenant="other", commit=False)
+        commit_within_limit(session, "other", 1)  # another tenant's count
+        assert count_active_jobs(session, "t") == 2
 
 
 def test_statements_run_together_return_each_ones_rows(engine):
@@ -185,8 +192,8 @@ def test_statements_run_together_return_each_ones_rows(engine):
     kinds = Statement(select(Job.kind).where(Job.tenant == bindparam("t")).order_by(Job.kind))
     bad = Statement(text("SELECT no_such_column FROM jobs"))
     with make_sessionmaker(engine)() as session:
-        crud.create_job(session, "prune", SPEC, tenant="t", commit=False)
-        crud.create_job(session, "eval", SPEC, tenant="t", commit=False)
+        create_job(session, "prune", SPEC, tenant="t", commit=False)
+        create_job(session, "eval", SPEC, tenant="t", commit=False)
         assert run_together(session, [(count, {"t": "t"}), (kinds, {"t": "t"})]) == [
             [(2,)],
             [("eval",), ("prune",)],

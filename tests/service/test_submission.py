@@ -21,17 +21,20 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service import crud
 from service.auth import Principal, create_api_key
 from service.main import create_app
 from service.models import Job
 from service.queue import make_celery
 from service.reaper import Reaper
+from service.stores.events import list_events
+from service.stores.job_admission import count_active_jobs
+from service.stores.job_lifecycle import claim_job, finish_job
+from service.stores.job_reads import get_job
 from service.submission import LimitExceeded, submit_job
 from shortened.config import Settings
 from tests.e2e_service import free_port
 from tests.e2e_service import prune_spec as spec
-from worker.tasks import queue_followups
+from worker.followups import queue_followups
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,8 +95,8 @@ class Api:
     def succeed(self, job_id: str) -> None:
         """What a worker records for a job that ran: claimed, then succeeded."""
         with self.sessions() as session:
-            assert crud.claim_job(session, job_id, "test-worker") is not None
-            assert crud.finish_job(session, job_id, "succeeded", message="succeeded")
+            assert claim_job(session, job_id, "test-worker") is not None
+            assert finish_job(session, job_id, "succeeded", message="succeeded")
 
     def followups(self, parent_id: str) -> list[str]:
         # The worker's own function, sending with the API's Celery app (the same broker).
@@ -147,7 +150,7 @@ def test_every_path_has_the_same_broker_outcome(api_for, broker: str):
             assert job is not None and job.status == "queued", path
             # Down: marked for the reaper's next round rather than after its backoff.
             assert (job.dispatched_at is None) == (broker == "down"), path
-            warnings = [e.data for e in crud.list_events(session, job_id) if e.type == "warning"]
+            warnings = [e.data for e in list_events(session, job_id) if e.type == "warning"]
             assert warnings == ([{"reason": "broker_unavailable"}] if broker == "down" else []), (
                 path
             )
@@ -189,8 +192,8 @@ def test_the_concurrency_limit_holds_on_every_path(api_for):
     api.submit()
     [child] = api.followups(parent)
     with api.sessions() as session:
-        assert crud.count_active_jobs(session, "acme") == 3
-        assert crud.get_job(session, child) is not None
+        assert count_active_jobs(session, "acme") == 3
+        assert get_job(session, child) is not None
     assert api.post("/jobs/prune", spec()).status_code == 429
 
 
@@ -226,4 +229,4 @@ def test_concurrent_submissions_never_pass_the_limit(api_for):
         thread.join(timeout=120)
     assert sorted(outcomes) == ["created"] * 2 + ["refused"] * (contenders - 2)
     with api.sessions() as session:
-        assert crud.count_active_jobs(session, "race") == 2
+        assert count_active_jobs(session, "race") == 2

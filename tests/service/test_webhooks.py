@@ -25,11 +25,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from service import crud
 from service.auth import create_api_key
 from service.db import make_engine, make_sessionmaker, upgrade_database
 from service.main import create_app
 from service.models import Job, WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from service.stores.events import append_event
+from service.stores.job_admission import create_job, new_job_id
+from service.stores.job_lifecycle import claim_job, finish_job, request_cancel
+from service.stores.job_reads import get_job
+from service.stores.job_recovery import reap_expired_leases
 from service.webhooks import WebhookDispatcher, new_secret
 from shortened.config import Settings
 from tests.e2e_service import (
@@ -255,15 +259,15 @@ def test_pipeline_follow_ups_inherit_the_callback(tmp_path: Path):
     own = {"url": "https://93.184.216.34/eval-only", "event_types": ["job.succeeded"]}
     evaluation = {"perplexity": {"datasets": ["data/calibration.jsonl"]}}
     with make_sessionmaker(engine)() as session:
-        job = crud.create_job(session, "prune", prune_spec(webhook=hook, eval=evaluation))
+        job = create_job(session, "prune", prune_spec(webhook=hook, eval=evaluation))
         ((kind, spec),) = followup_specs(session, job)
         assert kind == "eval" and spec["webhook"] == hook
-        job = crud.create_job(
+        job = create_job(
             session, "prune", prune_spec(webhook=hook, eval={**evaluation, "webhook": own})
         )
         ((kind, spec),) = followup_specs(session, job)
         assert spec["webhook"] == own  # a step's own callback wins
-        job = crud.create_job(session, "prune", prune_spec(eval=evaluation))
+        job = create_job(session, "prune", prune_spec(eval=evaluation))
         ((kind, spec),) = followup_specs(session, job)
         assert spec.get("webhook") is None
     engine.dispose()
@@ -314,7 +318,7 @@ def pg_sessions(postgres_url):
 
 def add_endpoint(session, tenant: str, url: str, event_types=None) -> WebhookEndpoint:
     row = WebhookEndpoint(
-        id=crud.new_job_id(),
+        id=new_job_id(),
         tenant=tenant,
         url=url,
         secret=new_secret(),
@@ -344,7 +348,7 @@ def test_outbox_is_written_and_rolled_back_with_the_state_change(pg_sessions):
         everything = add_endpoint(session, tenant, "https://93.184.216.34/all")
         add_endpoint(session, tenant, "https://93.184.216.34/final", ["job.succeeded"])
         add_endpoint(session, "someone-else", "https://93.184.216.34/other")
-        job = crud.create_job(session, "prune", prune_spec(), tenant=tenant)
+        job = create_job(session, "prune", prune_spec(), tenant=tenant)
         rows = deliveries_of(session, job.id)
         assert [(r.endpoint_id, r.event_type) for r in rows] == [(everything.id, "job.queued")]
         payload = rows[0].payload
@@ -354,21 +358,21 @@ def test_outbox_is_written_and_rolled_back_with_the_state_change(pg_sessions):
 
         # A state change that rolls back leaves no notification behind.
         session.execute(update(Job).where(Job.id == job.id).values(status="running"))
-        crud.append_event(session, job.id, "status", "running", {"status": "running"})
+        append_event(session, job.id, "status", "running", {"status": "running"})
         session.flush()
         assert len(deliveries_of(session, job.id)) == 2  # written in the same transaction
         session.rollback()
         assert [r.event_type for r in deliveries_of(session, job.id)] == ["job.queued"]
-        assert crud.reload(session, job.id).status == "queued"
+        assert get_job(session, job.id).status == "queued"
 
         # Committed, it is there; a cancel request (no state change) notifies nothing.
-        assert crud.claim_job(session, job.id, "w1") is not None
-        crud.request_cancel(session, job.id)
+        assert claim_job(session, job.id, "w1") is not None
+        request_cancel(session, job.id)
         assert [r.event_type for r in deliveries_of(session, job.id)] == [
             "job.queued",
             "job.running",
         ]
-        assert crud.finish_job(session, job.id, "cancelled", message="cancelled")
+        assert finish_job(session, job.id, "cancelled", message="cancelled")
         types = [(r.endpoint_id, r.event_type) for r in deliveries_of(session, job.id)]
         assert types == [
             (everything.id, "job.queued"),
@@ -382,10 +386,10 @@ def test_outbox_is_written_and_rolled_back_with_the_state_change(pg_sessions):
 def test_a_requeue_by_the_reaper_is_notified(pg_sessions):
     with pg_sessions() as session:
         endpoint = add_endpoint(session, "requeue", "https://93.184.216.34/requeue")
-        job = crud.create_job(session, "prune", prune_spec(), tenant="requeue")
-        crud.claim_job(session, job.id, "w1", lease_ttl_s=0.01)
+        job = create_job(session, "prune", prune_spec(), tenant="requeue")
+        claim_job(session, job.id, "w1", lease_ttl_s=0.01)
         time.sleep(0.05)
-        reaped = crud.reap_expired_leases(session, max_attempts=3)
+        reaped = reap_expired_leases(session, max_attempts=3)
         assert [r.job_id for r in reaped if r.action == "requeued"] == [job.id]
         rows = deliveries_of(session, job.id)
         assert [r.event_type for r in rows] == ["job.queued", "job.running", "job.requeued"]
@@ -415,8 +419,8 @@ def test_dispatcher_keeps_a_jobs_messages_in_order_and_claims_each_once(
         session.execute(update(WebhookDelivery).values(status="failed"))
         session.commit()
         endpoint = add_endpoint(session, tenant, receiver.url("/ordered"))
-        job = crud.create_job(session, "prune", prune_spec(), tenant=tenant)
-        crud.claim_job(session, job.id, "w1")
+        job = create_job(session, "prune", prune_spec(), tenant=tenant)
+        claim_job(session, job.id, "w1")
         queued, running = deliveries_of(session, job.id)
 
     claims = first.claim()
@@ -436,7 +440,7 @@ def test_dispatcher_keeps_a_jobs_messages_in_order_and_claims_each_once(
     with pg_sessions() as session:
         many = add_endpoint(session, "many", "https://93.184.216.34/many")
         for _ in range(30):
-            crud.create_job(session, "prune", prune_spec(), tenant="many")
+            create_job(session, "prune", prune_spec(), tenant="many")
         ids = set(
             session.scalars(
                 select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == many.id)
@@ -476,7 +480,7 @@ def test_send_time_checks_and_unreachable_targets(tmp_path: Path, receiver: Rece
     with sessions() as session:
         add_endpoint(session, "t", receiver.url("/must-not-arrive"))
         add_endpoint(session, "t", f"http://127.0.0.1:{free_port()}/closed")
-        job = crud.create_job(session, "prune", prune_spec(), tenant="t")
+        job = create_job(session, "prune", prune_spec(), tenant="t")
     report = dispatcher.run_once()
     assert len(report.retrying) == 2
     assert receiver.on("/must-not-arrive") == []
@@ -829,7 +833,7 @@ def test_dispatcher_runs_alone_as_a_module(tmp_path: Path, receiver: Receiver):
     sessions = make_sessionmaker(engine)
     with sessions() as session:
         endpoint = add_endpoint(session, "default", receiver.url("/alone"))
-        job = crud.create_job(session, "prune", prune_spec())
+        job = create_job(session, "prune", prune_spec())
     env = base_env({"SHORTENED_DATABASE_URL": url, "SHORTENED_DATA_DIR": str(tmp_path)})
     done = subprocess.run(
         [sys.executable, "-m", "service.webhooks", "--once"],

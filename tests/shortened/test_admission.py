@@ -14,10 +14,10 @@ import pytest
 from shortened.admission import (
     Lookups,
     block_params,
-    problems,
     s3_lookups,
     total_params,
 )
+from shortened.kinds import problems
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 from tests.helpers import CALIBRATION, FAMILY_CONFIGS, HELDOUT, TINY_MODEL, tiny_model
 

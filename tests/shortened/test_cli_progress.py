@@ -56,3 +56,15 @@ def test_prune_prints_progress_lines_to_a_pipe(tmp_path) -> None:
         line for line in quiet.stderr.splitlines() if line.startswith("[scoring] block")
     ]
     assert len(quiet_scoring) == 1 and "100%" in quiet_scoring[0]
+
+
+def test_progress_lines_name_one_unit_of_plural_units() -> None:
+    from shortened.engine.progress import Progress, ProgressLines
+
+    lines = ProgressLines(interval_s=0, clock=lambda: 0.0)
+    lines(Progress("zero_shot", 0, 3, "batches"))
+    assert (lines(Progress("zero_shot", 3, 3, "batches")) or "").startswith(
+        "[zero_shot] batch 3/3 (100%)"
+    )
+    lines(Progress("scoring", 0, 2, "blocks"))
+    assert (lines(Progress("scoring", 1, 2, "blocks")) or "").startswith("[scoring] block 1/2")

@@ -10,7 +10,9 @@ from typing import get_args
 import pytest
 
 from shortened.cli import build_parser
-from shortened.cli.engine_commands import eval_spec, prune_spec, retrain_spec
+from shortened.cli.eval_command import eval_spec
+from shortened.cli.prune_command import prune_spec
+from shortened.cli.retrain_command import retrain_spec
 from shortened.specs import (
     CRITERIA,
     RETRAIN_METHODS,
@@ -172,3 +174,99 @@ def test_bad_choice_is_refused_naming_the_choices(capsys) -> None:
             ["prune", "--model", "m", "--num-blocks", "1", "--criterion", "nope", "--output", "o"]
         )
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+RETRAIN = ["retrain", "--model", "m", "--data", "d.jsonl", "--output", "o"]
+
+
+def _retrain(*extra: str) -> RetrainSpec:
+    return retrain_spec(build_parser().parse_args([*RETRAIN, *extra]))
+
+
+def test_max_steps_is_the_budget_of_every_method() -> None:
+    kd = _retrain("--method", "kd", "--teacher", "parent", "--max-steps", "40")
+    assert kd.kd is not None and kd.kd.max_steps == 40 and kd.cpt is None
+    cpt = _retrain("--method", "cpt", "--max-steps", "30")
+    assert cpt.cpt is not None and cpt.cpt.max_steps == 30 and cpt.kd is None
+    both = _retrain("--method", "cpt_lora", "--max-steps", "20")
+    assert both.cpt is not None and both.cpt.max_steps == 20 and both.max_steps == 20
+    lora = _retrain("--method", "lora", "--max-steps", "10")
+    assert lora.max_steps == 10 and lora.cpt is None and lora.kd is None
+
+
+def test_a_stage_flag_wins_over_the_shared_one() -> None:
+    spec = _retrain("--method", "kd", "--teacher", "p", "--max-steps", "40", "--kd-max-steps", "7")
+    assert spec.kd is not None and spec.kd.max_steps == 7 and spec.max_steps == 40
+    spec = _retrain(
+        "--method", "cpt", "--lr", "3e-4", "--cpt-lr", "1e-5", "--warmup-steps", "5",
+        "--max-steps", "4",
+    )  # fmt: skip
+    assert spec.cpt is not None and spec.learning_rate == 3e-4
+    assert (spec.cpt.learning_rate, spec.cpt.warmup_steps, spec.cpt.max_steps) == (1e-5, 5, 4)
+    spec = _retrain("--method", "kd", "--teacher", "p", "--lr", "3e-4", "--max-steps", "9")
+    assert spec.kd is not None and spec.kd.learning_rate == 3e-4
+
+
+def test_a_token_budget_makes_max_steps_a_cap() -> None:
+    spec = _retrain("--method", "cpt", "--max-tokens", "100000", "--max-steps", "5")
+    assert spec.cpt is not None and (spec.cpt.max_tokens, spec.cpt.max_steps) == (100000, None)
+    assert spec.max_steps == 5
+    spec = _retrain("--method", "kd", "--teacher", "p", "--kd-max-steps", "3", "--max-tokens", "9")
+    assert spec.kd is not None and (spec.kd.max_steps, spec.kd.max_tokens) == (3, None)
+
+
+def test_a_stage_without_a_budget_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exactly one of 'max_steps' and 'max_tokens'"):
+        _retrain("--method", "kd", "--teacher", "p")
+
+
+def test_max_tokens_with_lora_is_refused_naming_the_methods() -> None:
+    from shortened.admission import AdmissionError
+
+    with pytest.raises(AdmissionError, match="--max-tokens applies to methods cpt, cpt_lora, kd"):
+        _retrain("--method", "lora", "--max-tokens", "1000")
+
+
+def test_readme_command_lines_parse() -> None:
+    """The command lines of the README's "Command line" section build their specs."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    lines = re.findall(r"\.venv/bin/shortened ((?:[^\n]*\\\n)*[^\n]*)", section)
+    specs = {"prune": prune_spec, "retrain": retrain_spec, "eval": eval_spec}
+    assert {line.split()[0] for line in lines} >= set(specs)
+    for line in lines:
+        argv = shlex.split(line.replace("\\\n", " "), comments=True)
+        args = build_parser().parse_args(argv)
+        specs[args.command](args)
+
+
+def test_eval_summary_prints_the_reports_deltas() -> None:
+    from shortened.cli.eval_command import _eval_summary
+
+    result = {
+        "source": "m",
+        "num_layers": 2,
+        "params": 10,
+        "weight_bytes": 40,
+        "perplexity": {"t.txt": {"windows": 4, "ppl": 12.0}},
+        "zero_shot": {"tasks": {"piqa": {"metric": "acc", "value": 0.5}}, "mean_accuracy": 0.5},
+    }
+    baseline = {**result, "source": "parent", "num_layers": 3}
+    # Deltas unlike any recomputation from the two results: the summary reads them as given.
+    deltas = {
+        "perplexity": {"t.txt": {"model": 12.0, "baseline": 10.0, "delta": 7.25, "ratio": 1.2}},
+        "zero_shot": {
+            "tasks": {"piqa": {"metric": "acc", "model": 0.5, "baseline": 0.75, "delta": -0.125}},
+            "mean_accuracy": {"model": 0.5, "baseline": 0.75, "delta": -0.375},
+        },
+    }
+    text = _eval_summary({"model": result, "baseline": baseline, "deltas": deltas})
+    assert "7.25" in text and "-0.125" in text and "-0.375" in text
+    alone = _eval_summary({"model": result, "baseline": None, "deltas": None})
+    assert "delta" not in alone and "baseline" not in alone

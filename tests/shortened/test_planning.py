@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from shortened.engine.prune import prune_model
-from shortened.planning import GB, insufficient_memory, plan_job
+from shortened.kinds import plan_job
+from shortened.planning import GB, insufficient_memory
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 from tests.helpers import CALIBRATION, REPO, tiny_model, tiny_tokenizer
 

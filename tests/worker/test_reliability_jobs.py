@@ -16,21 +16,34 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import update
 
-from service import crud
 from service.db import make_engine, make_sessionmaker
 from service.models import Job, utcnow
-from service.reaper import Reaper, scratch_prefix
+from service.reaper import Reaper
+from service.stores.events import list_events
+from service.stores.job_admission import create_job
+from service.stores.job_lifecycle import (
+    claim_job,
+    finish_job,
+    record_progress,
+    renew_lease,
+    request_cancel,
+)
+from service.stores.job_reads import get_job, list_attempts
+from service.stores.job_recovery import redispatch_backoff_s
 from shortened.config import Settings
 from shortened.engine.errors import Cancelled
 from shortened.engine.progress import Progress
+from shortened.kinds import JOB_KINDS, JobKind
 from shortened.specs import CalibrationSpec, PruneSpec
-from shortened.storage import open_store
+from shortened.storage import open_store, scratch_prefix
 from tests import reliability_figures as figures
 from tests.helpers import save_tiny, tiny_model
 from worker import tasks
 from worker.celery_app import make_celery
+from worker.reporter import JobReporter
 
 
 @pytest.fixture
@@ -64,12 +77,12 @@ def messages(settings: Settings) -> int:
 
 def new_job(sessions, kind: str = "stand-in", spec: dict | None = None) -> str:
     with sessions() as session:
-        return crud.create_job(session, kind, spec or {}).id
+        return create_job(session, kind, spec or {}).id
 
 
 def job_row(sessions, job_id: str) -> Job:
     with sessions() as session:
-        job = crud.get_job(session, job_id)
+        job = get_job(session, job_id)
         assert job is not None
         return job
 
@@ -95,7 +108,7 @@ def history(sessions, job_id: str) -> list[dict]:
                 "ended_at": a.ended_at,
                 "outcome": a.outcome,
             }
-            for a in crud.list_attempts(session, job_id)
+            for a in list_attempts(session, job_id)
         ]
 
 
@@ -103,7 +116,7 @@ def as_api(sessions, job_id: str) -> dict:
     from service.schemas import JobOut
 
     with sessions() as session:
-        return JobOut.from_row(crud.get_job(session, job_id)).model_dump()
+        return JobOut.from_row(get_job(session, job_id)).model_dump()
 
 
 # ---------------------------------------------------------------------------- the reaper
@@ -112,7 +125,7 @@ def as_api(sessions, job_id: str) -> dict:
 def test_lost_worker_job_is_requeued_then_fails_on_its_last_attempt(sessions, reaper, settings):
     job_id = new_job(sessions)
     with sessions() as session:
-        assert crud.claim_job(session, job_id, "w1", lease_ttl_s=60).attempts == 1
+        assert claim_job(session, job_id, "w1", lease_ttl_s=60).attempts == 1
     assert reaper.run_once().requeued == []  # lease still valid: nothing to do
     expire_lease(sessions, job_id)
     before = messages(settings)
@@ -123,7 +136,7 @@ def test_lost_worker_job_is_requeued_then_fails_on_its_last_attempt(sessions, re
 
     # The second (last) attempt is lost too: failed with worker_lost, not re-queued again.
     with sessions() as session:
-        assert crud.claim_job(session, job_id, "w2").attempts == 2
+        assert claim_job(session, job_id, "w2").attempts == 2
     expire_lease(sessions, job_id)
     report = reaper.run_once()
     assert report.failed == [job_id] and report.requeued == []
@@ -138,7 +151,7 @@ def test_lost_worker_job_is_requeued_then_fails_on_its_last_attempt(sessions, re
     assert not figures.attempts_overlap(attempts)
     with sessions() as session:
         statuses = [
-            e.data.get("status") for e in crud.list_events(session, job_id) if e.type == "status"
+            e.data.get("status") for e in list_events(session, job_id) if e.type == "status"
         ]
     assert statuses == ["queued", "running", "queued", "running", "failed"]
     figures.record_jobs([as_api(sessions, job_id)])
@@ -148,9 +161,9 @@ def test_lost_worker_job_is_requeued_then_fails_on_its_last_attempt(sessions, re
 def test_a_lost_job_that_was_cancelled_or_past_its_deadline_is_not_requeued(sessions, reaper):
     cancelled, timed_out = new_job(sessions), new_job(sessions)
     with sessions() as session:
-        crud.claim_job(session, cancelled, "w1")
-        crud.request_cancel(session, cancelled)
-        crud.claim_job(session, timed_out, "w1", time_limit_s=0.001)
+        claim_job(session, cancelled, "w1")
+        request_cancel(session, cancelled)
+        claim_job(session, timed_out, "w1", time_limit_s=0.001)
     time.sleep(0.01)
     expire_lease(sessions, cancelled)
     expire_lease(sessions, timed_out)
@@ -169,23 +182,23 @@ def test_a_stalled_attempt_is_fenced_off_after_the_job_is_requeued(sessions, rea
     job is re-queued and claimed again it can neither report progress nor finish the job."""
     job_id = new_job(sessions)
     with sessions() as session:
-        crud.claim_job(session, job_id, "stalled")
+        claim_job(session, job_id, "stalled")
     expire_lease(sessions, job_id)
     assert reaper.run_once().requeued == [job_id]
     with sessions() as session:
-        assert crud.claim_job(session, job_id, "fresh").attempts == 2
+        assert claim_job(session, job_id, "fresh").attempts == 2
         # attempt 1 wakes up:
-        assert not crud.renew_lease(session, job_id, 1, 60)
-        assert crud.record_progress(
+        assert not renew_lease(session, job_id, 1, 60)
+        assert record_progress(
             session, job_id, stage="x", done=1, total=2, unit="blocks", attempt=1
         )
-        assert not crud.finish_job(session, job_id, "succeeded", message="late", attempt=1)
+        assert not finish_job(session, job_id, "succeeded", message="late", attempt=1)
         # attempt 2 is unaffected:
-        assert crud.renew_lease(session, job_id, 2, 60)
-        assert not crud.record_progress(
+        assert renew_lease(session, job_id, 2, 60)
+        assert not record_progress(
             session, job_id, stage="x", done=1, total=2, unit="blocks", attempt=2
         )
-        assert crud.finish_job(session, job_id, "succeeded", message="ok", attempt=2)
+        assert finish_job(session, job_id, "succeeded", message="ok", attempt=2)
     job = as_api(sessions, job_id)
     assert job["status"] == "succeeded" and job["attempts"] == 2
     assert [a["outcome"] for a in job["attempt_history"]] == ["worker_lost", "succeeded"]
@@ -200,7 +213,7 @@ def test_concurrent_reapers_act_once(sessions, settings):
     lost = [new_job(sessions) for _ in range(6)]
     with sessions() as session:
         for job_id in lost:
-            crud.claim_job(session, job_id, "dead")
+            claim_job(session, job_id, "dead")
     for job_id in lost:
         expire_lease(sessions, job_id)
     reapers = [Reaper(settings, sessions, make_celery(settings)) for _ in range(4)]
@@ -220,7 +233,7 @@ def test_concurrent_reapers_act_once(sessions, settings):
     assert sorted(requeued) == sorted(lost)  # each exactly once
     for job_id in lost:
         with sessions() as session:
-            events = [e for e in crud.list_events(session, job_id) if "re-queued" in e.message]
+            events = [e for e in list_events(session, job_id) if "re-queued" in e.message]
         assert len(events) == 1
         assert [a["outcome"] for a in history(sessions, job_id)] == ["worker_lost"]
     figures.fault("lease_expired", len(lost))
@@ -230,7 +243,7 @@ def test_queued_jobs_whose_message_was_lost_are_resent_with_backoff(sessions, re
     job_id = new_job(sessions)
     claimed = new_job(sessions)
     with sessions() as session:
-        crud.claim_job(session, claimed, "w")
+        claim_job(session, claimed, "w")
     assert reaper.run_once().redispatched == []  # not stale yet
     time.sleep(1.1)
     before = messages(settings)
@@ -238,7 +251,7 @@ def test_queued_jobs_whose_message_was_lost_are_resent_with_backoff(sessions, re
     assert report.redispatched == [job_id]  # the running one is left alone
     assert messages(settings) == before + 1
     assert reaper.run_once().redispatched == []  # backoff: next after 2 s, then 4 s, ...
-    assert crud.redispatch_backoff_s(120, 1) == 120 and crud.redispatch_backoff_s(120, 9) == 960
+    assert redispatch_backoff_s(120, 1) == 120 and redispatch_backoff_s(120, 9) == 960
     # However many copies of the message arrive, the job runs once.
     results = [tasks.execute_job(job_id, settings) for _ in range(3)]
     assert results.count("failed") == 1 and results.count(None) == 2  # stand-in kind: failed
@@ -272,13 +285,30 @@ def test_a_message_that_cannot_be_sent_is_retried_at_the_next_round(sessions, se
 # ---------------------------------------------------------------------------- the worker
 
 
+class StandInSpec(BaseModel):
+    """Any spec: the stand-in kind's engine call reads what its test gives it."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
-    """Install an engine call for kind 'stand-in' that the test scripts."""
+    """Install kind 'stand-in' (one row of the job-kind table) whose engine call the test
+    scripts: ``run(spec, output_dir, reporter, store, settings)``."""
     calls: dict = {}
 
     def install(run):
-        monkeypatch.setitem(tasks.ENGINE_CALLS, "stand-in", run)
+        def engine(spec, output_dir, *, progress, store, settings):
+            return run(spec.model_dump(), output_dir, progress, store, settings)
+
+        row = JobKind(
+            name="stand-in",
+            spec=StandInSpec,
+            summary="A test's stand-in",
+            engine=engine,
+            resources=("settings",),
+        )
+        monkeypatch.setitem(JOB_KINDS, "stand-in", row)
         return calls
 
     return install
@@ -379,7 +409,7 @@ def test_cancel_while_saving_publishes_nothing(sessions, settings, stand_in):
         reporter(Progress("saving"))
         write_output(output_dir)
         with sessions() as session:  # the cancel arrives as the checkpoint is written
-            crud.request_cancel(session, job_id)
+            request_cancel(session, job_id)
         return {}
 
     stand_in(run)
@@ -529,7 +559,7 @@ def test_the_worker_resumes_from_the_scores_the_lost_attempt_saved(
     attempt 2, with a clean work directory, scores only the other blocks."""
     spec = prune_spec(tiny_workspace).model_dump(mode="json")
     job_id = new_job(sessions, "prune", spec)
-    real_call = tasks.JobReporter.__call__
+    real_call = JobReporter.__call__
     scored: dict[int, list[int]] = {1: [], 2: []}
 
     def spy(self, progress):
@@ -541,7 +571,7 @@ def test_the_worker_resumes_from_the_scores_the_lost_attempt_saved(
                 assert reaper.run_once().requeued == [job_id]  # ... and the job is re-queued
         return real_call(self, progress)
 
-    monkeypatch.setattr(tasks.JobReporter, "__call__", spy)
+    monkeypatch.setattr(JobReporter, "__call__", spy)
     assert tasks.execute_job(job_id, settings) == "lost"
     store = open_store(settings.resolved_artifacts_url)
     assert [o.key for o in store.list(scratch_prefix(job_id))] == [
@@ -553,7 +583,7 @@ def test_the_worker_resumes_from_the_scores_the_lost_attempt_saved(
     assert len(scored[2]) == 8 - 3 and not set(scored[2]) & set(scored[1][:3])
     assert store.list(scratch_prefix(job_id)) == []  # scratch removed with the job's end
     with sessions() as session:
-        stages = [e.message for e in crud.list_events(session, job_id) if e.type == "stage"]
+        stages = [e.message for e in list_events(session, job_id) if e.type == "stage"]
     assert "scoring: ppl (resuming 3 saved block scores)" in stages
     figures.record_jobs([job])
     figures.count(resumed_attempts=1)

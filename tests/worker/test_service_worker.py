@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from service import crud
 from service.db import make_engine, make_sessionmaker, upgrade_database
+from service.stores.events import list_events
+from service.stores.job_admission import create_job
+from service.stores.job_lifecycle import request_cancel
+from service.stores.job_reads import get_job
 from shortened.config import Settings
 from worker.tasks import execute_job
 
@@ -36,7 +39,7 @@ def sessions(settings: Settings):
 
 def events(sessions, job_id: str):
     with sessions() as session:
-        return [(e.type, e.message, e.data) for e in crud.list_events(session, job_id)]
+        return [(e.type, e.message, e.data) for e in list_events(session, job_id)]
 
 
 def test_worker_parent_process_never_imports_torch(tmp_path: Path):
@@ -57,11 +60,11 @@ def test_unexpected_error_is_internal_error_with_the_traceback_in_the_log_only(
 ):
     with sessions() as session:
         # A spec the current PruneSpec rejects (e.g. written by an older release).
-        job_id = crud.create_job(session, "prune", {"model": "m", "num_blocks": 1}).id
-    with caplog.at_level("ERROR", logger="worker.tasks"):
+        job_id = create_job(session, "prune", {"model": "m", "num_blocks": 1}).id
+    with caplog.at_level("ERROR", logger="worker.run"):
         assert execute_job(job_id, settings) == "failed"
     with sessions() as session:
-        job = crud.get_job(session, job_id)
+        job = get_job(session, job_id)
         assert job.status == "failed" and job.error_code == "internal_error"
         assert "ValidationError" in job.error_message and job.attempts == 1
         # pydantic's message links its versioned docs: not shown to the tenant.
@@ -76,29 +79,29 @@ def test_unexpected_error_is_internal_error_with_the_traceback_in_the_log_only(
 
 def test_unsupported_kind_fails_cleanly(settings: Settings, sessions):
     with sessions() as session:
-        job_id = crud.create_job(session, "distill", {}).id
+        job_id = create_job(session, "distill", {}).id
     assert execute_job(job_id, settings) == "failed"
     with sessions() as session:
-        assert crud.get_job(session, job_id).error_code == "unsupported_kind"
+        assert get_job(session, job_id).error_code == "unsupported_kind"
 
 
 def test_a_job_runs_at_most_once(settings: Settings, sessions):
     with sessions() as session:
-        job_id = crud.create_job(session, "distill", {}).id
+        job_id = create_job(session, "distill", {}).id
     assert execute_job(job_id, settings) == "failed"
     before = events(sessions, job_id)
     assert execute_job(job_id, settings) is None  # redelivered message: no-op
     assert execute_job("0" * 32, settings) is None  # unknown id: no-op
     assert events(sessions, job_id) == before
     with sessions() as session:
-        assert crud.get_job(session, job_id).attempts == 1
+        assert get_job(session, job_id).attempts == 1
 
 
 def test_cancelled_before_start_is_never_run(settings: Settings, sessions):
     with sessions() as session:
-        job_id = crud.create_job(session, "prune", {}).id
-        assert crud.request_cancel(session, job_id).immediate
+        job_id = create_job(session, "prune", {}).id
+        assert request_cancel(session, job_id).immediate
     assert execute_job(job_id, settings) is None
     with sessions() as session:
-        job = crud.get_job(session, job_id)
+        job = get_job(session, job_id)
         assert job.status == "cancelled" and job.attempts == 0 and job.started_at is None

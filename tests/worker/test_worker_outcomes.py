@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service import crud
+from service.stores.job_lifecycle import claim_job
 from shortened.config import Settings
 from shortened.engine.errors import DataError
 from shortened.engine.progress import Progress
@@ -91,7 +91,7 @@ def test_a_retry_that_fails_removes_the_lost_attempts_upload(
 ):
     job_id = new_job(sessions)
     with sessions() as session:
-        assert crud.claim_job(session, job_id, "lost-host:1") is not None
+        assert claim_job(session, job_id, "lost-host:1") is not None
     # What the lost attempt uploaded before it died: objects, and no manifest.
     store = open_store(settings.resolved_artifacts_url)
     store.put_bytes(f"jobs/{job_id}/model.safetensors", b"\0" * 100)

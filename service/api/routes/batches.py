@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel
+from fastapi.responses import JSONResponse, PlainTextResponse
 
-from service import batches as batch_store
 from service import submission
 from service.api.admission import (
     SUBMIT_RESPONSES,
+    DryRun,
     IdempotencyKey,
     checked_idempotency_key,
     refusals_as_http,
@@ -28,6 +27,8 @@ from service.auth import Principal, PrincipalDep, get_principal
 from service.batches import BatchRequest, render_table, summarize
 from service.errors import coded
 from service.models import Batch
+from service.schemas.batches import BatchOut, BatchSummary
+from service.stores import batches as batch_store
 
 router = APIRouter(
     tags=["batches"],
@@ -38,44 +39,6 @@ router = APIRouter(
 BatchId = Annotated[str, Path(max_length=64, description="Batch id")]
 
 
-class BatchOut(BaseModel):
-    id: str
-    name: str | None
-    kind: str
-    job_count: int
-    job_ids: list[str]
-    points: list[dict[str, Any]]
-
-
-class BatchSummary(BaseModel):
-    id: str
-    name: str | None
-    kind: str
-    tenant: str
-    status: str
-    counts: dict[str, int]
-    job_count: int
-    axes: list[str]
-    columns: list[str]
-    rows: list[dict[str, Any]]
-    baseline: dict[str, Any] | None
-    best_by_ppl: str | None
-    ppl_median: float | None
-    created_at: Any
-
-
-def _out(batch: Batch) -> BatchOut:
-    points = batch.request.get("points", [])
-    return BatchOut(
-        id=batch.id,
-        name=batch.name,
-        kind=batch.kind,
-        job_count=batch.job_count,
-        job_ids=[p["job_id"] for p in points],
-        points=points,
-    )
-
-
 def _batch_or_404(session: Any, batch_id: str, principal: Principal) -> Batch:
     batch = batch_store.get_batch(session, batch_id, principal.scope)
     if batch is None:
@@ -83,15 +46,32 @@ def _batch_or_404(session: Any, batch_id: str, principal: Principal) -> Batch:
     return batch
 
 
-@router.post("/jobs/batch", status_code=202, response_model=BatchOut, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/jobs/batch",
+    status_code=202,
+    response_model=BatchOut,
+    responses={
+        **SUBMIT_RESPONSES,
+        200: {"description": "Replay of an Idempotency-Key, or with dry_run=true the plans"},
+    },
+)
 def submit_batch(
     body: BatchRequest,
     request: Request,
     response: Response,
     session: SessionDep,
+    dry_run: DryRun,
     idempotency_key: IdempotencyKey = None,
-) -> BatchOut:
-    """Queue one job per combination of the grid's axes, under one batch id."""
+) -> Any:
+    """Queue one job per combination of the grid's axes, under one batch id. With
+    ``dry_run=true``: every combination admitted and planned, nothing created (200,
+    ``{"dry_run": true, "kind", "plans": [{"values", "plan"}]}``)."""
+    if dry_run:
+        with refusals_as_http():
+            plans = submission.plan_batch(
+                session, request.app.state.settings, request.state.principal, body
+            )
+        return JSONResponse({"dry_run": True, "kind": body.kind, "plans": plans})
     with refusals_as_http():
         submitted = submission.submit_batch(
             session,
@@ -105,7 +85,7 @@ def submit_batch(
         replayed(response, f"/batches/{submitted.batch.id}")
     else:
         response.headers["Location"] = f"/batches/{submitted.batch.id}"
-    return _out(submitted.batch)
+    return BatchOut.from_row(submitted.batch)
 
 
 @router.get("/batches", response_model=list[BatchOut])
@@ -115,7 +95,7 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> list[BatchOut]:
     """The caller's batches, newest first."""
-    return [_out(b) for b in batch_store.list_batches(session, principal.scope, limit)]
+    return [BatchOut.from_row(b) for b in batch_store.list_batches(session, principal.scope, limit)]
 
 
 @router.get(

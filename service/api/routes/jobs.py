@@ -1,4 +1,5 @@
-"""Job routes: submit, inspect, list, follow events, cancel, download artifacts.
+"""Job routes: inspect, list, follow events, cancel, download artifacts (the submit routes,
+one per job kind, are ``service.api.routes.submit``).
 
 Every route is authenticated (``service.auth``) and scoped to the caller's tenant: another
 tenant's job answers 404, exactly like an unknown id. Submissions are admitted by
@@ -7,37 +8,22 @@ tenant's job answers 404, exactly like an unknown id. Submissions are admitted b
 
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path as PathLib
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service import crud
-from service.api.admission import (
-    SUBMIT_RESPONSES,
-    IdempotencyKey,
-    checked_idempotency_key,
-    refusals_as_http,
-    replayed,
-)
-from service.api.deps import SessionDep, SettingsDep, get_celery, get_store, model_response
+from service import artifact_stream
+from service.api.deps import SessionDep, SettingsDep, get_store, model_response
 from service.auth import Principal, PrincipalDep, get_principal
-from service.errors import APIError, coded
+from service.errors import coded
 from service.models import Job
 from service.pipeline import is_linked, pipeline_of
-from service.schemas import ArtifactLink, EventOut, JobKind, JobOut, JobPage, JobStatus
-from service.submission import plan_submission, submit_job
+from service.schemas.jobs import ArtifactLink, EventOut, JobKind, JobOut, JobPage, JobStatus
+from service.stores import events, job_lifecycle, job_reads
+from service.stores.paging import InvalidCursor
 from shortened.render import ranking_markdown
-from shortened.specs import EvalSpec, PruneSpec, RetrainSpec, SearchSpec
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/jobs",
@@ -51,120 +37,10 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No job with 
 
 
 def _job_or_404(session: Any, job_id: str, principal: Principal | None = None) -> Job:
-    job = crud.get_job(session, job_id, principal.scope if principal else None)
+    job = job_reads.get_job(session, job_id, principal.scope if principal else None)
     if job is None:
         raise HTTPException(404, detail=f"job {job_id} not found")
     return job
-
-
-DryRun = Annotated[
-    bool,
-    Query(
-        description="Plan only: validate and admit as a real submission (422 when it could not "
-        "run, including insufficient_memory), then answer 200 with the plan (parameters, "
-        "blocks, output size, peak memory per stage); no job is created"
-    ),
-]
-DRY_RUN_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "Replay of an Idempotency-Key (a job), or with dry_run=true the plan: "
-        '{"dry_run": true, "kind", "plan"} (plan null when the model\'s config.json is not '
-        "readable by the API: hub models, a job still running)"
-    }
-}
-
-
-def _submit(request: Request, kind: str, spec: dict[str, Any], dry_run: bool = False) -> Response:
-    principal: Principal = request.state.principal
-    state = request.app.state
-    if dry_run:
-        with state.sessionmaker() as session, refusals_as_http():
-            plan = plan_submission(session, state.settings, principal, kind, spec)
-        return JSONResponse({"dry_run": True, "kind": kind, "plan": plan})
-    # Its own session rather than SessionDep: a generator dependency costs two thread-pool
-    # round trips per request (enter and exit), and this is the busiest write.
-    with state.sessionmaker() as session, refusals_as_http():
-        submitted = submit_job(
-            session,
-            state.settings,
-            get_celery(request),
-            tenant=principal.tenant,
-            kind=kind,
-            spec=spec,
-            principal=principal,
-            idempotency_key=checked_idempotency_key(request),
-        )
-    response = model_response(JobOut.from_row(submitted.job), 202)
-    if submitted.replayed:
-        replayed(response, f"/jobs/{submitted.job.id}")
-    else:
-        response.headers["Location"] = f"/jobs/{submitted.job.id}"
-    return response
-
-
-@router.post(
-    "/prune",
-    status_code=202,
-    response_model=JobOut,
-    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
-)
-def submit_prune(
-    spec: PruneSpec,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-    dry_run: DryRun = False,
-) -> Response:
-    """Queue a one-shot depth-pruning job."""
-    return _submit(request, "prune", spec.model_dump(mode="json"), dry_run)
-
-
-@router.post(
-    "/retrain",
-    status_code=202,
-    response_model=JobOut,
-    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
-)
-def submit_retrain(
-    spec: RetrainSpec,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-    dry_run: DryRun = False,
-) -> Response:
-    """Queue a retraining job (LoRA, continued pretraining, or both)."""
-    return _submit(request, "retrain", spec.model_dump(mode="json"), dry_run)
-
-
-@router.post(
-    "/eval",
-    status_code=202,
-    response_model=JobOut,
-    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
-)
-def submit_eval(
-    spec: EvalSpec,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-    dry_run: DryRun = False,
-) -> Response:
-    """Queue an evaluation job (perplexity, zero-shot accuracy, efficiency)."""
-    return _submit(request, "eval", spec.model_dump(mode="json"), dry_run)
-
-
-@router.post(
-    "/search",
-    status_code=202,
-    response_model=JobOut,
-    responses={**SUBMIT_RESPONSES, **DRY_RUN_RESPONSE},
-)
-def submit_search(
-    spec: SearchSpec,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-    dry_run: DryRun = False,
-) -> Response:
-    """Queue a search: every criterion at every block count the budget admits, ranked by
-    perplexity on held-out calibration documents; the best is pruned and published."""
-    return _submit(request, "search", spec.model_dump(mode="json"), dry_run)
 
 
 @router.get("", response_model=JobPage)
@@ -178,10 +54,10 @@ def list_jobs(
 ) -> JobPage:
     """Jobs, newest first, one page at a time: the caller's tenant's (an admin's: all)."""
     try:
-        jobs, next_cursor = crud.list_jobs(
+        jobs, next_cursor = job_reads.list_jobs(
             session, kind=kind, status=status, limit=limit, after=after, tenant=principal.scope
         )
-    except crud.InvalidCursor as exc:
+    except InvalidCursor as exc:
         raise HTTPException(
             422, detail=[{"loc": ["query", "after"], "msg": str(exc), "type": "value_error"}]
         ) from exc
@@ -192,13 +68,13 @@ def list_jobs(
 async def get_job(job_id: JobId, request: Request, principal: PrincipalDep) -> Response:
     # The busiest route (clients poll it): a coroutine, so that no thread hand-over is paid
     # for it. The row and its attempts are read by the lean path of the job store, on the
-    # event loop with PostgreSQL (crud.read_job_async), on a worker thread with SQLite; the
+    # event loop with PostgreSQL (job_reads.read_job_async), on a worker thread with SQLite; the
     # pipeline only for a linked job (on a thread: the ORM); the model serialised once.
     state = request.app.state
     if state.reads is not None:
-        job = await crud.read_job_async(state.reads, job_id, principal.scope)
+        job = await job_reads.read_job_async(state.reads, job_id, principal.scope)
     else:
-        job = await run_in_threadpool(crud.read_job, state.engine, job_id, principal.scope)
+        job = await run_in_threadpool(job_reads.read_job, state.engine, job_id, principal.scope)
     if job is None:
         raise HTTPException(404, detail=f"job {job_id} not found")
     out = JobOut.from_row(job)
@@ -251,7 +127,7 @@ def list_events(
 ) -> list[EventOut]:
     """The job's events in order: stage and status changes, warnings, metrics, logs."""
     _job_or_404(session, job_id, principal)
-    return [EventOut.from_row(e) for e in crud.list_events(session, job_id, after_seq, limit)]
+    return [EventOut.from_row(e) for e in events.list_events(session, job_id, after_seq, limit)]
 
 
 @router.post(
@@ -271,8 +147,8 @@ def cancel_job(
     job_id: JobId, response: Response, session: SessionDep, principal: PrincipalDep
 ) -> JobOut:
     try:
-        outcome = crud.request_cancel(session, job_id, principal.scope)
-    except crud.JobFinished as exc:
+        outcome = job_lifecycle.request_cancel(session, job_id, principal.scope)
+    except job_lifecycle.JobFinished as exc:
         raise HTTPException(409, detail=f"job {job_id} has already {exc.job.status}") from exc
     if outcome is None:
         raise HTTPException(404, detail=f"job {job_id} not found")
@@ -280,44 +156,18 @@ def cancel_job(
     return JobOut.from_row(outcome.job)
 
 
-def _artifact_entries(job: Job, manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The job's files as recorded in the job store when it succeeded; the manifest in the
-    store must agree, or the published output has been tampered with or damaged."""
-    recorded = job.artifacts if job.artifacts is not None else (manifest or {}).get("files", [])
-    if manifest is None:
-        raise HTTPException(404, detail=f"no published artifacts for job {job.id}")
-
-    def as_set(entries: list[dict[str, Any]]) -> set[tuple[str, int, str]]:
-        return {(e["name"], e["size"], e["sha256"]) for e in entries}
-
-    if as_set(manifest["files"]) != as_set(recorded):
-        raise APIError(
-            502,
-            "artifact_corrupted",
-            f"the published manifest of job {job.id} does not match the files recorded "
-            "when it succeeded",
-        )
-    return [{"name": e["name"], "size": e["size"], "sha256": e["sha256"]} for e in recorded]
-
-
 def _published_files(
     request: Request, session: Any, job_id: str, principal: Principal
 ) -> tuple[Job, list[dict[str, Any]]]:
-    from shortened.storage import IntegrityError, read_manifest
-
     job = _job_or_404(session, job_id, principal)
     if job.status != "succeeded":
         raise HTTPException(
             409, detail=f"job {job_id} is {job.status}; only succeeded jobs have artifacts"
         )
-    store = get_store(request)
-    try:
-        manifest = read_manifest(store, f"jobs/{job.id}")
-    except IntegrityError as exc:
-        raise APIError(502, "artifact_corrupted", f"job {job_id}: {exc}") from exc
-    except Exception as exc:
-        raise APIError(503, "storage_unavailable", f"artifact store error: {exc}") from exc
-    return job, _artifact_entries(job, manifest)
+    files = artifact_stream.published_files(get_store(request), job)
+    if files is None:
+        raise HTTPException(404, detail=f"no published artifacts for job {job.id}")
+    return job, files
 
 
 ARTIFACT_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -340,23 +190,10 @@ def list_artifacts(
     object-store URL (verify the sha256 yourself), or (local store) a path on this API that
     streams the file after verifying it."""
     job, files = _published_files(request, session, job_id, principal)
-    store = get_store(request)
     root_path = request.scope.get("root_path", "")
-    links = []
-    for entry in files:
-        url = store.presigned_url(f"jobs/{job.id}/{entry['name']}", settings.presign_expiry_s)
-        if url is None:
-            url = f"{root_path}/jobs/{job.id}/artifacts/{quote(entry['name'], safe='/')}"
-        links.append(
-            ArtifactLink(name=entry["name"], size=entry["size"], sha256=entry["sha256"], url=url)
-        )
-    return links
-
-
-def _stream_file(handle: Any, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    with handle:
-        while chunk := handle.read(chunk_size):
-            yield chunk
+    return artifact_stream.download_links(
+        get_store(request), job, files, root_path, settings.presign_expiry_s
+    )
 
 
 @router.get(
@@ -375,47 +212,14 @@ def download_artifact(
     """Stream one published file, verified first: the object is fetched and its size and
     sha256 checked against the job's record; a mismatch is a 502 ``artifact_corrupted``,
     never a download. Only names listed for the job are served."""
-    from shortened.storage import ArtifactNotFound, IntegrityError
-
     job, files = _published_files(request, session, job_id, principal)
     entry = next((f for f in files if f["name"] == name), None)
     if entry is None:  # also rejects '..', absolute and otherwise unsafe names
         raise HTTPException(404, detail=f"job {job_id} has no artifact {name!r}")
     spool = settings.data_dir.resolve() / "tmp" / "downloads"
-    spool.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{job.id}-", dir=spool)
-    os.close(fd)
-    tmp = PathLib(tmp_name)
-    try:
-        try:
-            # Hashed while it downloads; the file appears only if size and sha256 match.
-            get_store(request).get_file_verified(
-                f"jobs/{job.id}/{entry['name']}", tmp, entry["name"], entry["size"], entry["sha256"]
-            )
-        except ArtifactNotFound as exc:
-            raise APIError(
-                502, "artifact_corrupted", f"artifact {name!r} is listed but missing from the store"
-            ) from exc
-        except IntegrityError as exc:
-            log.error("job %s artifact %s does not match its sha256/size: %s", job.id, name, exc)
-            raise APIError(
-                502,
-                "artifact_corrupted",
-                f"artifact {name!r} of job {job_id} does not match its recorded sha256 and size",
-            ) from exc
-        except Exception as exc:
-            raise APIError(503, "storage_unavailable", f"artifact store error: {exc}") from exc
-        handle = tmp.open("rb")
-    finally:
-        # Unlinked at once: the open handle keeps the data until the stream is closed.
-        tmp.unlink(missing_ok=True)
-    filename = quote(entry["name"].rsplit("/", 1)[-1])
+    handle = artifact_stream.open_verified(get_store(request), spool, job, entry)
     return StreamingResponse(
-        _stream_file(handle),
+        artifact_stream.stream(handle),
         media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(entry["size"]),
-            "ETag": f'"{entry["sha256"]}"',
-            "Content-Disposition": f"attachment; filename*=UTF-8''{filename}",
-        },
+        headers=artifact_stream.download_headers(entry),
     )

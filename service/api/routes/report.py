@@ -22,13 +22,14 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 from sqlalchemy.orm import Session
 
-from service import crud
 from service.api.deps import SessionDep
 from service.api.routes.jobs import JobId
 from service.auth import PrincipalDep, get_principal
 from service.errors import coded
 from service.models import FINISHED_STATUSES, Job
-from service.pipeline import PRUNING_KINDS, pipeline_of
+from service.pipeline import pipeline_of
+from service.stores.job_reads import get_job
+from shortened.kinds import pruning_kinds
 from shortened.render import block_score_svg
 
 router = APIRouter(
@@ -185,7 +186,7 @@ def pipeline_eval(session: Session, job: Job, scope: str | None) -> tuple[Job | 
     found: dict[str, Job] = {}
     for step in pipeline.jobs:
         if step.kind in ("eval", "retrain") and step.kind not in found:
-            linked = crud.get_job(session, step.id, scope)
+            linked = get_job(session, step.id, scope)
             if linked is not None:
                 found[step.kind] = linked
     return found.get("eval"), found.get("retrain")
@@ -340,7 +341,7 @@ def job_report(
 ) -> HTMLResponse:
     """The job's report as an HTML page: block-score chart and parent-vs-pruned table for a
     prune job (a search job adds its ranked candidates), the comparison table for an eval job, progress while the job runs."""
-    job = crud.get_job(session, job_id, principal.scope)
+    job = get_job(session, job_id, principal.scope)
     if job is None:
         raise HTTPException(404, detail=f"job {job_id} not found")
     finished = job.status in FINISHED_STATUSES
@@ -365,10 +366,10 @@ def job_report(
         "result_items": [],
     }
     if job.status == "succeeded":
-        if job.kind in PRUNING_KINDS:
+        if job.kind in pruning_kinds():
             context["prune"] = prune_context(session, job, principal.scope)
         elif job.kind == "eval":
             context["eval_rows"] = eval_rows(job.result or {})
-        if job.kind not in PRUNING_KINDS:
+        if job.kind not in pruning_kinds():
             context["result_items"] = flat_items(job.result or {})
     return templates.TemplateResponse(request, "report.html", context)

@@ -8,22 +8,30 @@ once only, when it is created (endpoint) or rotated (signing secret).
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
-from service import crud
 from service.api.deps import SessionDep
 from service.auth import Principal, PrincipalDep, get_principal
 from service.errors import coded
-from service.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from service.models import WebhookDelivery, WebhookEndpoint
 from service.quotas import check_webhook_endpoint_count
-from service.webhooks import is_job_callback, rotate_signing_secret, store, target_error
-from shortened.specs import WebhookEventType, check_webhook_url
+from service.schemas.webhooks import (
+    DeliveryPage,
+    DeliveryStatus,
+    SigningSecretOut,
+    WebhookDeliveryOut,
+    WebhookEndpointCreated,
+    WebhookEndpointIn,
+    WebhookEndpointOut,
+)
+from service.stores import job_reads
+from service.stores import webhooks as store
+from service.stores.paging import InvalidCursor
+from service.webhooks import is_job_callback, rotate_signing_secret, target_error
 
 router = APIRouter(
     tags=["webhooks"],
@@ -35,119 +43,6 @@ router = APIRouter(
 )
 
 Id = Annotated[str, Path(max_length=64)]
-DeliveryStatus = Literal["pending", "succeeded", "failed"]
-
-
-# ---------------------------------------------------------------------------- schemas
-
-
-class WebhookEndpointIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(description="http(s) URL notified of the tenant's job state changes")
-    event_types: list[WebhookEventType] | None = Field(
-        default=None, min_length=1, description="Only these events (default: all)"
-    )
-    description: str | None = Field(default=None, max_length=255)
-
-    @field_validator("url")
-    @classmethod
-    def _url_ok(cls, value: str) -> str:
-        return check_webhook_url(value)
-
-
-class WebhookEndpointOut(BaseModel):
-    id: str
-    tenant: str
-    url: str
-    event_types: list[str] | None
-    description: str | None
-    enabled: bool
-    created_at: datetime
-
-    @classmethod
-    def from_row(cls, row: WebhookEndpoint) -> WebhookEndpointOut:
-        return cls(
-            id=row.id,
-            tenant=row.tenant,
-            url=row.url,
-            event_types=row.event_types,
-            description=row.description,
-            enabled=row.enabled,
-            created_at=row.created_at,
-        )
-
-
-class WebhookEndpointCreated(WebhookEndpointOut):
-    secret: str = Field(
-        description="Signing secret (whsec_...), shown this once: verify each message with it"
-    )
-
-
-class SigningSecretOut(BaseModel):
-    tenant: str
-    secret: str = Field(description="whsec_..., shown this once")
-    created_at: datetime
-
-
-class WebhookAttemptOut(BaseModel):
-    attempt: int = Field(description="1, 2, ... across manual retries too")
-    time: datetime
-    status_code: int | None = Field(description="HTTP status, None when no response")
-    error: str | None
-    duration_ms: float | None
-
-
-class WebhookDeliveryOut(BaseModel):
-    id: str = Field(description="The message's webhook-id (the same on every try)")
-    tenant: str
-    endpoint_id: str | None = Field(description="None: the job's own callback (spec.webhook)")
-    job_id: str | None
-    url: str
-    event_type: str
-    status: DeliveryStatus
-    attempts: int = Field(description="Tries in the current round (reset by a manual retry)")
-    next_attempt_at: datetime | None = Field(description="When a pending one is tried next")
-    last_status_code: int | None
-    last_error: str | None
-    created_at: datetime
-    delivered_at: datetime | None
-    payload: dict[str, Any]
-    attempt_log: list[WebhookAttemptOut] = Field(description="Every try, oldest first")
-
-    @classmethod
-    def from_row(cls, row: WebhookDelivery, attempts: list[WebhookAttempt]) -> WebhookDeliveryOut:
-        return cls(
-            id=row.id,
-            tenant=row.tenant,
-            endpoint_id=row.endpoint_id,
-            job_id=row.job_id,
-            url=row.url,
-            event_type=row.event_type,
-            status=row.status,  # type: ignore[arg-type]
-            attempts=row.attempts,
-            next_attempt_at=row.next_attempt_at if row.status == "pending" else None,
-            last_status_code=row.last_status_code,
-            last_error=row.last_error,
-            created_at=row.created_at,
-            delivered_at=row.delivered_at,
-            payload=row.payload,
-            attempt_log=[
-                WebhookAttemptOut(
-                    attempt=a.attempt,
-                    time=a.time,
-                    status_code=a.status_code,
-                    error=a.error,
-                    duration_ms=a.duration_ms,
-                )
-                for a in attempts
-            ],
-        )
-
-
-class DeliveryPage(BaseModel):
-    items: list[WebhookDeliveryOut]
-    next_cursor: str | None = Field(description="Pass as ?after= to get the next (older) page")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -245,7 +140,7 @@ def list_deliveries(
             limit=limit,
             after=after,
         )
-    except crud.InvalidCursor as exc:
+    except InvalidCursor as exc:
         raise HTTPException(
             422, detail=[{"loc": ["query", "after"], "msg": str(exc), "type": "value_error"}]
         ) from exc
@@ -309,6 +204,6 @@ def job_deliveries(
 ) -> list[WebhookDeliveryOut]:
     """The job's messages in the order they were created (the job's own order), each
     with every try."""
-    if crud.get_job(session, job_id, principal.scope) is None:
+    if job_reads.get_job(session, job_id, principal.scope) is None:
         raise HTTPException(404, detail=f"job {job_id} not found")
     return _with_attempts(session, store.job_deliveries(session, job_id))

@@ -1,17 +1,34 @@
-"""Response models of the API. Request bodies are the shared specs in ``shortened.specs``."""
+"""Response models of the job routes: a job (with its progress, attempts, pipeline and
+artifacts), a page of jobs, an event. Their request bodies are the shared specs in
+``shortened.specs``."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, WithJsonSchema
 
 from service.models import Job, JobAttempt, JobEvent, JobRow
+from shortened.kinds import JOB_KINDS, kind_names
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["prune", "retrain", "eval", "search"]
+
+
+def _known_kind(value: str) -> str:
+    if value not in JOB_KINDS:
+        raise ValueError(f"unknown job kind {value!r}; one of: {', '.join(JOB_KINDS)}")
+    return value
+
+
+# A kind of the job-kind table (``shortened.kinds``), checked against the table when a
+# request is read (the schema's enum lists the kinds known when the app started).
+JobKind = Annotated[
+    str,
+    AfterValidator(_known_kind),
+    WithJsonSchema({"type": "string", "enum": list(kind_names())}),
+]
 EventType = Literal["stage", "progress", "warning", "metric", "log", "status"]
 
 
@@ -172,13 +189,3 @@ class EventOut(BaseModel):
             message=event.message,
             data=event.data,
         )
-
-
-class ComponentOut(BaseModel):
-    ok: bool
-    error: str | None = None
-
-
-class ReadinessOut(BaseModel):
-    status: Literal["ready", "unavailable"]
-    components: dict[str, ComponentOut]

@@ -11,10 +11,9 @@ from typing import Any
 from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
-from service.crud import newest_first
 from service.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
-
-from .signing import new_endpoint_id, new_secret
+from service.stores.paging import newest_first
+from service.webhooks.signing import new_endpoint_id, new_secret
 
 
 def _in_scope(row: Any, tenant: str | None) -> Any:
@@ -94,7 +93,7 @@ def list_deliveries(
     limit: int = 50,
     after: str | None = None,
 ) -> tuple[list[WebhookDelivery], str | None]:
-    """Newest first, one page at a time (``crud.newest_first``; raises ``InvalidCursor``)."""
+    """Newest first, one page at a time (``paging.newest_first``; raises ``InvalidCursor``)."""
     d = WebhookDelivery
     query = select(d)
     if tenant is not None:
