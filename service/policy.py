@@ -287,10 +287,8 @@ class SourcePolicy:
         limits = self.settings.limits_for(self.principal.tenant)
         errors: list[dict[str, Any]] = []
 
-        def error(loc: Loc, msg: str, value: Any) -> None:
-            errors.append(
-                {"loc": ["body", *loc], "msg": msg, "type": "value_error", "input": value}
-            )
+        def error(loc: Loc, msg: str, value: Any, type_: str = "value_error") -> None:
+            errors.append({"loc": ["body", *loc], "msg": msg, "type": type_, "input": value})
 
         for loc, field, value in _walk(spec):
             if field in SOURCE_FIELDS and isinstance(value, str):
@@ -327,10 +325,19 @@ class SourcePolicy:
                 allow = self.settings.resolved_webhook_allow_private_targets
                 if (message := target_error(value, allow)) is not None:
                     error(loc, message, value)
+            elif field == "zero_shot" and isinstance(value, dict) and not self.settings.hub_allowed:
+                # lm-eval's tasks read their datasets from the Hub unless defined locally.
+                if not value.get("task_include_path"):
+                    message = (
+                        "zero-shot tasks load their datasets from the Hugging Face Hub, which "
+                        "this server does not allow; give task_include_path (local task "
+                        "definitions with local data) or leave zero_shot out"
+                    )
+                    error((*loc, "tasks"), message, value.get("tasks"), "hub_not_allowed")
             elif field == "mlflow" and loc[-2:-1] == ("tracking",) and isinstance(value, dict):
                 uri = value.get("tracking_uri")
                 if (message := self.settings.mlflow_uri_refusal(uri)) is not None:
-                    error((*loc, "tracking_uri"), message, uri)
+                    error((*loc, "tracking_uri"), message, uri, "tracking_not_allowed")
         return errors
 
 

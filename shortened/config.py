@@ -133,6 +133,10 @@ class Settings(BaseSettings):
         default=True,
         description="Reuse block scores across prune jobs (same model content, criterion, calibration); kept under score-cache/ in the artifact store",
     )
+    cache_scope: Literal["tenant", "global"] = Field(
+        default="tenant",
+        description="Who shares the score and evaluation caches: `tenant` (entries are reused only by jobs of the tenant that computed them; no report reveals another tenant's activity or timings) or `global` (every job, for single-team deployments)",
+    )
     baseline_cache: bool = Field(
         default=True,
         description="Reuse a parent model's evaluation results across eval jobs (same content, sections, texts, device); kept under eval-cache/ in the artifact store",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from shortened.config import Settings
 from shortened.kinds import JobKind
+from shortened.storage.keys import cache_scope
 from worker.reporter import JobReporter
 from worker.scratch import checkpoint_dir
 from worker.sessions import score_lock_factory
@@ -32,6 +33,7 @@ class EngineContext:
     """What one attempt hands its engine call."""
 
     job_id: str
+    tenant: str
     output_dir: Path
     reporter: JobReporter
     store: ArtifactStore
@@ -44,13 +46,20 @@ def _score_cache(ctx: EngineContext) -> Any:
 
     if not ctx.settings.score_cache:
         return None
-    return StoreScoreCache(ctx.store, lock=score_lock_factory(ctx.settings))
+    return StoreScoreCache(ctx.store, lock=score_lock_factory(ctx.settings), scope=_scope(ctx))
 
 
 def _baseline_cache(ctx: EngineContext) -> Any:
     from shortened.engine.baseline_cache import StoreBaselineCache
 
-    return StoreBaselineCache(ctx.store) if ctx.settings.baseline_cache else None
+    if not ctx.settings.baseline_cache:
+        return None
+    return StoreBaselineCache(ctx.store, scope=_scope(ctx))
+
+
+def _scope(ctx: EngineContext) -> str | None:
+    """Whose cache entries this job may reuse (``SHORTENED_CACHE_SCOPE``)."""
+    return cache_scope(ctx.tenant) if ctx.settings.cache_scope == "tenant" else None
 
 
 RESOURCES: dict[str, Callable[[EngineContext], Any]] = {

@@ -137,7 +137,7 @@ class JobRun:
             self.store = self._open_store()
             check_fits(job.kind, job.spec, self.settings)
             context = EngineContext(
-                self.job_id, output_dir, self.reporter, self.store, self.settings
+                self.job_id, job.tenant, output_dir, self.reporter, self.store, self.settings
             )
             report = call_engine(kind, job.spec, context)
             artifacts = self.publish(output_dir, job.kind)

@@ -95,7 +95,7 @@ RETRAIN_ROWS: tuple[Row, ...] = (
         (
             SpecOption(
                 "max_steps",
-                help="Also the CPT/KD stage's budget unless it has a token budget or its own.",
+                help="The CPT/KD stage's budget (unless a token budget or its own is given), and:",
                 also=(f"{STAGES}.max_steps",),
             ),
             SpecOption(

@@ -253,8 +253,3 @@ def spec_values(rows: Sequence[Row], args: argparse.Namespace) -> dict[str, Any]
             for path, value in row.implies.items():
                 _put(values, path, value)
     return values
-
-
-def option_flags(rows: Sequence[Row]) -> dict[str, str]:
-    """The flag of each spec path in a table (for messages naming the option to give)."""
-    return {row.path: row.long_flag for row in _flat(rows) if isinstance(row, SpecOption)}

@@ -229,15 +229,21 @@ class DirectoryScoreCache(ScoreCache):
 
 
 class StoreScoreCache(ScoreCache):
-    """Entries as ``score-cache/<key>.json`` in the artifact store, shared by all workers.
-    ``lock`` comes from the caller (the worker uses a job-store lock that spans machines)."""
+    """Entries as ``score-cache/[<scope>/]<key>.json`` in the artifact store, shared by all
+    workers. ``scope`` separates whose entries they are (the service passes the tenant's
+    scope unless the operator shares caches globally): an entry is reused only within its
+    scope. ``lock`` comes from the caller (the worker uses a job-store lock that spans
+    machines)."""
 
-    def __init__(self, store: ArtifactStore, lock: LockFactory | None = None) -> None:
+    def __init__(
+        self, store: ArtifactStore, lock: LockFactory | None = None, scope: str | None = None
+    ) -> None:
         self.store = store
         self._lock = lock
+        self.scope = scope
 
     def location(self, key: str) -> str:
-        return cache_entry_key(self.PREFIX, key)
+        return cache_entry_key(self.PREFIX, key, self.scope)
 
     def load(self, key: str) -> dict[str, Any] | None:
         from shortened.storage import ArtifactNotFound
@@ -255,4 +261,4 @@ class StoreScoreCache(ScoreCache):
     ) -> contextlib.AbstractContextManager[None]:
         if self._lock is None:
             return contextlib.nullcontext()
-        return self._lock(key, on_wait)
+        return self._lock(f"{self.scope}-{key}" if self.scope else key, on_wait)

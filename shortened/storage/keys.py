@@ -4,6 +4,7 @@ escaping the store or a destination directory)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -32,10 +33,18 @@ def scratch_prefix(job_id: str) -> str:
     return f"scratch/{job_id}"
 
 
-def cache_entry_key(prefix: str, key: str) -> str:
+def cache_entry_key(prefix: str, key: str, scope: str | None = None) -> str:
     """The object of one cache entry under ``prefix`` (``SCORE_CACHE_PREFIX``,
-    ``EVAL_CACHE_PREFIX``)."""
-    return f"{prefix}/{key}.json"
+    ``EVAL_CACHE_PREFIX``), in ``scope``'s part of it when given (see :func:`cache_scope`)."""
+    return f"{prefix}/{scope}/{key}.json" if scope else f"{prefix}/{key}.json"
+
+
+def cache_scope(tenant: str | None) -> str | None:
+    """The cache scope of ``tenant`` (None: the global scope): a digest, so that no tenant
+    name, whatever its characters, shapes a key, and none can be guessed from a listing."""
+    if tenant is None:
+        return None
+    return "tenant-" + hashlib.sha256(tenant.encode()).hexdigest()[:24]
 
 
 def check_key(key: str) -> str:

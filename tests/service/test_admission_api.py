@@ -194,3 +194,27 @@ def test_jobs_no_worker_can_hold_are_refused_on_every_path(small_workers: TestCl
     schedule = {"name": "nightly", "cron": "0 2 * * *", "kind": "prune", "template": spec()}
     memory_refusal(small_workers.post("/schedules", json=schedule))
     assert queued(small_workers) == 0
+
+
+def test_what_this_deployment_cannot_do_is_refused_with_its_own_code(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, hub_allowed=False)
+    with TestClient(create_app(settings)) as client:
+        evaluation = {"model": "models/tiny-llama", "zero_shot": {"tasks": ["piqa"]}}
+        for path in ("/jobs/eval", "/jobs/eval?dry_run=true"):
+            response = client.post(path, json=evaluation)
+            assert response.status_code == 422, response.text
+            [error] = response.json()["detail"]
+            assert error["loc"] == ["body", "zero_shot", "tasks"]
+            assert error["type"] == "hub_not_allowed" and "Hub" in error["msg"]
+        in_a_pipeline = spec(eval={"zero_shot": {"tasks": ["piqa"]}})
+        found = refusal(client.post("/jobs/prune", json=in_a_pipeline))
+        assert ("body", "eval", "zero_shot", "tasks") in found
+        local_tasks = {"tasks": ["tiny_task"], "task_include_path": "tests/fixtures/lm_eval_tasks"}
+        accepted = client.post("/jobs/eval", json={**evaluation, "zero_shot": local_tasks})
+        assert accepted.status_code == 202, accepted.text
+        tracked = spec(tracking={"mlflow": {"experiment": "e"}})
+        [error] = client.post("/jobs/prune", json=tracked).json()["detail"]
+        assert "no MLflow tracking server is configured" in error["msg"]
+        assert error["type"] == "tracking_not_allowed"
