@@ -238,6 +238,7 @@ def plan_for(argv: list[str], config: dict[str, Any] | None = None) -> dict[str,
     config = config or model_config(spec.model, Lookups())
     assert config is not None
     plan = plan_job(args.command, spec, config)
+    assert plan is not None  # every kind benchmarked here has a plan
     return plan.to_dict()
 
 

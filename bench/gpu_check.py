@@ -106,6 +106,7 @@ def prune(source: Path, output: Path, criterion: str, weights: int) -> dict[str,
     )
     report, figures = measured(lambda: prune_model(spec, output))
     plan = plan_job("prune", spec, json.loads((source / "config.json").read_text()), "cuda")
+    assert plan is not None  # every kind benchmarked here has a plan
     return {
         **figures,
         "peak_over_weights": round(figures["peak_cuda_bytes"] / weights, 2),

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -47,6 +48,12 @@ def _pids_serving(metrics_dir: Path) -> set[int]:
 @pytest.fixture
 def api_only(tmp_path: Path) -> Iterator[tuple[e2e.Process, str, Path]]:
     """(serve process, URL, data dir): two API processes over a fresh PostgreSQL database."""
+    with two_api_processes(tmp_path) as served:
+        yield served
+
+
+@contextmanager
+def two_api_processes(tmp_path: Path, **settings: str) -> Iterator[tuple[e2e.Process, str, Path]]:
     model = tmp_path / "models" / "tiny"
     model.mkdir(parents=True)
     (model / "config.json").write_text((e2e.TINY_MODEL / "config.json").read_text())
@@ -62,6 +69,7 @@ def api_only(tmp_path: Path) -> Iterator[tuple[e2e.Process, str, Path]]:
                 "SHORTENED_ARTIFACTS_URL": (tmp_path / "artifacts").as_uri(),
                 "SHORTENED_ALLOWED_LOCAL_ROOTS": json.dumps([str(tmp_path), str(e2e.REPO)]),
                 "SHORTENED_REAPER_INTERVAL_S": "1",
+                **settings,
             }
         )
         process = e2e.start_process(
@@ -205,3 +213,24 @@ def test_shortened_serve_with_two_api_processes_stops_cleanly_on_sigterm(tmp_pat
     assert not list((tmp_path / "var" / "metrics").glob("api-*"))
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/healthz", timeout=2)
+
+
+def test_the_write_rate_limit_is_one_bucket_for_all_processes(tmp_path: Path) -> None:
+    """A client opening a new connection per request reaches both processes; the tenant still
+    gets the burst once, not once per process (the bucket is in Redis)."""
+    import httpx
+
+    burst = 6
+    with two_api_processes(
+        tmp_path, SHORTENED_WRITE_RATE_PER_S="0.01", SHORTENED_WRITE_BURST=str(burst)
+    ) as (process, url, _):
+        spec = {"model": str(tmp_path / "models" / "tiny"), "num_blocks": 1,
+                "criterion": "magnitude"}  # fmt: skip
+        assert len(_api_processes(process.popen.pid)) == 2
+        statuses = []
+        for _ in range(4 * burst):
+            with httpx.Client(base_url=url) as client:  # a new connection each time
+                response = client.post("/jobs/prune?dry_run=true", json=spec)
+                statuses.append(response.status_code)
+        assert statuses.count(200) == burst, statuses
+        assert statuses.count(429) == 3 * burst, statuses
