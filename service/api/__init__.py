@@ -1,0 +1,1 @@
+"""The FastAPI app's request handling: dependencies, admission helpers, docs, and ``routes/``."""

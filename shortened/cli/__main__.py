@@ -1,3 +1,5 @@
+"""``python -m shortened.cli``: the same entry point as the ``shortened`` command."""
+
 import sys
 
 from . import main

@@ -33,7 +33,10 @@ from tests.e2e_service import (
 
 pytestmark = pytest.mark.e2e
 
-SERVE = "import service.serve as s; s.WORKER_APP = 'tests.slow_worker'; s.main()"
+SERVE = (
+    "import service.serve as s, service.commands as c; s.WORKER_APP = 'tests.slow_worker'; "
+    "c.main(['serve'])"
+)
 
 
 def start_serve(root: Path, port: int, log_name: str, **env: str) -> Process:
