@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from shortened.deadline import DeadlineExceeded, call_with_deadline
 from shortened.engine.families import FAMILIES
 from shortened.locations import local_path
 from shortened.model_configs import (
@@ -411,7 +412,10 @@ def s3_lookups(
     def call(uri: str, action: Callable[[str, str], Any]) -> Any:
         bucket, key = split(uri)
         try:
-            return action(bucket, key)
+            # Whole-call: botocore's timeouts bound each connect and read, not a slow drip.
+            return call_with_deadline(lambda: action(bucket, key), 2 * timeout_s, f"S3 {uri}")
+        except DeadlineExceeded:
+            raise Unknown("no answer in time") from None
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = str(exc.response.get("Error", {}).get("Code", ""))

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shortened.redact import redact_uri
+
 
 def is_loopback_host(host: str) -> bool:
     """Whether binding ``host`` only accepts connections from this machine."""
@@ -329,6 +331,19 @@ class Settings(BaseSettings):
         description="Retries of a failed request to the tracking server (each job waits for "
         "them, so few: tracking never fails a job, but it can slow one)",
     )
+    mlflow_call_deadline_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Longest a job waits for one exchange with the tracking server, whatever "
+        "the server does (a slow-drip answer included); past it the job goes on without tracking",
+    )
+    mlflow_registry_scope: Literal["tenant", "global"] = Field(
+        default="tenant",
+        description="Registered model names: `tenant` registers `register_as` as "
+        "`<tenant>.<register_as>` so that tenants never share or overwrite each other's "
+        "models; `global` registers the name as given (single-team deployments)",
+    )
 
     def mlflow_uri_refusal(self, uri: str | None) -> str | None:
         """Why a spec's tracking server may not be used here (None: it may). Only the
@@ -347,9 +362,10 @@ class Settings(BaseSettings):
             )
         if uri.rstrip("/") in allowed:
             return None
+        shown = [redact_uri(u) or "" for u in allowed]
         return (
             "this MLflow tracking server is not allowed here; use the server's default (omit tracking_uri)"
-            + (f" or one of {', '.join(allowed)}" if len(allowed) > 1 else "")
+            + (f" or one of {', '.join(shown)}" if len(allowed) > 1 else "")
         )
 
     @property

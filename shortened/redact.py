@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 PATH = "<path>"
 TRACEBACK_HEADER = "Traceback (most recent call last)"
@@ -40,6 +41,29 @@ _VERSION = re.compile(
 # the library version in its URL.
 _PYDANTIC_URL = re.compile(r"\s*For further information visit https://errors\.pydantic\.dev\S*")
 MAX_MESSAGE = 2000
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` as it may be shown anywhere (responses, events, logs of a job): without
+    user-info (``user:password@``), query string or fragment, where credentials and tokens
+    travel. The one redaction for every URI the service shows."""
+    if not uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<uri>"
+    if not parts.scheme or not parts.netloc:
+        return uri if "@" not in uri and "?" not in uri else "<uri>"
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def redact(text: str) -> str:

@@ -28,7 +28,9 @@ from service.pipeline import planned_kinds, root_of
 from service.stores import events as event_store
 from service.stores import job_reads
 from shortened.config import Settings
+from shortened.deadline import DeadlineExceeded, call_with_deadline
 from shortened.engine.progress import Progress
+from shortened.redact import redact_uri
 from shortened.storage.keys import job_prefix
 
 if TYPE_CHECKING:
@@ -84,6 +86,19 @@ def target_for(spec: dict[str, Any], settings: Settings) -> MlflowTarget | str |
     if settings.mlflow_tracking_uri:
         return MlflowTarget(settings.mlflow_tracking_uri.rstrip("/"), settings.mlflow_experiment)
     return None
+
+
+_NOT_IN_MODEL_NAMES = re.compile(r"[^A-Za-z0-9 _.@+-]+")
+
+
+def registered_name(name: str, tenant: str, settings: Settings) -> str:
+    """The registry name of a job's ``register_as``: ``<tenant>.<name>`` so that tenants never
+    share or overwrite each other's registered models (``SHORTENED_MLFLOW_REGISTRY_SCOPE``:
+    ``global`` registers ``name`` itself). The tenant part keeps only the characters MLflow
+    allows in a registered model name."""
+    if settings.mlflow_registry_scope == "global":
+        return name
+    return f"{_NOT_IN_MODEL_NAMES.sub('-', tenant)}.{name}"
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -214,21 +229,25 @@ class MlflowRun:
         if self.broken:
             return
         try:
-            call()
+            call_with_deadline(call, self.settings.mlflow_call_deadline_s, f"mlflow: {what}")
         except Exception as exc:
-            # Stop only when the server is down or failing: one it answered with a refusal
-            # (a bad name, a permission) still takes the rest (ending the run above all).
-            self.broken = getattr(exc, "error_code", "INTERNAL_ERROR") in SERVER_TROUBLE
+            # Stop only when the server is down, failing or too slow: one it answered with a
+            # refusal (a bad name, a permission) still takes the rest (ending the run above
+            # all). The tenant sees the class of failure; the client library's text (which
+            # may quote server URLs and settings) goes to the server log only.
+            code = getattr(exc, "error_code", "INTERNAL_ERROR")
+            self.broken = isinstance(exc, DeadlineExceeded) or code in SERVER_TROUBLE
+            log.warning("job %s: mlflow: %s failed: %r", self.job_id, what, exc)
+            reason = "no answer in time" if isinstance(exc, DeadlineExceeded) else code
             _warn(
                 self.sessions,
                 self.job_id,
-                f"mlflow: {what} failed"
-                + (", the job goes on without tracking: " if self.broken else ": ")
-                + f"{type(exc).__name__}: {str(exc)[:300]}",
+                f"mlflow: {what} failed ({reason})"
+                + (", the job goes on without tracking" if self.broken else ""),
             )
 
     def start(self) -> None:
-        self._attempt(f"starting the run on {self.target.tracking_uri}", self._start)
+        self._attempt(f"starting the run on {redact_uri(self.target.tracking_uri)}", self._start)
 
     def _start(self) -> None:
         # Read by mlflow's HTTP client at every request: a down server costs each job
@@ -256,7 +275,7 @@ class MlflowRun:
         )
         self.run_id = run.info.run_id
         self.info = {
-            "tracking_uri": self.target.tracking_uri,
+            "tracking_uri": redact_uri(self.target.tracking_uri),
             "experiment_id": self.experiment_id,
             "run_id": self.run_id,
             "parent_run_id": self.parent_run_id,
@@ -370,7 +389,7 @@ class MlflowRun:
 
         self._attempt("logging the results", results)
         if status == "succeeded" and self.target.register_as and self.kind in MODEL_KINDS:
-            name = self.target.register_as
+            name = registered_name(self.target.register_as, self.tenant, self.settings)
             self._attempt("registering the model", lambda: self._register(name))
         self._attempt("ending the run", finish)
 
@@ -395,7 +414,10 @@ class MlflowRun:
             run_id=self.run_id,
             tags={"shortened.job_id": self.job_id, "shortened.kind": self.kind},
         )
-        registered = {"name": name, "version": str(version.version), "source": source}
+        # The version's source is the store's own URL (the operator's setting): shown as
+        # the job's output, which is what it is.
+        shown = f"job://{self.job_id}"
+        registered = {"name": name, "version": str(version.version), "source": shown}
         assert self.info is not None
         self.info["registered_model"] = registered
         _note(

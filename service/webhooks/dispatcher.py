@@ -23,6 +23,7 @@ from service.models import (
     utcnow,
 )
 from shortened.config import Settings
+from shortened.deadline import DeadlineExceeded, call_with_deadline
 
 from .outbox import is_job_callback
 from .signing import tenant_signing_secret
@@ -212,20 +213,33 @@ class WebhookDispatcher(BackgroundLoop):
                 "webhook-signature": Webhook(secret).sign(msg_id, timestamp, body),
                 **extra_headers,
             }
-            with self._http().stream(
-                "POST", request_url, content=body.encode(), headers=headers, extensions=extensions
-            ) as response:
-                status_code = response.status_code
-                if not 200 <= status_code < 300:
+
+            def exchange() -> tuple[int, str | None]:
+                with self._http().stream(
+                    "POST",
+                    request_url,
+                    content=body.encode(),
+                    headers=headers,
+                    extensions=extensions,
+                ) as response:
+                    if 200 <= response.status_code < 300:
+                        return response.status_code, None
                     snippet = b""
                     for chunk in response.iter_bytes():
                         snippet += chunk
                         if len(snippet) >= BODY_SNIPPET:
                             break
                     text = snippet[:BODY_SNIPPET].decode(errors="replace").strip()
-                    error = f"HTTP {status_code}" + (f": {text}" if text else "")
-                    if 300 <= status_code < 400:
-                        error += " (redirects are not followed)"
+                    failure = f"HTTP {response.status_code}" + (f": {text}" if text else "")
+                    if 300 <= response.status_code < 400:
+                        failure += " (redirects are not followed)"
+                    return response.status_code, failure
+
+            # Whole-call: httpx's timeout bounds each read, not a receiver that drips.
+            deadline = 2 * self.settings.webhook_timeout_s
+            status_code, error = call_with_deadline(exchange, deadline, f"webhook {msg_id}")
+        except DeadlineExceeded:
+            error = f"no complete answer within {2 * self.settings.webhook_timeout_s:g} s"
         except TargetRefused as exc:
             error = f"refused: {exc}"
         except Exception as exc:  # connection refused, timeout, TLS, ...

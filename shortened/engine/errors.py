@@ -98,6 +98,21 @@ class DeviceUnavailable(EngineError):
     code = "device_unavailable"
 
 
+class NonFinite(EngineError):
+    """A stage's output holds NaN or infinity: block scores, a candidate's perplexity, a
+    training or validation loss, a metric, or the weights about to be saved. Nothing is
+    published."""
+
+    code = "non_finite"
+
+
+class QualityGateFailed(EngineError):
+    """The output's perplexity on held-out text exceeds its parent's by more than the spec's
+    ``quality_gate.max_ppl_ratio``: a collapsed model, not published."""
+
+    code = "quality_gate"
+
+
 class StorageError(EngineError):
     """Outputs cannot be written: the disk or artifact store is full, read-only or denied."""
 

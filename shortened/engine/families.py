@@ -1,18 +1,34 @@
 """The model families pruning supports, by ``config.model_type``: where a family keeps its
-decoder blocks and final norm, and which config fields follow the block count.
+decoder blocks and final norm, which config fields follow the block count, which blocks are
+mixture-of-experts blocks, the shape of a block (for parameter counts from ``config.json``)
+and, for a vision-language checkpoint, which Auto class loads it and where its text config is.
 
 Torch-free, so admission can check a checkpoint's ``config.json`` without importing torch;
-``architectures.py`` does the block surgery on top of it.
+``architectures.py`` does the block surgery on top of it and ``shortened.param_estimates``
+counts parameters from it.
 
-Adding a family: one ``FamilyAdapter(...)`` line in ``FAMILIES`` and one test case.
+Adding a family: one ``FamilyAdapter(...)`` line in ``FAMILIES`` and one test case (a config
+in ``tests/helpers.py::FAMILY_CONFIGS``). A family whose blocks are not interchangeable goes
+into ``REFUSED`` with the reason.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import UnsupportedArchitecture
+
+# Reads one config field: works on a parsed config.json (a dict), a transformers config
+# object, or a config with pending changes (see ``architectures._config_changes``).
+Lookup = Callable[[str], Any]
+
+
+def lookup_of(config: Any) -> Lookup:
+    if isinstance(config, Mapping):
+        return config.get
+    return lambda name: getattr(config, name, None)
 
 
 def _get_path(root: Any, dotted: str) -> Any:
@@ -27,6 +43,58 @@ def _set_path(root: Any, dotted: str, value: Any) -> None:
     setattr(_get_path(root, ".".join(parents)) if parents else root, last, value)
 
 
+# A shape knob is fixed (True/False) or the name of the config field that switches it.
+Flag = bool | str
+
+
+def flag(value: Flag, get: Lookup) -> bool:
+    return bool(get(value)) if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What a decoder block holds besides the usual q/k/v/o projections and gated MLP, so
+    its parameters can be counted from ``config.json`` alone (``shortened.param_estimates``;
+    a test compares the count with the instantiated model of every family)."""
+
+    attention: Literal["gqa", "mla"] = "gqa"  # mla: DeepSeek's low-rank latent attention
+    qkv_bias: Flag = "attention_bias"
+    o_bias: Flag = "attention_bias"
+    # q/k norms: "head" one weight of head_dim shared by the heads (Qwen3, Gemma 3), "width"
+    # one weight per channel of all heads (OLMo 2, OLMoE, Cohere), on when qk_norm_flag is.
+    qk_norm: Literal["none", "head", "width"] = "none"
+    qk_norm_flag: Flag = True
+    sinks: bool = False  # a learned attention-sink logit per head (gpt-oss)
+    mlp_bias: Flag = "mlp_bias"
+    norms: int = 2  # hidden-size norms per block
+    norm_bias: bool = False  # LayerNorm with a bias (StableLM)
+    # A block that is not a plain stack of attention then MLP drops this norm (StableLM's
+    # parallel residual has no post-attention norm).
+    fewer_norms_flag: Flag = False
+
+
+@dataclass(frozen=True)
+class MoeLayout:
+    """Where a mixture-of-experts family routes and which of its blocks are MoE blocks.
+
+    A dense block stays dense and an MoE block stays MoE after renumbering: the layout is
+    recounted (``first_dense``) or turned into the family's explicit per-layer field
+    (``sparse_step``: ``decoder_sparse_step`` becomes 1 with ``mlp_only_layers`` listing the
+    dense blocks), and the result is checked block by block."""
+
+    experts: str  # config field: routed experts per MoE block
+    expert_size: str = "moe_intermediate_size"  # config field: one expert's intermediate size
+    top_k: str = "num_experts_per_tok"
+    router: str = "mlp.gate"  # the router module, relative to a block
+    router_bias: bool = False
+    expert_bias: bool = False  # a bias on each expert's projections (gpt-oss)
+    shared_size: str | None = None  # config field: the shared expert's intermediate size (Qwen2-MoE)
+    shared_gate: bool = False  # a sigmoid gate (hidden -> 1) on the shared expert
+    shared_experts: str | None = None  # config field: shared experts of expert_size (DeepSeek)
+    sparse_step: bool = False  # Qwen-MoE: decoder_sparse_step and mlp_only_layers
+    first_dense: str | None = None  # config field: leading dense blocks (DeepSeek)
+
+
 @dataclass(frozen=True)
 class FamilyAdapter:
     name: str  # human name used in error messages
@@ -37,6 +105,18 @@ class FamilyAdapter:
     per_layer_fields: tuple[str, ...] = ("layer_types",)
     # Integer config fields that count leading layers (Qwen's max_window_layers): recounted over kept blocks.
     leading_count_fields: tuple[str, ...] = field(default=())
+    # Config fields listing absolute layer indices (Qwen-MoE's mlp_only_layers): renumbered.
+    index_fields: tuple[str, ...] = field(default=())
+    shape: BlockShape = BlockShape()
+    moe: MoeLayout | None = None
+    # Vision-language checkpoints: the Auto class that loads the whole model and the config
+    # key of the language model's config (its blocks are the ones pruned).
+    auto_class: str = "AutoModelForCausalLM"
+    text_config_key: str | None = None
+
+    @property
+    def multimodal(self) -> bool:
+        return self.text_config_key is not None
 
     def layers(self, model: Any) -> Any:
         return _get_path(model, self.layers_path)
@@ -47,18 +127,172 @@ class FamilyAdapter:
     def num_layers(self, model: Any) -> int:
         return len(self.layers(model))
 
+    def text_config(self, config: Any) -> Any:
+        """The language model's config (a transformers config or a config.json dict)."""
+        if self.text_config_key is None:
+            return config
+        return lookup_of(config)(self.text_config_key)
+
+    def is_moe_layer(self, get: Lookup, index: int) -> bool:
+        """Whether block ``index`` of a text config (read through ``get``) routes to experts."""
+        moe = self.moe
+        if moe is None or not (get(moe.experts) or 0) > 0:
+            return False
+        if moe.sparse_step:
+            step = get("decoder_sparse_step") or 1
+            return index not in (get("mlp_only_layers") or ()) and (index + 1) % step == 0
+        if moe.first_dense is not None:
+            return index >= (get(moe.first_dense) or 0)
+        return True
+
+
+_QWEN_MOE = MoeLayout("num_experts", sparse_step=True)
+_DEEPSEEK_MOE = MoeLayout(
+    "n_routed_experts", shared_experts="n_shared_experts", first_dense="first_k_dense_replace"
+)
 
 FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("Llama (1/2/3, Vicuna)", ("llama",)),
     FamilyAdapter("Mistral", ("mistral",)),
-    FamilyAdapter("Qwen2 / Qwen2.5", ("qwen2",), leading_count_fields=("max_window_layers",)),
-    FamilyAdapter("Qwen3", ("qwen3",), leading_count_fields=("max_window_layers",)),
+    FamilyAdapter(
+        "Qwen2 / Qwen2.5",
+        ("qwen2",),
+        leading_count_fields=("max_window_layers",),
+        shape=BlockShape(qkv_bias=True, o_bias=False),
+    ),
+    FamilyAdapter(
+        "Qwen3",
+        ("qwen3",),
+        leading_count_fields=("max_window_layers",),
+        shape=BlockShape(qk_norm="head"),
+    ),
     FamilyAdapter("Gemma", ("gemma",)),
-    FamilyAdapter("Gemma2", ("gemma2",)),
-    FamilyAdapter("Gemma3 (text)", ("gemma3_text",)),
-    FamilyAdapter("Phi-3", ("phi3",)),
+    FamilyAdapter("Gemma2", ("gemma2",), shape=BlockShape(norms=4)),
+    FamilyAdapter("Gemma3 (text)", ("gemma3_text",), shape=BlockShape(qk_norm="head", norms=4)),
+    FamilyAdapter("Phi-3 / Phi-4", ("phi3",)),
+    FamilyAdapter("OLMo 2", ("olmo2",), shape=BlockShape(qk_norm="width")),
+    FamilyAdapter("Granite", ("granite",)),
+    FamilyAdapter("SmolLM3", ("smollm3",), per_layer_fields=("layer_types", "no_rope_layers")),
+    FamilyAdapter(
+        "Cohere (Command R)",
+        ("cohere",),
+        shape=BlockShape(qk_norm="width", qk_norm_flag="use_qk_norm", norms=1),
+    ),
+    FamilyAdapter(
+        "StableLM",
+        ("stablelm",),
+        shape=BlockShape(
+            qkv_bias="use_qkv_bias",
+            o_bias=False,
+            mlp_bias=False,
+            norm_bias=True,
+            fewer_norms_flag="use_parallel_residual",
+        ),
+    ),
+    FamilyAdapter("Mixtral", ("mixtral",), moe=MoeLayout("num_local_experts", "intermediate_size")),
+    FamilyAdapter(
+        "Qwen2-MoE",
+        ("qwen2_moe",),
+        index_fields=("mlp_only_layers",),
+        shape=BlockShape(qkv_bias=True, o_bias=False),
+        moe=MoeLayout(
+            "num_experts",
+            shared_size="shared_expert_intermediate_size",
+            shared_gate=True,
+            sparse_step=True,
+        ),
+    ),
+    FamilyAdapter(
+        "Qwen3-MoE",
+        ("qwen3_moe",),
+        index_fields=("mlp_only_layers",),
+        shape=BlockShape(qk_norm="head"),
+        moe=_QWEN_MOE,
+    ),
+    FamilyAdapter(
+        "OLMoE",
+        ("olmoe",),
+        shape=BlockShape(qk_norm="width"),
+        moe=MoeLayout("num_experts", "intermediate_size"),
+    ),
+    FamilyAdapter(
+        "DeepSeek-V2 / V3",
+        ("deepseek_v2", "deepseek_v3"),
+        leading_count_fields=("first_k_dense_replace",),
+        shape=BlockShape(attention="mla"),
+        moe=_DEEPSEEK_MOE,
+    ),
+    FamilyAdapter(
+        "gpt-oss",
+        ("gpt_oss",),
+        shape=BlockShape(qkv_bias=True, o_bias=True, sinks=True),
+        moe=MoeLayout(
+            "num_local_experts",
+            "intermediate_size",
+            router="mlp.router",
+            router_bias=True,
+            expert_bias=True,
+        ),
+    ),
+    # Vision-language models: the language model's blocks are pruned; the vision tower,
+    # projector and processor are kept as they are.
+    FamilyAdapter(
+        "Gemma 3 (vision-language)",
+        ("gemma3",),
+        layers_path="model.language_model.layers",
+        final_norm_path="model.language_model.norm",
+        shape=BlockShape(qk_norm="head", norms=4),
+        auto_class="AutoModelForImageTextToText",
+        text_config_key="text_config",
+    ),
+    FamilyAdapter(
+        "LLaVA (Llama-based)",
+        ("llava",),
+        layers_path="model.language_model.layers",
+        final_norm_path="model.language_model.norm",
+        auto_class="AutoModelForImageTextToText",
+        text_config_key="text_config",
+    ),
+    FamilyAdapter(
+        "Idefics3 / SmolVLM",
+        ("idefics3", "smolvlm"),
+        layers_path="model.text_model.layers",
+        final_norm_path="model.text_model.norm",
+        auto_class="AutoModelForImageTextToText",
+        text_config_key="text_config",
+    ),
+    FamilyAdapter(
+        "Qwen2.5-VL",
+        ("qwen2_5_vl",),
+        layers_path="model.language_model.layers",
+        final_norm_path="model.language_model.norm",
+        leading_count_fields=("max_window_layers",),
+        shape=BlockShape(qkv_bias=True, o_bias=False),
+        auto_class="AutoModelForImageTextToText",
+        text_config_key="text_config",
+    ),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
+
+# Families whose blocks are not interchangeable, so removing one would change what the
+# others compute: refused with the reason, not with "unknown".
+REFUSED: dict[str, str] = {
+    **dict.fromkeys(
+        ("jamba", "bamba", "zamba", "zamba2", "falcon_h1", "nemotron_h", "granitemoehybrid"),
+        "its decoder interleaves attention and state-space (Mamba) blocks of different kinds "
+        "whose placement is derived from the absolute layer index",
+    ),
+    **dict.fromkeys(
+        ("gemma3n", "gemma3n_text"),
+        "its per-layer input embeddings are one table sized by the layer count and its "
+        "KV cache is shared across layers by absolute index",
+    ),
+    **dict.fromkeys(
+        ("llama4", "llama4_text"),
+        "its MoE blocks, chunked attention and NoPE layers are placed by the absolute layer "
+        "index (interleave steps), which removing a block would shift",
+    ),
+}
 
 
 def supported_families() -> str:
@@ -69,10 +303,13 @@ def adapter_for_model_type(model_type: str | None) -> FamilyAdapter:
     """The adapter for a config's ``model_type``, or ``UnsupportedArchitecture``."""
     family = _BY_MODEL_TYPE.get(model_type or "")
     if family is None:
-        hint = (
-            " (load the text-only Gemma3ForCausalLM checkpoint)" if model_type == "gemma3" else ""
-        )
-        raise UnsupportedArchitecture(
-            f"model type {model_type!r} is not supported{hint}; supported families: {supported_families()}"
-        )
+        raise UnsupportedArchitecture(unsupported_message(model_type))
     return family
+
+
+def unsupported_message(model_type: str | None) -> str:
+    """Why ``model_type`` cannot be pruned (the one message admission and the engine give)."""
+    reason = REFUSED.get(model_type or "")
+    if reason is not None:
+        return f"model type {model_type!r} cannot be depth-pruned: {reason}"
+    return f"model type {model_type!r} is not supported; supported families: {supported_families()}"

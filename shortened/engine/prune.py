@@ -1,5 +1,9 @@
 """One-shot depth pruning: load, calibrate, score, remove blocks, save a checkpoint + report.
 
+Before saving, the scores and the pruned weights are checked for NaN and infinity
+(``finite.py``) and the pruned model's held-out perplexity against its parent's
+(``quality_gate.py``): a broken or collapsed model fails the job and is never written.
+
 The output directory is written atomically: everything goes to a temporary sibling that is
 renamed into place at the end, so a failure or cancellation never leaves a half-written
 checkpoint that looks complete.
@@ -23,10 +27,21 @@ from shortened.specs import PruneSpec
 from .architectures import keep_blocks
 from .calibration import SAMPLING_VERSIONS, calibration_draw, fingerprint
 from .criteria import CRITERION_VERSIONS
-from .errors import NothingToPrune
+from .errors import DataError, NothingToPrune
+from .finite import check_finite, check_finite_weights
 from .models import LoadedModel, count_parameters, load_model
 from .outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions, save_model
 from .progress import Progress, ProgressCallback, no_progress
+from .quality_gate import (
+    Gate,
+    calibration_documents,
+    gate_fields,
+    held_out_windows,
+    judge,
+    measure_parent,
+    unmeasured,
+    windows_perplexity,
+)
 from .score_cache import ScoreCache
 from .scoring import BlockScores, Calibrated, score_blocks
 
@@ -118,11 +133,18 @@ def prune_model(
     )
     timer("scoring_s")
 
+    check_finite(scores.result.block_scores, "the block scores")
+    gate = parent_gate(spec, loaded, calibrated, progress=progress, store=store, cache_dir=cache_dir)
+    timer("quality_gate_parent_s")
+
     progress(Progress("pruning", message=f"removing {plan.num_blocks} blocks"))
     removed = remove_blocks(loaded, scores, plan)
     timer("pruning_s")
 
     report = prune_report(spec, loaded, plan, scores, removed, calibrated, timer)
+    report.update(gate_fields(pruned_gate(gate, loaded, spec.batch_size)))
+    timer("quality_gate_s")
+    check_finite_weights(loaded.model, "in the pruned model")
     progress(Progress("saving", message=str(output_dir)))
     save_pruned(loaded, report, output_dir, timer, max_shard_size=spec.max_shard_size)
     log.info(
@@ -158,6 +180,66 @@ def calibrate(
         "fingerprint": calibration_fp,
     }
     return Calibrated(draw.tokens, calibration_fp, SAMPLING_VERSIONS[draw.sampling], report)
+
+
+@dataclass
+class PendingGate:
+    """The parent's side of the quality gate, measured before any block is removed."""
+
+    gate: Gate | None  # None: the gate is off or could not be measured
+    windows: torch.Tensor | None
+    unmeasured: dict[str, Any] | None  # the report section when there is nothing to compare
+
+
+def parent_gate(
+    spec: PruneSpec,
+    loaded: LoadedModel,
+    calibrated: Calibrated,
+    *,
+    progress: ProgressCallback,
+    store: ArtifactStore | None,
+    cache_dir: Path | None,
+) -> PendingGate:
+    """Held-out windows (calibration documents no scoring window was drawn from) and the
+    unpruned model's perplexity on them (``quality_gate.py``)."""
+    gate_spec = spec.quality_gate
+    if gate_spec.max_ppl_ratio is None:
+        return PendingGate(None, None, unmeasured(gate_spec, "turned off (max_ppl_ratio null)"))
+    if spec.calibration is None or calibrated.report is None:
+        return PendingGate(None, None, unmeasured(gate_spec, "no calibration data"))
+    documents = calibration_documents(spec.calibration, store, cache_dir)
+    used = set(calibrated.report["document_indices"])
+    try:
+        windows = held_out_windows(
+            documents,
+            (i for i in range(len(documents)) if i not in used),
+            loaded.tokenizer,
+            spec.calibration,
+            gate_spec.windows,
+        )
+    except DataError:
+        reason = "every calibration document long enough was used for scoring"
+        return PendingGate(None, None, unmeasured(gate_spec, reason))
+    progress(Progress("quality_gate", message=f"parent on {len(windows)} held-out windows"))
+    source = "calibration documents not used for scoring"
+    gate = measure_parent(
+        gate_spec,
+        lambda: windows_perplexity(loaded.model, windows, spec.batch_size),
+        len(windows),
+        source,
+    )
+    return PendingGate(gate, windows, None)
+
+
+def pruned_gate(pending: PendingGate, loaded: LoadedModel, batch_size: int) -> dict[str, Any]:
+    """The pruned model's side of the gate: its report section, or ``QualityGateFailed``."""
+    if pending.gate is None or pending.windows is None:
+        assert pending.unmeasured is not None
+        return pending.unmeasured
+    windows = pending.windows
+    return judge(
+        pending.gate, lambda: windows_perplexity(loaded.model, windows, batch_size), "pruned model"
+    )
 
 
 def plan_removal(spec: PruneSpec, loaded: LoadedModel) -> RemovalPlan:

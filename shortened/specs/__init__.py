@@ -1,7 +1,7 @@
 """Job specifications: the one definition shared by the API (validation, OpenAPI), the worker
 (parsing the task payload) and the CLI. Each job kind's spec lives in a module of its own
 (``pruning``, ``retraining``, ``evaluation``), built from ``common`` (the strict base, bounds,
-source check), ``tracking`` (webhook and MLflow sections every job has), ``calibration`` and
+source check), ``quality_gate`` (the held-out perplexity check of a published model), ``tracking`` (webhook and MLflow sections every job has), ``calibration`` and
 ``pipeline`` (a pruning job's follow-ups); this package re-exports every public name.
 
 Pure pydantic: no torch, no Celery, no FastAPI, so every layer can import it cheaply.
@@ -57,6 +57,7 @@ from .pruning import (
     SearchValidationSpec,
     calibration_needed,
 )
+from .quality_gate import DEFAULT_MAX_PPL_RATIO, QualityGateSpec
 from .retraining import (
     LORA_TARGET_MODULES,
     RETRAIN_METHODS,
@@ -69,6 +70,7 @@ from .retraining import (
     TrainDataSpec,
 )
 from .tracking import (
+    MLFLOW_MODEL_NAME_PATTERN,
     MLFLOW_NAME_PATTERN,
     WEBHOOK_EVENT_TYPES,
     JobSpecBase,
@@ -83,6 +85,7 @@ __all__ = [
     "CRITERIA",
     "DATA_FILE_SUFFIXES",
     "DATA_FREE_CRITERIA",
+    "DEFAULT_MAX_PPL_RATIO",
     "LORA_TARGET_MODULES",
     "MAX_BATCH",
     "MAX_BLOCKS",
@@ -94,6 +97,7 @@ __all__ = [
     "MAX_SPEEDUP",
     "MAX_STEPS",
     "MAX_TOKENS",
+    "MLFLOW_MODEL_NAME_PATTERN",
     "MLFLOW_NAME_PATTERN",
     "NAMED_TEXTS",
     "ONE_SHOT_CRITERIA",
@@ -122,6 +126,7 @@ __all__ = [
     "PipelineEval",
     "PipelineRetrain",
     "PruneSpec",
+    "QualityGateSpec",
     "Records",
     "RetrainMethod",
     "RetrainSpec",

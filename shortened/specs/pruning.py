@@ -22,6 +22,7 @@ from .common import (
     check_source,
 )
 from .pipeline import PipelineEval, PipelineRetrain
+from .quality_gate import QualityGateSpec
 from .tracking import JobSpecBase
 
 Criterion = Literal["ppl", "taylor", "magnitude", "block_influence", "angular", "iterative_ppl"]
@@ -56,6 +57,11 @@ class _PruningJob(JobSpecBase):
     dtype: WeightsDtype = "auto"
     device: Device = "auto"
     max_shard_size: ShardSize = None
+    quality_gate: QualityGateSpec = Field(
+        default_factory=QualityGateSpec,
+        description="Fail, publishing nothing, when the pruned model's held-out perplexity "
+        "exceeds its parent's by more than max_ppl_ratio",
+    )
     retrain: PipelineRetrain | None = Field(
         default=None,
         description="Pipeline: retrain the pruned model when this job succeeds (a follow-up job)",

@@ -25,6 +25,7 @@ from .common import (
     WeightsDtype,
     check_source,
 )
+from .quality_gate import QualityGateSpec
 from .tracking import JobSpecBase
 
 RetrainMethod = Literal["lora", "cpt", "cpt_lora", "kd"]
@@ -244,6 +245,11 @@ class RetrainSpec(JobSpecBase):
     dtype: WeightsDtype = "auto"
     device: Device = "auto"
     max_shard_size: ShardSize = None
+    quality_gate: QualityGateSpec = Field(
+        default_factory=QualityGateSpec,
+        description="Fail, publishing nothing, when the retrained model's held-out perplexity "
+        "exceeds the model's before training by more than max_ppl_ratio",
+    )
 
     @field_validator("model")
     @classmethod

@@ -62,6 +62,10 @@ class WebhookSpec(StrictModel):
 # MLflow's own limits: experiment names up to 500 characters, registered model names 256;
 # narrower here, and printable, since both show up in other teams' UIs and URLs.
 MLFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.:/@+-]{0,199}$"
+# A registered model name as MLflow takes it (no '/' or ':', not a path form such as '.' or
+# '../x'), short enough that '<tenant>.' before it stays within the registry's 256
+# characters (tenant names are at most 64).
+MLFLOW_MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.@+-]{0,189}$"
 
 
 class MlflowTrackingSpec(StrictModel):
@@ -79,8 +83,9 @@ class MlflowTrackingSpec(StrictModel):
     )
     register_as: str | None = Field(
         default=None,
-        pattern=MLFLOW_NAME_PATTERN,
-        description="prune/retrain: register the output model under this registered-model name",
+        pattern=MLFLOW_MODEL_NAME_PATTERN,
+        description="prune/retrain: register the output model under this registered-model name "
+        "(as `<tenant>.<register_as>` unless the server shares one registry for all tenants)",
     )
 
     @field_validator("tracking_uri")

@@ -151,12 +151,17 @@ def test_register_as_creates_a_model_version_at_the_artifact_store(
     import boto3
 
     job = tracked_prune
-    (version,) = client.search_model_versions("name='tiny-llama-pruned'")
+    # Registered in the tenant's part of the registry (SHORTENED_MLFLOW_REGISTRY_SCOPE).
+    assert client.search_model_versions("name='tiny-llama-pruned'") == []
+    (version,) = client.search_model_versions("name='default.tiny-llama-pruned'")
     assert version.run_id == job["result"]["mlflow"]["run_id"]
     prefix = f"artifacts/jobs/{job['id']}"
     assert version.source == f"s3://{stack['bucket']}/{prefix}"
     assert version.tags["shortened.job_id"] == job["id"]
-    assert job["result"]["mlflow"]["registered_model"]["version"] == version.version
+    registered = job["result"]["mlflow"]["registered_model"]
+    assert registered["version"] == version.version
+    assert registered["name"] == "default.tiny-llama-pruned"
+    assert registered["source"] == f"job://{job['id']}"  # not the operator's store URL
     # The source holds the published checkpoint.
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=stack["bucket"], Prefix=prefix)["Contents"]}

@@ -1,6 +1,7 @@
 """One training stage on transformers' ``Trainer``: its arguments (batch, accumulation,
-schedule, checkpoints, precision), the collator, the callback that reports progress per
-optimizer step, and the stage's report entry. With a teacher, the Trainer is the KD one of
+schedule, checkpoints, precision), the collator, the callbacks that report progress per
+optimizer step and stop the stage at its first non-finite loss or weight (``finite.py``), and
+the stage's report entry. With a teacher, the Trainer is the KD one of
 ``distillation.py``.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from shortened.specs import RetrainSpec
 
+from ..finite import non_finite_guard
 from ..progress import Progress, ProgressCallback
 from ..retrain_data import IGNORE_INDEX, StageData
 from .checkpoints import prepare_checkpoint_dir
@@ -181,6 +183,9 @@ def train_stage(
         optim="adamw_torch",
         logging_steps=spec.logging_steps,
         logging_first_step=True,
+        # A non-finite loss is logged as is (not replaced by the running mean), so the guard
+        # sees it and the report never shows a diverged stage as a finite one.
+        logging_nan_inf_filter=False,
         eval_strategy="steps" if data.eval is not None else "no",
         eval_on_start=data.eval is not None,  # the validation loss before training, for the report
         eval_steps=spec.eval_steps or spec.save_steps,
@@ -210,7 +215,7 @@ def train_stage(
         "train_dataset": data.train,
         "eval_dataset": data.eval,
         "data_collator": collator,
-        "callbacks": [reporter.callback],
+        "callbacks": [reporter.callback, non_finite_guard(settings.name)],
     }
     trainer: Trainer
     if distill is not None:
