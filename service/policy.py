@@ -325,6 +325,13 @@ class SourcePolicy:
                 allow = self.settings.resolved_webhook_allow_private_targets
                 if (message := target_error(value, allow)) is not None:
                     error(loc, message, value)
+            elif field == "device" and isinstance(value, str) and value.startswith("cuda"):
+                if self.settings.worker_device != "cuda":
+                    message = (
+                        "the workers of this server have no GPU (SHORTENED_WORKER_DEVICE is cpu); "
+                        "use 'cpu' or 'auto'"
+                    )
+                    error(loc, message, value, "device_unavailable")
             elif field == "zero_shot" and isinstance(value, dict) and not self.settings.hub_allowed:
                 # lm-eval's tasks read their datasets from the Hub unless defined locally.
                 if not value.get("task_include_path"):

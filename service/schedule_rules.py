@@ -18,11 +18,12 @@ from sqlalchemy.orm import Session
 
 from service.auth import Principal
 from service.models import Schedule, utcnow
-from service.policy import PolicyViolation, check_submission
+from service.policy import PolicyViolation, SourcePolicy, check_submission
 from service.quotas import check_cron_interval
-from service.scheduler import SELECTOR_KEY, next_slot, spec_class
+from service.scheduler import SELECTOR_KEY, next_slot
 from service.schemas.schedules import ModelSelector, ScheduleOut, SchedulePatch
 from shortened.config import Settings
+from shortened.kinds import parse_spec
 
 
 def _errors(prefix: tuple[str, ...], errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -60,7 +61,7 @@ def validated_template(
             )
         spec["model"] = selector.prefix
     try:
-        validated = spec_class(kind).model_validate(spec).model_dump(mode="json")
+        validated = parse_spec(kind, spec).model_dump(mode="json")
     except ValidationError as exc:
         details = exc.errors(include_url=False, include_context=False)
         raise RequestValidationError(_errors(("body", "template"), details)) from exc
@@ -124,3 +125,20 @@ def apply_patch(
     if restart:
         schedule.next_run_at = next_slot(schedule.cron, schedule.timezone, now)
     schedule.updated_at = now
+
+
+def template_plan(
+    settings: Settings,
+    session: Session,
+    principal: Principal,
+    kind: str,
+    template: dict[str, Any],
+    selector: ModelSelector | None,
+) -> dict[str, Any] | None:
+    """A schedule's dry run: the plan of the job its (validated) template would create, or
+    None with a model selector (the model is picked at each slot) or an unreadable config."""
+    if selector is not None:
+        return None
+    plan = SourcePolicy(settings, session, principal).plan(kind, template)
+    session.rollback()  # a dry run leaves nothing behind
+    return plan

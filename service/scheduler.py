@@ -56,6 +56,7 @@ from service.models import Schedule, ScheduleRun, utcnow
 from service.stores.job_admission import DuplicateIdempotencyKey
 from service.submission import LimitExceeded, admit, dispatch, reserve
 from shortened.config import Settings
+from shortened.kinds import parse_spec
 from shortened.redact import redact
 
 if TYPE_CHECKING:
@@ -152,12 +153,6 @@ class TemplateError(Exception):
     """The template cannot become a job now (no model under the prefix, policy, ...)."""
 
 
-def spec_class(kind: str) -> Any:
-    from shortened.kinds import job_kind
-
-    return job_kind(kind).spec
-
-
 def split_template(template: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(the stored spec, the model selector or None)."""
     spec = dict(template)
@@ -195,7 +190,7 @@ def resolve_template(
             raise TemplateError(f"model {picked}: {problem}")
         spec["model"] = picked
     try:
-        validated = spec_class(schedule.kind).model_validate(spec)
+        validated = parse_spec(schedule.kind, spec)
     except ValidationError as exc:  # the spec schema changed since the schedule was created
         raise TemplateError(f"template no longer valid: {exc}") from exc
     return validated.model_dump(mode="json"), picked

@@ -102,8 +102,9 @@ class Settings(BaseSettings):
     )
     worker_device: Literal["cpu", "cuda"] = Field(
         default="cpu",
-        description="What device 'auto' means for the memory plan: the kind of device the "
-        "workers have (auto picks bf16 on CUDA, float32 on the CPU)",
+        description="The kind of device the workers have: what 'auto' means for the memory "
+        "plan (bf16 on CUDA, float32 on the CPU), and the only device besides 'cpu' and 'auto' "
+        "a job may ask for (`cuda` jobs are refused at admission when the workers are CPUs)",
     )
     api_host: str = Field(default="127.0.0.1", description="Address `shortened serve` listens on")
     api_port: int = Field(

@@ -165,8 +165,19 @@ def test_dry_run_is_the_same_flag_on_every_submit_route(client: TestClient) -> N
     too_many = {**batch, "grid": {"num_blocks": [1, 20]}}
     found = refusal(client.post("/jobs/batch?dry_run=true", json=too_many))
     assert any("combination num_blocks=20" in message for message in found.values())
+    schedule = {"name": "nightly", "cron": "0 2 * * *", "kind": "prune", "template": spec()}
+    planned = client.post("/schedules?dry_run=true", json=schedule)
+    assert planned.status_code == 200, planned.text
+    assert planned.json()["plan"]["num_blocks"] == 2 and planned.json()["next_run_at"]
+    refused = client.post("/schedules?dry_run=true&dry_run=true", json=schedule)
+    assert refused.status_code == 422
+    bad = {**schedule, "template": spec(num_blocks=20)}
+    assert ("body", "template", "num_blocks") in refusal(
+        client.post("/schedules?dry_run=true", json=bad)
+    )
     assert queued(client) == 0
     assert client.get("/batches").json() == []
+    assert client.get("/schedules").json()["items"] == []
 
 
 @pytest.fixture
@@ -214,6 +225,10 @@ def test_what_this_deployment_cannot_do_is_refused_with_its_own_code(
         local_tasks = {"tasks": ["tiny_task"], "task_include_path": "tests/fixtures/lm_eval_tasks"}
         accepted = client.post("/jobs/eval", json={**evaluation, "zero_shot": local_tasks})
         assert accepted.status_code == 202, accepted.text
+        for body in (spec(device="cuda"), spec(retrain={"method": "lora", "device": "cuda:0",
+                     "data": {"source": "data/alpaca_tiny.jsonl"}, "max_steps": 1})):  # fmt: skip
+            [error] = client.post("/jobs/prune", json=body).json()["detail"]
+            assert error["type"] == "device_unavailable" and error["loc"][-1] == "device"
         tracked = spec(tracking={"mlflow": {"experiment": "e"}})
         [error] = client.post("/jobs/prune", json=tracked).json()["detail"]
         assert "no MLflow tracking server is configured" in error["msg"]

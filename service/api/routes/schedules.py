@@ -11,14 +11,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
+from service.api.admission import DryRun
 from service.api.deps import SessionDep, SettingsDep
 from service.auth import Principal, PrincipalDep, get_principal
 from service.errors import APIError, coded
 from service.models import Schedule, utcnow
 from service.quotas import check_cron_interval, check_schedule_count
-from service.schedule_rules import apply_patch, validated_template
+from service.schedule_rules import apply_patch, template_plan, validated_template
 from service.scheduler import Scheduler, fire_times, next_slot
 from service.schemas.schedules import (
     ScheduleDetail,
@@ -59,14 +61,26 @@ def _scheduler(request: Request) -> Scheduler:
     return scheduler
 
 
-@router.post("", status_code=201, response_model=ScheduleOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=ScheduleOut,
+    responses={
+        200: {
+            "description": "With dry_run=true: the template admitted as at creation, its next "
+            'slot and its plan: {"dry_run": true, "kind", "next_run_at", "plan"} (plan null '
+            "with a model selector: the model is picked at each slot); nothing is created"
+        }
+    },
+)
 def create_schedule(
     body: ScheduleIn,
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
     principal: PrincipalDep,
-) -> ScheduleOut:
+    dry_run: DryRun,
+) -> Any:
     """Create a schedule: at every slot of ``cron`` (in ``timezone``) one job of ``kind`` is
     created from ``template``, however many schedulers run. A slot more than
     ``schedule_misfire_grace_s`` late (schedulers down) is not run: only the latest missed
@@ -79,6 +93,16 @@ def create_schedule(
     template = validated_template(
         settings, session, principal, body.kind, body.template, body.model_selector
     )
+    if dry_run:
+        plan = template_plan(settings, session, principal, body.kind, template, body.model_selector)
+        return JSONResponse(
+            {
+                "dry_run": True,
+                "kind": body.kind,
+                "next_run_at": next_slot(body.cron, body.timezone, utcnow()).isoformat(),
+                "plan": plan,
+            }
+        )
     schedule = store.create_schedule(
         session,
         tenant=principal.tenant,
