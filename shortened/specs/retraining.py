@@ -25,6 +25,7 @@ from .common import (
     WeightsDtype,
     check_source,
 )
+from .distributed import DistributedSpec
 from .quality_gate import QualityGateSpec
 from .tracking import JobSpecBase
 
@@ -216,6 +217,10 @@ class RetrainSpec(JobSpecBase):
         default=None, validate_default=True, description="Required for cpt and cpt_lora"
     )
     kd: KdSpec | None = Field(default=None, description="Required for kd")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec,
+        description="Processes and machines the training runs on (default: one process)",
+    )
     learning_rate: LearningRate = 1e-4
     epochs: float = Field(default=2.0, gt=0.0, le=MAX_EPOCHS)
     micro_batch_size: int = Field(default=4, ge=1, le=4096)
