@@ -27,8 +27,18 @@ $(TORCH_STAMP): FORCE
 	  echo "$$want" > $@; \
 	fi
 
-$(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
-	$(PY) -m pip install -q -e '.[test,eval]'
+# llama-cpp-python (GGUF export, docs/export.md) is built from its sdist with portable CPU
+# flags before the extras are installed, once per version: the script keeps the wheel in a
+# cache outside the venv and puts llama.cpp's HF -> GGUF converter in $(VENV)/share/llama.cpp.
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)
+
+$(LLAMA_CPP_STAMP): scripts/install-llama-cpp.sh | $(TORCH_STAMP)
+	bash scripts/install-llama-cpp.sh $(PY) $(LLAMA_CPP_PYTHON_VERSION) $(VENV)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(TORCH_STAMP) $(LLAMA_CPP_STAMP)
+	$(PY) -m pip install -q -e '.[test,eval,deploy]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -190,7 +190,7 @@ def _eval_figures(result: dict[str, Any] | None, role: str = "model") -> dict[st
 
 COLUMNS = [
     "job_id", "status", "params", "params_removed_ratio", "removed_blocks", "scores_reused",
-    "ppl", "accuracy", "latency_s", "throughput_tok_s", "baseline_reused",
+    "ppl_ratio", "ppl", "accuracy", "latency_s", "throughput_tok_s", "baseline_reused",
 ]  # fmt: skip
 
 
@@ -220,6 +220,11 @@ def _row(session: Session, job: Job, point: dict[str, Any]) -> dict[str, Any]:
             removed_blocks=report.get("removed_blocks"),
             scores_reused=report.get("scores_reused", 0),
         )
+    # The quality gate's held-out perplexity ratio of the pipeline's first gated step (the
+    # pruned model against its unpruned parent; a retrain batch's model against its input).
+    gated = next((s for s in steps if (s.result or {}).get("ppl_ratio") is not None), None)
+    if gated is not None:
+        row["ppl_ratio"] = (gated.result or {})["ppl_ratio"]
     evaluation = next((s for s in reversed(steps) if s.kind == "eval" and s.result), None)
     if evaluation is not None:
         figures = _eval_figures(evaluation.result)

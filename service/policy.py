@@ -341,6 +341,17 @@ class SourcePolicy:
                         "definitions with local data) or leave zero_shot out"
                     )
                     error((*loc, "tasks"), message, value.get("tasks"), "hub_not_allowed")
+            elif field == "distributed" and isinstance(value, dict):
+                # More than one machine runs on the cluster's training operator: refused
+                # here, not in the queue, when this server has none.
+                nnodes = value.get("nnodes", 1)
+                if isinstance(nnodes, int) and nnodes > 1:
+                    engine = str(value.get("engine", "kubeflow"))
+                    if (message := self.settings.cluster_engine_refusal(engine)) is not None:
+                        error((*loc, "engine"), message, engine, "cluster_engine_not_configured")
+                    elif value.get("nproc_per_node", 1) == "auto":
+                        message = "must be a number with nnodes > 1: the GPUs each node asks for"
+                        error((*loc, "nproc_per_node"), message, "auto")
             elif field == "mlflow" and loc[-2:-1] == ("tracking",) and isinstance(value, dict):
                 uri = value.get("tracking_uri")
                 if (message := self.settings.mlflow_uri_refusal(uri)) is not None:

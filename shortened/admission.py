@@ -29,13 +29,21 @@ from typing import Any
 from pydantic import BaseModel
 
 from shortened.deadline import DeadlineExceeded, call_with_deadline
-from shortened.engine.families import FAMILIES
+from shortened.engine.families import FAMILIES, unsupported_message
 from shortened.locations import local_path
 from shortened.model_configs import (
     MAX_CONFIG_BYTES,
     ConfigError,
     config_problems,
     parse_config,
+)
+from shortened.param_estimates import (  # noqa: F401  (re-exported: admission's estimates)
+    active_params,
+    block_params,
+    block_share,
+    layer_param_list,
+    text_config,
+    total_params,
 )
 from shortened.specs import (
     DATA_FILE_SUFFIXES,
@@ -86,33 +94,6 @@ class Lookups:
     s3_head: Callable[[str], ObjectInfo] | None = None
     s3_read: Callable[[str], bytes] | None = None
     job_config: Callable[[str], dict[str, Any] | None] | None = None
-
-
-# --------------------------------------------------------------------------- estimates
-
-
-def block_params(config: dict[str, Any]) -> int:
-    """Parameters of one decoder block of a LLaMA-style family, from its config: attention
-    (q, k, v, o; biases where the family has them), the gated MLP and the norms."""
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    intermediate = int(config["intermediate_size"])
-    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-    if config.get("attention_bias") or config.get("model_type") == "qwen2":
-        attention += heads * head_dim + 2 * kv_heads * head_dim
-    mlp = 3 * hidden * intermediate
-    norms = 4 * hidden if config.get("model_type") in ("gemma2", "gemma3_text") else 2 * hidden
-    if config.get("model_type") in ("qwen3", "gemma3_text"):
-        norms += 2 * head_dim  # q_norm, k_norm
-    return attention + mlp + norms
-
-
-def total_params(config: dict[str, Any]) -> int:
-    hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
-    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
-    return embeddings + int(config["num_hidden_layers"]) * block_params(config) + hidden
 
 
 # --------------------------------------------------------------------------- checks
@@ -221,12 +202,7 @@ def _check_model(field: str, source: str | None, lookups: Lookups) -> Iterator[P
         return
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        hint = " (use the text-only Gemma3ForCausalLM checkpoint)" if model_type == "gemma3" else ""
-        families = ", ".join(family.name for family in FAMILIES)
-        yield Problem(
-            field,
-            f"model type {model_type!r} is not supported{hint}; supported families: {families}",
-        )
+        yield Problem(field, unsupported_message(model_type))
         return
     if found := config_problems(config):
         for _name, message in found:
@@ -255,7 +231,7 @@ def _count_problems(
 
 
 def _check_target(spec: PruneSpec | SearchSpec, config: dict[str, Any]) -> Iterator[Problem]:
-    layers = config["num_hidden_layers"]
+    layers = text_config(config)["num_hidden_layers"]
     removable = layers - spec.protect_first - spec.protect_last
     where = _where(spec, layers)
     if removable <= 0:
@@ -278,22 +254,24 @@ def _check_target(spec: PruneSpec | SearchSpec, config: dict[str, Any]) -> Itera
         yield from _count_problems("num_blocks", spec.num_blocks, layers, removable, where)
         return
     if spec.target_ratio is not None:
+        blocks = range(spec.protect_first, layers - spec.protect_last)
         try:
-            share = block_params(config) / total_params(config)
+            share = block_share(config, blocks, spec.ratio_of)
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             return  # an unusual config: the engine counts the real parameters
         ideal = spec.target_ratio / share  # blocks that would remove exactly the ratio
         most = removable * share
+        what = "the parameters" if spec.ratio_of == "total" else "the active parameters"
         if ideal > removable + 0.5:
             yield Problem(
                 "target_ratio",
-                f"removing {spec.target_ratio:.0%} of the parameters needs about {ideal:.1f} "
+                f"removing {spec.target_ratio:.0%} of {what} needs about {ideal:.1f} "
                 f"blocks of ~{share:.1%} each, but {where}: at most {removable} blocks (~{most:.0%})",
             )
         elif ideal < 0.5:
             yield Problem(
                 "target_ratio",
-                f"{spec.target_ratio:.1%} is less than half of one block (~{share:.1%} of the parameters)",
+                f"{spec.target_ratio:.1%} is less than half of one block (~{share:.1%} of {what})",
             )
 
 
@@ -370,6 +348,28 @@ def retrain_problems(
 ) -> Iterator[Problem]:
     """A retrain job (or section): its data files and KD's teacher."""
     yield from _retrain_problems(prefix, spec, lookups)
+
+
+def export_problems(
+    prefix: str, spec: BaseModel, lookups: Lookups, config: dict[str, Any] | None = None
+) -> Iterator[Problem]:
+    """An export job (or section): each target against the model's family (GGUF needs a
+    llama.cpp architecture), its calibration and perplexity files, ``compare_with``."""
+    from shortened.engine.export.errors import UnsupportedExportTarget
+    from shortened.engine.export.formats import GGUF, gguf_architecture
+
+    targets = getattr(spec, "targets", [])
+    if config is not None:
+        for i, target in enumerate(targets):
+            if target.format == GGUF:
+                try:
+                    gguf_architecture(config.get("model_type"))
+                except UnsupportedExportTarget as exc:
+                    yield Problem(f"{prefix}targets.{i}", str(exc))
+    calibration = getattr(spec, "calibration", None)
+    if calibration is not None:
+        yield from _data_problems(f"{prefix}calibration.source", calibration.source, lookups)
+    yield from _eval_problems(prefix, spec, lookups)
 
 
 def eval_problems(

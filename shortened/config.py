@@ -346,6 +346,62 @@ class Settings(BaseSettings):
         "models; `global` registers the name as given (single-team deployments)",
     )
 
+    # --- platform integration: multi-node training on the cluster's training operator ---
+    kubeflow_runtime: str | None = Field(
+        default=None,
+        description="ClusterTrainingRuntime (Kubeflow Trainer, torch) that the TrainJobs of "
+        "multi-node retrain jobs (distributed.nnodes > 1, engine kubeflow) reference, e.g. "
+        "torch-distributed; unset: such jobs are refused at admission",
+    )
+    kubeflow_image: str | None = Field(
+        default=None,
+        description="Image of the training pods: this project's worker image (the pods run "
+        "`python -m shortened.engine.retrain.rank_main`); required with kubeflow_runtime",
+    )
+    kubeflow_namespace: str = Field(
+        default="shortened",
+        description="Namespace the worker creates its TrainJobs in (where its Role allows it)",
+    )
+    kubeflow_kubeconfig: Path | None = Field(
+        default=None,
+        description="kubeconfig file the worker reaches the Kubernetes API with; unset: the "
+        "in-cluster configuration (the worker pod's ServiceAccount token)",
+    )
+    kubeflow_secret_name: str = Field(
+        default="shortened-secrets",
+        description="Secret the training pods read the artifact store's credentials from, by "
+        "reference (the values are never copied into a TrainJob)",
+    )
+    kubeflow_secret_keys: list[str] = Field(
+        default_factory=lambda: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+        description="Keys of kubeflow_secret_name given to the training pods as environment "
+        "variables of the same names (JSON list)",
+    )
+    kubeflow_poll_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often the worker reads its TrainJob's status and checks the job for "
+        "a cancel while the training runs on the cluster",
+    )
+
+    def cluster_engine_refusal(self, engine: str) -> str | None:
+        """Why a multi-node job on ``engine`` cannot run here (None: it can). The training
+        pods write their output to the artifact store, so it must be one they reach (S3)."""
+        if engine != "kubeflow":
+            return f"{engine} engine is not configured on this server"
+        if not self.kubeflow_runtime or not self.kubeflow_image:
+            return (
+                "kubeflow engine is not configured on this server (SHORTENED_KUBEFLOW_RUNTIME "
+                "and SHORTENED_KUBEFLOW_IMAGE); use nnodes 1"
+            )
+        if not self.resolved_artifacts_url.startswith("s3://"):
+            return (
+                "kubeflow engine needs an s3:// artifact store (SHORTENED_ARTIFACTS_URL) that "
+                "the training pods can write to"
+            )
+        return None
+
     def mlflow_uri_refusal(self, uri: str | None) -> str | None:
         """Why a spec's tracking server may not be used here (None: it may). Only the
         configured servers: the worker must not be made to call a host of the tenant's

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from shortened import admission, planning
 from shortened.admission import AdmissionError, Lookups, Problem
 from shortened.planning import Plan, StagePlan
-from shortened.specs import EvalSpec, PruneSpec, RetrainSpec, SearchSpec
+from shortened.specs import EvalSpec, ExportSpec, PruneSpec, RetrainSpec, SearchSpec
 
 Check = Callable[[str, BaseModel, Lookups, "dict[str, Any] | None"], Iterator[Problem]]
 PlanFn = Callable[[BaseModel, "dict[str, Any]", str], Plan]
@@ -75,6 +75,11 @@ def _follow_eval(section: Any, ctx: FollowUpContext) -> BaseModel:
     return section.for_model(ctx.model, baseline)  # type: ignore[no-any-return]
 
 
+def _follow_export(section: Any, ctx: FollowUpContext) -> BaseModel:
+    # Measured beside the unpruned parent, unless the section names another baseline.
+    return section.for_model(ctx.model, ctx.root_source)  # type: ignore[no-any-return]
+
+
 JOB_KINDS: dict[str, JobKind] = {
     kind.name: kind
     for kind in (
@@ -88,7 +93,7 @@ JOB_KINDS: dict[str, JobKind] = {
             resources=("cache_dir", "score_cache", "resume_dir"),
             produces_model=True,
             prunes=True,
-            sections=("retrain", "eval"),
+            sections=("retrain", "eval", "export"),
         ),
         JobKind(
             name="retrain",
@@ -100,6 +105,7 @@ JOB_KINDS: dict[str, JobKind] = {
             stages=planning.retrain_stages,
             resources=("cache_dir", "checkpoint_dir", "resume"),
             produces_model=True,
+            sections=("export",),
             follow=_follow_retrain,
         ),
         JobKind(
@@ -114,6 +120,19 @@ JOB_KINDS: dict[str, JobKind] = {
             follow=_follow_eval,
         ),
         JobKind(
+            name="export",
+            spec=ExportSpec,
+            summary="Queue an export: the model as GGUF files (llama.cpp, Ollama) and quantized "
+            "checkpoints (vLLM, TGI), each loaded and measured in its own runtime before it is "
+            "published.",
+            engine="shortened.engine.export.job:export_job",
+            check=admission.export_problems,
+            plan=planning.plan_export,
+            stages=planning.export_stages,
+            resources=("cache_dir",),
+            follow=_follow_export,
+        ),
+        JobKind(
             name="search",
             spec=SearchSpec,
             summary="Queue a search: every criterion at every block count the budget admits, "
@@ -126,7 +145,7 @@ JOB_KINDS: dict[str, JobKind] = {
             produces_model=True,
             prunes=True,
             batchable=False,
-            sections=("retrain", "eval"),
+            sections=("retrain", "eval", "export"),
         ),
     )
 }
@@ -176,7 +195,8 @@ def problems(kind: str, spec: BaseModel, lookups: Lookups | None = None) -> list
     for name, section in _sections(row, spec):
         section_check = job_kind(name).check
         if section_check is not None:
-            found += section_check(f"{name}.", section, lookups, None)
+            # The section's model is this job's output: the same family as its config.
+            found += section_check(f"{name}.", section, lookups, config)
     return found
 
 

@@ -14,8 +14,14 @@ Bounds (inclusive), each well past any released model, so no real checkpoint is 
 * attention heads <= 2**12, key/value heads <= the attention heads;
 * ``vocab_size`` <= 2**22 (4.2 M; the largest vocabularies are ~262,000);
 * ``max_position_embeddings`` <= 2**24;
+* mixture of experts: routed experts <= 2**14 (the most released are 384), experts per
+  token <= the experts, an expert's intermediate size <= 2**20, leading dense blocks
+  (``first_k_dense_replace``) and ``decoder_sparse_step`` <= ``MAX_BLOCKS``;
 * the file is at most 1 MiB (real configs are a few kB) and nested at most 32 levels;
 * every number in it is finite.
+
+A vision-language checkpoint's numbers are its language model's, read from the nested
+``text_config`` (the vision tower's config is not pruned and its numbers are not used).
 """
 
 from __future__ import annotations
@@ -40,6 +46,19 @@ DIMENSIONS: dict[str, tuple[int, bool]] = {
     "num_key_value_heads": (1 << 12, False),
     "head_dim": (1 << 14, False),
     "max_position_embeddings": (1 << 24, False),
+    "num_experts_per_tok": (1 << 14, False),
+    "moe_intermediate_size": (1 << 20, False),
+    "shared_expert_intermediate_size": (1 << 20, False),
+    "decoder_sparse_step": (MAX_BLOCKS, False),
+}
+# Counts that may be 0 (a Qwen2-MoE config with no experts is dense; no leading dense
+# blocks; no shared experts): non-negative integers up to the bound.
+COUNTS: dict[str, int] = {
+    "num_experts": 1 << 14,
+    "num_local_experts": 1 << 14,
+    "n_routed_experts": 1 << 14,
+    "n_shared_experts": 1 << 10,
+    "first_k_dense_replace": MAX_BLOCKS,
 }
 
 
@@ -93,22 +112,42 @@ def _walk(value: Any) -> Iterator[tuple[int, Any]]:
         stack.extend((depth + 1, child) for child in children)
 
 
+def language_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``config.json`` that describes the decoder: a vision-language
+    checkpoint's ``text_config``, else the file itself."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
+
+
+def _bound_problem(name: str, value: Any, low: int, bound: int) -> tuple[str, str] | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return (name, f"config.json: {name} must be an integer, got {value!r:.40}")
+    if not low <= value <= bound:
+        return (name, f"config.json: {name} must be between {low} and {bound:,}, got {value:,}")
+    return None
+
+
 def config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
     """``(field, message)`` for every dimension that is missing, not a positive integer or
-    past its bound; empty when the config's numbers can be used."""
+    past its bound; empty when the config's numbers can be used. A vision-language
+    checkpoint's fields are its ``text_config``'s (named ``text_config.<field>``)."""
+    prefix = "text_config." if config.get("text_config") is not None else ""
+    if prefix and not isinstance(config["text_config"], dict):
+        return [("text_config", "config.json: text_config must be an object")]
+    config = language_config(config)
     found: list[tuple[str, str]] = []
     for name, (bound, required) in DIMENSIONS.items():
         value = config.get(name)
         if value is None:
             if required:
-                found.append((name, f"config.json has no {name}"))
+                found.append((name, f"config.json has no {prefix}{name}"))
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            found.append((name, f"config.json: {name} must be an integer, got {value!r:.40}"))
-        elif not 1 <= value <= bound:
-            found.append(
-                (name, f"config.json: {name} must be between 1 and {bound:,}, got {value:,}")
-            )
+        if problem := _bound_problem(name, value, 1, bound):
+            found.append(problem)
+    for name, bound in COUNTS.items():
+        value = config.get(name)
+        if value is not None and (problem := _bound_problem(name, value, 0, bound)):
+            found.append(problem)
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     if not found and kv_heads is not None and kv_heads > heads:
         found.append(
@@ -122,6 +161,22 @@ def config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
             (
                 "hidden_size",
                 f"config.json: hidden_size ({config['hidden_size']}) is not a multiple of num_attention_heads ({heads})",
+            )
+        )
+    experts = next(
+        (
+            config[n]
+            for n in ("num_experts", "num_local_experts", "n_routed_experts")
+            if config.get(n) is not None
+        ),
+        None,
+    )
+    top_k = config.get("num_experts_per_tok")
+    if not found and experts and top_k is not None and top_k > experts:
+        found.append(
+            (
+                "num_experts_per_tok",
+                f"config.json: num_experts_per_tok ({top_k}) exceeds the experts ({experts})",
             )
         )
     width = (config.get("head_dim") or 0) * (heads if isinstance(heads, int) else 0)

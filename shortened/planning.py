@@ -43,7 +43,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from shortened.admission import block_params, total_params
+from shortened.param_estimates import (
+    active_params,
+    block_params,
+    layer_param_list,
+    text_config,
+    total_params,
+)
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec, SearchSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -85,6 +91,11 @@ class Plan:
     protected_blocks: list[int] = field(default_factory=list)
     removable_blocks: list[int] = field(default_factory=list)
     num_blocks: int = 0
+    # Per token: a mixture-of-experts model's routed experts counted num_experts_per_tok
+    # times (dense models: equal to the totals). ratio_of: what a target_ratio counted.
+    active_params_before: int = 0
+    active_params_after: int = 0
+    ratio_of: str = "total"
     stages: list[StagePlan] = field(default_factory=list)
 
     @property
@@ -134,6 +145,7 @@ def source_dtype(config: dict[str, Any]) -> str:
 
 class _Shape:
     def __init__(self, config: dict[str, Any]) -> None:
+        config = text_config(config)
         self.hidden = int(config["hidden_size"])
         self.intermediate = int(config["intermediate_size"])
         self.vocab = int(config["vocab_size"])
@@ -190,13 +202,22 @@ def _pruning_plan(
     dtype = compute_dtype(spec.dtype, device)
     b, out_b = DTYPE_BYTES[dtype], DTYPE_BYTES[source_dtype(config)]
     shape = _Shape(config)
-    per_block, total = block_params(config), total_params(config)
+    total, active = total_params(config), active_params(config)
     candidates = removable_blocks(shape.layers, spec.protect_first, spec.protect_last)
+    # Blocks may differ (an MoE model's leading dense blocks): a removed block is counted as
+    # the mean of the removable ones, total and active.
+    per_block = block_params(config, candidates)
+    active_sizes = layer_param_list(config, active=True)
+    chosen = candidates or list(range(shape.layers))
+    per_block_active = round(sum(active_sizes[i] for i in chosen) / len(chosen))
     if num_blocks is not None:
         k = max(0, num_blocks)
     else:
         assert spec.target_ratio is not None
-        k = blocks_for_ratio(total, [per_block], spec.target_ratio, len(candidates) or 1)
+        sizes = layer_param_list(config, active=spec.ratio_of == "active")
+        base = active if spec.ratio_of == "active" else total
+        counted = [sizes[i] for i in candidates] or sizes
+        k = blocks_for_ratio(base, counted, spec.target_ratio, len(candidates) or 1)
     after = total - k * per_block
     runtime = RUNTIME_BYTES[device]
     weights = total * b
@@ -215,6 +236,9 @@ def _pruning_plan(
         protected_blocks=sorted(set(range(shape.layers)) - set(candidates)),
         removable_blocks=candidates,
         num_blocks=k,
+        active_params_before=active,
+        active_params_after=active - k * per_block_active,
+        ratio_of=spec.ratio_of,
     )
     cast = dtype != source_dtype(config) and device == "cpu"  # on CUDA the map is host memory
     plan.stages.append(_load(runtime, weights, total * out_b, cast))
@@ -253,8 +277,13 @@ def _pruning_plan(
 
 
 def config_after(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
-    """The config of the model a planned job produces (fewer blocks after pruning)."""
-    return {**config, "num_hidden_layers": plan.num_layers - plan.num_blocks}
+    """The config of the model a planned job produces (fewer blocks after pruning; a
+    vision-language model's in its ``text_config``). An MoE model's per-layer kinds are
+    not re-derived here: the estimate after pruning uses the mean removable block."""
+    layers = plan.num_layers - plan.num_blocks
+    if isinstance(config.get("text_config"), dict):
+        return {**config, "text_config": {**config["text_config"], "num_hidden_layers": layers}}
+    return {**config, "num_hidden_layers": layers}
 
 
 def retrain_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
@@ -319,11 +348,11 @@ def eval_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> li
 def _job_plan(
     kind: str, stages: list[StagePlan], config: dict[str, Any], dtype: str, device: str
 ) -> Plan:
-    total = total_params(config)
+    total, active = total_params(config), active_params(config)
     return Plan(
         kind=kind,
         model_type=str(config.get("model_type")),
-        num_layers=int(config["num_hidden_layers"]),
+        num_layers=int(text_config(config)["num_hidden_layers"]),
         device=device,
         compute_dtype=dtype,
         output_dtype=source_dtype(config),
@@ -333,6 +362,8 @@ def _job_plan(
         weight_bytes=total * DTYPE_BYTES[dtype],
         output_bytes=total * DTYPE_BYTES[source_dtype(config)] if kind == "retrain" else 0,
         stages=stages,
+        active_params_before=active,
+        active_params_after=active,
     )
 
 
@@ -400,6 +431,14 @@ def render_plan(plan: Plan) -> str:
         f"params: {plan.params_before:,} -> {plan.params_after:,} "
         f"(-{100 * (1 - plan.params_after / plan.params_before):.1f}%)",
     ]
+    if plan.active_params_before and plan.active_params_before != plan.params_before:
+        rows.append(
+            f"active params per token: {plan.active_params_before:,} -> "
+            f"{plan.active_params_after:,} "
+            f"(-{100 * (1 - plan.active_params_after / plan.active_params_before):.1f}%)"
+        )
+    if plan.num_blocks and plan.ratio_of == "active":
+        rows.append("target_ratio counts the active parameters (ratio_of: active)")
     if plan.removable_blocks:
         rows.append(f"remove {plan.num_blocks} of the removable blocks {plan.removable_blocks}")
         rows.append(f"protected blocks: {plan.protected_blocks}")
@@ -414,3 +453,28 @@ def render_plan(plan: Plan) -> str:
         rows.append(f"{stage.name.ljust(width)}  {stage.peak_bytes / GB:7.2f}  {stage.formula}")
     rows.append(f"peak: {plan.peak_bytes / GB:.2f} GB ({plan.peak_stage})")
     return "\n".join(rows)
+
+
+def export_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
+    """An export job or pipeline section: the unquantized model is measured in fp32 on the
+    CPU (the reference perplexity), each artifact is written and loaded next to it, and the
+    parent, when given, is measured the same way afterwards (one model at a time besides the
+    reference). Quantizing holds a second copy of the weights at most."""
+    total = total_params(config)
+    weights = total * DTYPE_BYTES["float32"]
+    parts: dict[str, float] = {
+        "runtime": RUNTIME_BYTES["cpu"],
+        "reference": weights,
+        "artifact being written or verified": weights,
+    }
+    if getattr(spec, "perplexity", None) is not None:
+        tokens = spec.perplexity.batch_size * spec.perplexity.seq_len  # type: ignore[attr-defined]
+        parts["activations"] = _Shape(config).forward(tokens, 4)
+    return [_stage("export", parts)]
+
+
+def plan_export(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
+    """An export job: its model is measured and exported on the worker's CPU."""
+    stages = [_load_stage("cpu", "float32", config, auto_device)]
+    stages += export_stages(spec, config, auto_device)
+    return _job_plan("export", stages, config, "float32", "cpu")

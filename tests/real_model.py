@@ -77,6 +77,9 @@ def real_model_dir(root: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
         convert(gguf_path(), staging)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700, as any other directory would be
         if target.exists() and not (target / COMPLETE_MARKER).is_file():
             shutil.rmtree(target)  # an earlier conversion that did not finish
         try:

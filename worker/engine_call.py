@@ -5,7 +5,8 @@ resources it takes; :data:`RESOURCES` says what each resource is on a worker (th
 cache, the shared block-score cache, the resume and checkpoint directories, the baseline
 cache). :func:`call_engine` validates the spec, imports the function (torch: in the task's
 child process only) and calls it with the progress callback, the artifact store and its
-resources.
+resources; a spec for more than one machine goes to the cluster's training operator instead
+(``worker.cluster``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from shortened.config import Settings
 from shortened.kinds import JobKind
 from shortened.storage.keys import cache_scope
+from worker.cluster import run_on_cluster, runs_on_cluster
 from worker.reporter import JobReporter
 from worker.scratch import checkpoint_dir
 from worker.sessions import score_lock_factory
@@ -86,6 +88,8 @@ def engine_function(kind: JobKind) -> Callable[..., dict[str, Any]]:
 def call_engine(kind: JobKind, spec: dict[str, Any], ctx: EngineContext) -> dict[str, Any]:
     """Run the job's engine function and return its report."""
     parsed = kind.spec.model_validate(spec)
+    if runs_on_cluster(spec):  # more than one machine: the cluster's training operator
+        return run_on_cluster(parsed, ctx)
     run = engine_function(kind)
     resources = {name: RESOURCES[name](ctx) for name in kind.resources}
     report = run(parsed, ctx.output_dir, progress=ctx.reporter, store=ctx.store, **resources)

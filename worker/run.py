@@ -30,6 +30,7 @@ from shortened.redact import redact_result, spec_strings
 from shortened.storage.keys import job_prefix
 from worker import metrics as worker_metrics
 from worker.capacity import check_fits
+from worker.cluster import runs_on_cluster
 from worker.engine_call import EngineContext, call_engine
 from worker.followups import queue_followups
 from worker.lease import Lease, LeaseLost, TimeLimitExceeded
@@ -135,7 +136,8 @@ class JobRun:
             warnings.simplefilter("default")
             self.reporter.warnings = caught
             self.store = self._open_store()
-            check_fits(job.kind, job.spec, self.settings)
+            if not runs_on_cluster(job.spec):  # there, the training runs on other machines
+                check_fits(job.kind, job.spec, self.settings)
             context = EngineContext(
                 self.job_id, job.tenant, output_dir, self.reporter, self.store, self.settings
             )

@@ -4,6 +4,7 @@ shortened prune --model DIR --criterion ppl --num-blocks 2 --calibration FILE --
 shortened search --model DIR --calibration FILE --ratio 0.25 [--criteria ppl,taylor] --output OUT
 shortened retrain --model DIR --method lora --data FILE --output OUT [--max-steps N]
 shortened eval --model DIR [--compare-with PARENT] --ppl FILE --tasks T1,T2 --efficiency [--output OUT]
+shortened export --model DIR --target gguf:q4_k_m --target hf-quantized:w4a16 [--calibration FILE] --output OUT
 shortened serve|reaper|scheduler|webhooks|keys ...   (the service's processes, service_commands.py)
 shortened jobs submit|get|list|cancel|wait|download ...   (a remote service, see jobs.py)
 """
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from ..admission import AdmissionError
-from . import eval_command, jobs, prune_command, retrain_command, search_command
+from . import eval_command, export_command, jobs, prune_command, retrain_command, search_command
 from .display import validation_message
 from .service_commands import add_service_commands
 
@@ -27,6 +28,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     search_command.add_search,
     retrain_command.add_retrain,
     eval_command.add_eval,
+    export_command.add_export,
     jobs.add_parser,
     add_service_commands,
 ]

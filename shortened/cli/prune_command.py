@@ -12,7 +12,16 @@ from typing import Any
 from ..planning import render_plan
 from ..specs import DATA_FREE_CRITERIA, PruneSpec, calibration_needed
 from .local_run import admit, dry_run_plan, refuse, with_progress
-from .spec_options import Flag, Group, Row, SpecOption, Switch, add_rows, spec_values
+from .spec_options import (
+    QUALITY_GATE_ROWS,
+    Flag,
+    Group,
+    Row,
+    SpecOption,
+    Switch,
+    add_rows,
+    spec_values,
+)
 
 PRUNING_ROWS: tuple[Row, ...] = (
     SpecOption("calibration.source", "--calibration", help="calibration data:"),
@@ -26,6 +35,7 @@ PRUNING_ROWS: tuple[Row, ...] = (
     SpecOption("calibration.sampling"),
     SpecOption("protect_first"),
     SpecOption("protect_last"),
+    SpecOption("ratio_of"),
     Switch(
         "--no-protect", {"protect_first": 0, "protect_last": 0}, help="allow removing any block"
     ),
@@ -34,6 +44,7 @@ PRUNING_ROWS: tuple[Row, ...] = (
     SpecOption("device"),
     SpecOption("dtype"),
     SpecOption("max_shard_size"),
+    *QUALITY_GATE_ROWS,
     Flag(
         ("--dry-run",),
         {

@@ -17,7 +17,16 @@ from typing import Any
 from ..specs import CptSpec, RetrainSpec
 from .display import aligned
 from .local_run import admit, refuse, with_progress
-from .spec_options import Flag, Group, Row, SpecOption, Switch, add_rows, spec_values
+from .spec_options import (
+    QUALITY_GATE_ROWS,
+    Flag,
+    Group,
+    Row,
+    SpecOption,
+    Switch,
+    add_rows,
+    spec_values,
+)
 
 # The pseudo-section of the options every stage shares, resolved per method by
 # ``_fill_stages`` (it is not a field of the spec).
@@ -140,6 +149,7 @@ RETRAIN_ROWS: tuple[Row, ...] = (
             SpecOption("device"),
             SpecOption("dtype"),
             SpecOption("max_shard_size"),
+            *QUALITY_GATE_ROWS,
         ),
     ),
     Flag(("--output",), {"required": True, "type": Path, "help": "new or empty directory"}),

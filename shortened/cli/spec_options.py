@@ -109,8 +109,12 @@ def literal_choices(annotation: Any) -> list[Any] | None:
 
 
 def spec_default(model: type[BaseModel], name: str) -> Any:
-    """The value the spec model gives field ``name`` when it is not given."""
-    return model.model_fields[name].get_default(call_default_factory=True)
+    """The value the spec model gives field ``name`` when it is not given (None for a
+    required field: there is none)."""
+    info = model.model_fields[name]
+    if info.is_required():
+        return None
+    return info.get_default(call_default_factory=True)
 
 
 def field_model(root: type[BaseModel], option: SpecOption) -> tuple[type[BaseModel], str]:
@@ -253,3 +257,21 @@ def spec_values(rows: Sequence[Row], args: argparse.Namespace) -> dict[str, Any]
             for path, value in row.implies.items():
                 _put(values, path, value)
     return values
+
+
+# The quality gate's options, on every command that saves a model (prune, search, retrain).
+QUALITY_GATE_ROWS: tuple[Row, ...] = (
+    Group(
+        None,
+        (
+            SpecOption("quality_gate.max_ppl_ratio", "--max-ppl-ratio"),
+            Switch(
+                "--no-quality-gate",
+                {"quality_gate.max_ppl_ratio": None},
+                help="save the model whatever its held-out perplexity",
+            ),
+        ),
+        exclusive=True,
+    ),
+    SpecOption("quality_gate.windows", "--gate-windows"),
+)

@@ -18,7 +18,7 @@ from torch import nn
 
 from shortened.planning import head_chunk_tokens
 
-from .architectures import FamilyAdapter, block_view, keep_blocks
+from .architectures import FamilyAdapter, adapter_for, block_view, keep_blocks
 from .checkpoint import ScoreCheckpoint
 from .progress import Progress, ProgressCallback, no_progress
 
@@ -86,7 +86,10 @@ def nll_from_hidden(
     allocation of a scoring pass (a tenth of a 1B model's weights at 4 x 64 tokens with a
     128K vocabulary)."""
     head: Any = model.get_output_embeddings()  # type: ignore[operator]
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    # A vision-language model keeps the soft-capping in its text config.
+    cap = getattr(model.config, "final_logit_softcapping", None) or getattr(
+        getattr(model.config, "text_config", None), "final_logit_softcapping", None
+    )
     chunk = chunk or head_chunk_tokens(head.weight.shape[0])
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
@@ -317,11 +320,22 @@ def iterative_ppl(ctx: ScoringContext) -> CriterionResult:
     )
 
 
+# Parameters that are additive terms, not weights: never scored (the paper's code scores
+# ``"weight" in name``, which leaves biases out). gpt-oss's attention sinks are a learned
+# logit per head, added like a bias.
+_ADDITIVE = ("bias", "sinks")
+
+
 def _block_weights(block: nn.Module) -> list[nn.Parameter]:
-    """A block's weights as the paper's code selects them: parameters named ``...weight``
-    (projections and norm weights; biases are not scored)."""
+    """A block's weights as the paper's code selects them, every weight of the block:
+    projections and norm weights and, in a mixture-of-experts block, the router and every
+    expert's tensors (stored as ``experts.gate_up_proj`` / ``down_proj``, without a
+    ``weight`` suffix); biases and other additive terms are not scored. Dense blocks hold
+    only ``...weight`` and ``...bias`` parameters, so their selection is the paper's."""
     return [
-        param for name, param in block.named_parameters() if "weight" in name.rsplit(".", 1)[-1]
+        param
+        for name, param in block.named_parameters()
+        if not name.rsplit(".", 1)[-1].endswith(_ADDITIVE)
     ]
 
 
@@ -503,7 +517,7 @@ CRITERIA: dict[str, Callable[[ScoringContext], CriterionResult]] = {
 def ppl_scores_naive(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
     """The structure of the paper's code: deep-copy the model without block i and run a full
     forward, for every i. Quadratic compute and a second model in memory."""
-    num_layers = len(model.model.layers)  # type: ignore[union-attr, arg-type]  # torch/transformers stubs
+    num_layers = adapter_for(model).num_layers(model)
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]  # torch/transformers stubs
     tokens = _token_count(windows)
     scores = []

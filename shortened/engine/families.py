@@ -73,6 +73,18 @@ class BlockShape:
     fewer_norms_flag: Flag = False
 
 
+# The routed-expert count's names across families and transformers versions (a hub
+# config.json may spell it differently from the config class's own attribute).
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def num_experts(get: Lookup) -> int:
+    for name in EXPERT_COUNT_FIELDS:
+        if isinstance(value := get(name), int):
+            return value
+    return 0
+
+
 @dataclass(frozen=True)
 class MoeLayout:
     """Where a mixture-of-experts family routes and which of its blocks are MoE blocks.
@@ -82,13 +94,14 @@ class MoeLayout:
     (``sparse_step``: ``decoder_sparse_step`` becomes 1 with ``mlp_only_layers`` listing the
     dense blocks), and the result is checked block by block."""
 
-    experts: str  # config field: routed experts per MoE block
     expert_size: str = "moe_intermediate_size"  # config field: one expert's intermediate size
     top_k: str = "num_experts_per_tok"
     router: str = "mlp.gate"  # the router module, relative to a block
     router_bias: bool = False
     expert_bias: bool = False  # a bias on each expert's projections (gpt-oss)
-    shared_size: str | None = None  # config field: the shared expert's intermediate size (Qwen2-MoE)
+    shared_size: str | None = (
+        None  # config field: the shared expert's intermediate size (Qwen2-MoE)
+    )
     shared_gate: bool = False  # a sigmoid gate (hidden -> 1) on the shared expert
     shared_experts: str | None = None  # config field: shared experts of expert_size (DeepSeek)
     sparse_step: bool = False  # Qwen-MoE: decoder_sparse_step and mlp_only_layers
@@ -136,7 +149,7 @@ class FamilyAdapter:
     def is_moe_layer(self, get: Lookup, index: int) -> bool:
         """Whether block ``index`` of a text config (read through ``get``) routes to experts."""
         moe = self.moe
-        if moe is None or not (get(moe.experts) or 0) > 0:
+        if moe is None or not num_experts(get) > 0:
             return False
         if moe.sparse_step:
             step = get("decoder_sparse_step") or 1
@@ -146,10 +159,8 @@ class FamilyAdapter:
         return True
 
 
-_QWEN_MOE = MoeLayout("num_experts", sparse_step=True)
-_DEEPSEEK_MOE = MoeLayout(
-    "n_routed_experts", shared_experts="n_shared_experts", first_dense="first_k_dense_replace"
-)
+_QWEN_MOE = MoeLayout(sparse_step=True)
+_DEEPSEEK_MOE = MoeLayout(shared_experts="n_shared_experts", first_dense="first_k_dense_replace")
 
 FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("Llama (1/2/3, Vicuna)", ("llama",)),
@@ -189,14 +200,13 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
             fewer_norms_flag="use_parallel_residual",
         ),
     ),
-    FamilyAdapter("Mixtral", ("mixtral",), moe=MoeLayout("num_local_experts", "intermediate_size")),
+    FamilyAdapter("Mixtral", ("mixtral",), moe=MoeLayout("intermediate_size")),
     FamilyAdapter(
         "Qwen2-MoE",
         ("qwen2_moe",),
         index_fields=("mlp_only_layers",),
         shape=BlockShape(qkv_bias=True, o_bias=False),
         moe=MoeLayout(
-            "num_experts",
             shared_size="shared_expert_intermediate_size",
             shared_gate=True,
             sparse_step=True,
@@ -213,7 +223,7 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
         "OLMoE",
         ("olmoe",),
         shape=BlockShape(qk_norm="width"),
-        moe=MoeLayout("num_experts", "intermediate_size"),
+        moe=MoeLayout("intermediate_size"),
     ),
     FamilyAdapter(
         "DeepSeek-V2 / V3",
@@ -227,7 +237,6 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
         ("gpt_oss",),
         shape=BlockShape(qkv_bias=True, o_bias=True, sinks=True),
         moe=MoeLayout(
-            "num_local_experts",
             "intermediate_size",
             router="mlp.router",
             router_bias=True,

@@ -1,4 +1,5 @@
-"""Resolve a model source to something transformers can load, and load it.
+"""Resolve a model source to something transformers can load, and load it (with its
+family's Auto class; a vision-language checkpoint with its processor).
 
 Sources: a local directory (or ``file://``), ``s3://bucket/prefix/``, a finished job's
 output ``job://<id>`` (through the artifact store) and a hub id ``hf://org/name[@revision]``.
@@ -202,6 +203,10 @@ class LoadedModel:
     resolved: ResolvedSource
     # The source's largest safetensors shard (None: a single file): outputs are cut alike.
     source_shard_size: int | None = None
+    # A vision-language checkpoint's processor (image processor + tokenizer), saved with
+    # the pruned model as it was loaded; None for a text-only model. Calibration and
+    # training use ``tokenizer`` (text only, through the language model).
+    processor: Any = None
 
 
 def check_config_file(path: Path, source: str) -> None:
@@ -227,7 +232,9 @@ def load_model(
     store: ArtifactStore | None = None,
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Load a supported causal LM and its tokenizer from any source.
+    """Load a supported model and its tokenizer (and a vision-language model's processor)
+    from any source, with its family's Auto class (``AutoModelForCausalLM``, or
+    ``AutoModelForImageTextToText`` for a vision-language checkpoint).
 
     The architecture is checked from the config before any weights are read. On CUDA, a
     checkpoint larger than the free memory of one GPU is spread with ``device_map="auto"``.
@@ -237,7 +244,8 @@ def load_model(
     compute dtype; on CUDA without a device map they go straight to the device
     (``device_map`` = the target) instead of through a CPU copy.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     resolved = resolve_source(source, store=store, cache_dir=cache_dir)
     hub_kwargs: dict[str, Any] = {"revision": resolved.revision} if resolved.revision else {}
@@ -260,7 +268,8 @@ def load_model(
 
     try:
         with quiet_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, **load_kwargs)
+            auto_class = getattr(transformers, adapter.auto_class)
+            model = auto_class.from_pretrained(resolved.path_or_id, **load_kwargs)
     except SafetensorError as exc:
         # A truncated download or a damaged file: the tenant's data, not our bug.
         raise CorruptModel(f"the weights of {source!r} cannot be read: {exc}") from exc
@@ -271,6 +280,7 @@ def load_model(
         model.to(target)  # type: ignore[arg-type]  # torch/transformers stubs
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **hub_kwargs)
+    processor = load_processor(resolved.path_or_id, hub_kwargs) if adapter.multimodal else None
     source_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(source_dtype, str):
         source_dtype = _DTYPES.get(source_dtype)
@@ -284,7 +294,22 @@ def load_model(
         source_dtype,
         resolved,
         source_shard_size(resolved.path_or_id),
+        processor,
     )
+
+
+def load_processor(path_or_id: str, hub_kwargs: dict[str, Any]) -> Any:
+    """A vision-language checkpoint's processor, or None when it has none (weights only:
+    the pruned model is then saved with its tokenizer alone, as it came)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path_or_id, **hub_kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("no processor loaded from %s: %s", path_or_id, exc)
+        return None
+    # A checkpoint without image-processor files yields a bare tokenizer: not a processor.
+    return processor if hasattr(processor, "image_processor") else None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -97,6 +97,7 @@ def save_model(
     *,
     restore_dtype: bool = True,
     max_shard_size: str | int | None = None,
+    processor: Any = None,
 ) -> None:
     """save_pretrained in the source checkpoint's precision, so a float32 run on a bfloat16
     checkpoint does not double its size on disk, as safetensors shards of at most
@@ -108,7 +109,8 @@ def save_model(
         model.to(source_dtype)
     with quiet_progress_bars():
         model.save_pretrained(path, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
-        tokenizer.save_pretrained(path)
+        # A vision-language model's processor saves its tokenizer with the image processor.
+        (processor if processor is not None else tokenizer).save_pretrained(path)
     if cast and restore_dtype:
         model.to(current)
 

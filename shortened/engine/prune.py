@@ -30,6 +30,7 @@ from .criteria import CRITERION_VERSIONS
 from .errors import DataError, NothingToPrune
 from .finite import check_finite, check_finite_weights
 from .models import LoadedModel, count_parameters, load_model
+from .moe import before_removal, ratio_basis, report_fields
 from .outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions, save_model
 from .progress import Progress, ProgressCallback, no_progress
 from .quality_gate import (
@@ -132,9 +133,12 @@ def prune_model(
         score_cache=score_cache,
     )
     timer("scoring_s")
+    moe_before = before_removal(loaded.model, loaded.adapter, calibrated.windows, spec.batch_size)
 
     check_finite(scores.result.block_scores, "the block scores")
-    gate = parent_gate(spec, loaded, calibrated, progress=progress, store=store, cache_dir=cache_dir)
+    gate = parent_gate(
+        spec, loaded, calibrated, progress=progress, store=store, cache_dir=cache_dir
+    )
     timer("quality_gate_parent_s")
 
     progress(Progress("pruning", message=f"removing {plan.num_blocks} blocks"))
@@ -142,6 +146,7 @@ def prune_model(
     timer("pruning_s")
 
     report = prune_report(spec, loaded, plan, scores, removed, calibrated, timer)
+    report.update(report_fields(loaded.model, loaded.adapter, spec.ratio_of, moe_before))
     report.update(gate_fields(pruned_gate(gate, loaded, spec.batch_size)))
     timer("quality_gate_s")
     check_finite_weights(loaded.model, "in the pruned model")
@@ -248,7 +253,7 @@ def plan_removal(spec: PruneSpec, loaded: LoadedModel) -> RemovalPlan:
     model, adapter = loaded.model, loaded.adapter
     num_layers = adapter.num_layers(model)
     params_before = count_parameters(model)
-    block_params = [count_parameters(block) for block in adapter.layers(model)]
+    basis, block_params = ratio_basis(model, adapter, spec.ratio_of)
     candidates = removable_blocks(num_layers, spec.protect_first, spec.protect_last)
     protected = [b for b in range(num_layers) if b not in candidates]
     if spec.num_blocks is not None:
@@ -258,9 +263,7 @@ def plan_removal(spec: PruneSpec, loaded: LoadedModel) -> RemovalPlan:
         if not candidates:
             num_blocks = 0
         else:
-            num_blocks = blocks_for_ratio(
-                params_before, block_params, spec.target_ratio, len(candidates)
-            )
+            num_blocks = blocks_for_ratio(basis, block_params, spec.target_ratio, len(candidates))
     if num_blocks >= num_layers:  # with protection off every block is a candidate
         raise NothingToPrune(
             f"asked to remove {num_blocks} of {num_layers} blocks: a model needs at least one"
@@ -346,6 +349,7 @@ def save_pruned(
             staging,
             loaded.source_dtype,
             restore_dtype=False,
+            processor=loaded.processor,
             max_shard_size=max_shard_size or loaded.source_shard_size,
         )
         timer("saving_s")

@@ -141,9 +141,7 @@ def unmeasured(spec: QualityGateSpec, reason: str) -> dict[str, Any]:
     return {"max_ppl_ratio": spec.max_ppl_ratio, "measured": False, "reason": reason}
 
 
-def measure_parent(
-    spec: QualityGateSpec, measure: Any, windows: int, source: str
-) -> Gate | None:
+def measure_parent(spec: QualityGateSpec, measure: Any, windows: int, source: str) -> Gate | None:
     """The parent's held-out perplexity (``measure()``), or None with the gate off."""
     if spec.max_ppl_ratio is None:
         return None

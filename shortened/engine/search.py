@@ -5,6 +5,9 @@ The recipe (``search_model``): load -> split the calibration documents -> score 
 criterion -> build the candidate removal sets -> evaluate each on the validation windows
 (blocks removed temporarily with ``block_view``, nothing copied) -> rank -> prune with the
 winner and save it like ``prune_model`` does, with a ``search`` section in report.json.
+Candidates whose perplexity is not finite rank last and are never published; the winner must
+pass the quality gate (its validation perplexity against the unpruned model's on the same
+windows, ``quality_gate.py``) or the job fails and nothing is saved.
 
 The budget admits a set of block counts k (L blocks before, ``removable`` of them not
 protected):
@@ -35,23 +38,27 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shortened.specs import CalibrationSpec, PruneSpec, SearchSpec
+from shortened.specs import PruneSpec, SearchSpec
 
 from .architectures import block_view, keep_blocks
-from .calibration import (
-    SAMPLING_VERSIONS,
-    _hf_column,
-    draw_windows,
-    fetch_data_file,
-    fingerprint,
-    read_documents,
-)
-from .errors import CalibrationError, NothingToPrune
-from .evaluate import perplexity_windows, window_nll
+from .calibration import SAMPLING_VERSIONS, draw_windows, fingerprint
+from .errors import CalibrationError, NonFinite, NothingToPrune
+from .evaluate import window_nll
+from .finite import check_finite, check_finite_weights
 from .models import LoadedModel, count_parameters, load_model
+from .moe import ratio_basis
 from .outputs import PhaseTimer, check_output_dir
 from .progress import Progress, ProgressCallback, no_progress
 from .prune import RemovalPlan, blocks_for_ratio, prune_report, removable_blocks, save_pruned
+from .quality_gate import (
+    calibration_documents,
+    gate_fields,
+    held_out_windows,
+    judge,
+    measure_parent,
+    unmeasured,
+    windows_perplexity,
+)
 from .score_cache import ORDER_FROM_SCORES, PER_SCOPE, ScoreCache
 from .scoring import BlockScores, Calibrated, score_blocks
 
@@ -122,16 +129,6 @@ class _Subset(Sequence[str]):
         return self.documents[self.indices[index]]
 
 
-def _documents(
-    spec: CalibrationSpec, store: ArtifactStore | None, cache_dir: Path | None
-) -> Sequence[str]:
-    if spec.dataset is not None:
-        return _hf_column(spec)
-    assert spec.source is not None
-    path = fetch_data_file(spec.source, store=store, cache_dir=cache_dir)
-    return read_documents(path, spec.field, keep_empty=spec.sampling == "paper")
-
-
 @dataclass
 class SplitData:
     scoring: Calibrated  # windows drawn from the scoring documents only
@@ -146,18 +143,16 @@ def split_calibration(
     """Scoring windows from one part of the documents, validation windows from the rest
     (see ``SearchValidationSpec``). Window document indices in the report are indices
     into the whole file, as prune reports them."""
-    documents = _documents(spec.calibration, store, cache_dir)
+    documents = calibration_documents(spec.calibration, store, cache_dir)
     scoring_ids, validation_ids = split_documents(
         len(documents), spec.validation.fraction, spec.validation.seed
     )
     draw = draw_windows(_Subset(documents, scoring_ids), tokenizer, spec.calibration)
     draw.documents = [scoring_ids[i] for i in draw.documents]
-    text = "\n\n".join(documents[i] for i in validation_ids if documents[i].strip())
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     try:
-        validation = perplexity_windows(
-            ids, spec.calibration.seq_len, tokenizer.bos_token_id, spec.calibration.add_bos_to_every
-        )[: spec.validation.max_windows]
+        validation = held_out_windows(
+            documents, validation_ids, tokenizer, spec.calibration, spec.validation.max_windows
+        )
     except Exception as exc:
         raise CalibrationError(
             f"the {len(validation_ids)} held-out documents are too short for one validation "
@@ -305,9 +300,9 @@ def plan_search(spec: SearchSpec, loaded: LoadedModel) -> tuple[RemovalPlan, lis
     model, adapter = loaded.model, loaded.adapter
     num_layers = adapter.num_layers(model)
     params_before = count_parameters(model)
-    block_params = [count_parameters(block) for block in adapter.layers(model)]
+    basis, block_params = ratio_basis(model, adapter, spec.ratio_of)
     removable = removable_blocks(num_layers, spec.protect_first, spec.protect_last)
-    counts = admissible_counts(spec, num_layers, len(removable), params_before, block_params)
+    counts = admissible_counts(spec, num_layers, len(removable), basis, block_params)
     protected = [b for b in range(num_layers) if b not in removable]
     return RemovalPlan(num_layers, params_before, removable, protected, counts[-1]), counts
 
@@ -354,11 +349,27 @@ def search_model(
     )
     timer("scoring_s")
 
+    gate = measure_parent(
+        spec.quality_gate,
+        lambda: windows_perplexity(loaded.model, data.validation, spec.batch_size),
+        len(data.validation),
+        "the search's validation windows",
+    )
     evaluate_candidates(loaded, candidates, data.validation, plan, spec.batch_size, progress)
     ranked = rank(candidates)
+    best = ranked[0]
+    if not math.isfinite(best.validation_ppl):
+        raise NonFinite(
+            f"the validation perplexity of every one of the {len(ranked)} candidates is not "
+            "finite: the model's outputs are broken"
+        )
+    gate_section = (
+        unmeasured(spec.quality_gate, "turned off (max_ppl_ratio null)")
+        if gate is None
+        else judge(gate, lambda: best.validation_ppl, "best candidate")
+    )
     timer("validation_s")
 
-    best = ranked[0]
     progress(Progress("pruning", message=f"removing {best.num_blocks} blocks ({best.criteria[0]})"))
     keep_blocks(loaded.model, [b for b in range(plan.num_layers) if b not in best.removed])
     timer("pruning_s")
@@ -372,6 +383,9 @@ def search_model(
     )
     report["target_ratio"] = spec.target_ratio
     report["search"] = search_section(spec, plan, counts, ranked, data)
+    report.update(gate_fields(gate_section))
+    check_finite(report["block_scores"], "the block scores")
+    check_finite_weights(loaded.model, "in the pruned model")
     progress(Progress("saving", message=str(output_dir)))
     save_pruned(loaded, report, output_dir, timer)
     return report

@@ -44,6 +44,7 @@ from .evaluation import (
     PerplexitySpec,
     ZeroShotSpec,
 )
+from .export import ExportSpec, ExportTargetSpec, PipelineExport, parse_target
 from .pipeline import PipelineEval, PipelineRetrain
 from .pruning import (
     CRITERIA,
@@ -82,6 +83,10 @@ from .tracking import (
 )
 
 __all__ = [
+    "ExportSpec",
+    "ExportTargetSpec",
+    "PipelineExport",
+    "parse_target",
     "CRITERIA",
     "DATA_FILE_SUFFIXES",
     "DATA_FREE_CRITERIA",

@@ -25,6 +25,13 @@ class PipelineRetrain(RetrainSpec):
     def _check_teacher(self, kd: KdSpec) -> None:
         """The teacher may be left out: ``for_model`` fills in the pruned model's source."""
 
+    @field_validator("export")
+    @classmethod
+    def _export_at_the_top(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError("give the pipeline's export at the top level of the spec")
+        return None
+
     def for_model(self, model: str, teacher: str | None = None) -> RetrainSpec:
         """The follow-up job's spec: ``model`` retrained; KD's teacher, unless given, is
         ``teacher`` (the prune job's source model, the unpruned parent)."""

@@ -21,11 +21,13 @@ from .common import (
     WeightsDtype,
     check_source,
 )
+from .export import PipelineExport
 from .pipeline import PipelineEval, PipelineRetrain
 from .quality_gate import QualityGateSpec
 from .tracking import JobSpecBase
 
 Criterion = Literal["ppl", "taylor", "magnitude", "block_influence", "angular", "iterative_ppl"]
+RatioOf = Literal["total", "active"]
 CRITERIA: tuple[str, ...] = Criterion.__args__  # type: ignore[attr-defined]
 # Criteria that score blocks from the weights alone and so need no calibration data.
 DATA_FREE_CRITERIA: tuple[str, ...] = ("magnitude",)
@@ -54,6 +56,12 @@ class _PruningJob(JobSpecBase):
         description="taylor: windows per loss (the paper's --batch_size; default all n_samples at "
         "once, as its code). Forwards still take batch_size windows; the gradient is exact.",
     )
+    ratio_of: RatioOf = Field(
+        default="total",
+        description="What target_ratio is a fraction of: every parameter ('total') or those "
+        "used per token ('active': a mixture-of-experts block's routed experts counted "
+        "num_experts_per_tok times); the same for dense models",
+    )
     dtype: WeightsDtype = "auto"
     device: Device = "auto"
     max_shard_size: ShardSize = None
@@ -69,6 +77,11 @@ class _PruningJob(JobSpecBase):
     eval: PipelineEval | None = Field(
         default=None,
         description="Pipeline: evaluate the pruned (or, with 'retrain', the retrained) model",
+    )
+    export: PipelineExport | None = Field(
+        default=None,
+        description="Pipeline: export the pruned (or retrained) model to deployable, verified "
+        "artifacts (GGUF, quantized checkpoints) as the last step",
     )
 
     @field_validator("model")

@@ -26,6 +26,7 @@ from .common import (
     check_source,
 )
 from .distributed import DistributedSpec
+from .export import PipelineExport
 from .quality_gate import QualityGateSpec
 from .tracking import JobSpecBase
 
@@ -217,6 +218,11 @@ class RetrainSpec(JobSpecBase):
         default=None, validate_default=True, description="Required for cpt and cpt_lora"
     )
     kd: KdSpec | None = Field(default=None, description="Required for kd")
+    export: PipelineExport | None = Field(
+        default=None,
+        description="Pipeline: export the retrained model to deployable, verified artifacts "
+        "when this job succeeds (a follow-up job; in a prune pipeline, give it at the top level)",
+    )
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec,
         description="Processes and machines the training runs on (default: one process)",

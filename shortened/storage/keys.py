@@ -33,6 +33,13 @@ def scratch_prefix(job_id: str) -> str:
     return f"scratch/{job_id}"
 
 
+def staging_prefix(job_id: str, attempt: int) -> str:
+    """Where the training pods of a job's cluster attempt write its output (with a manifest,
+    last) for the worker to verify and publish under :func:`job_prefix`; never served,
+    removed once published or when the attempt ends."""
+    return f"staging/{job_id}/attempt-{attempt}"
+
+
 def cache_entry_key(prefix: str, key: str, scope: str | None = None) -> str:
     """The object of one cache entry under ``prefix`` (``SCORE_CACHE_PREFIX``,
     ``EVAL_CACHE_PREFIX``), in ``scope``'s part of it when given (see :func:`cache_scope`)."""

@@ -13,49 +13,61 @@ from shortened.engine.architectures import (
     keep_blocks,
 )
 from shortened.engine.errors import UnsupportedArchitecture
-from tests.helpers import FAMILY_CONFIGS, save_tiny, tiny_model
+from tests.helpers import FAMILY_CONFIGS, auto_class, save_tiny, tiny_model
 
 KEPT = [0, 2, 3, 5]  # remove blocks 1 and 4 of 6
+
+
+def _kinds(model) -> list[str]:
+    """Each block's feed-forward class: a dense block and an MoE block differ."""
+    return [type(block.mlp).__name__ for block in adapter_for(model).layers(model)]
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
 def test_pruned_checkpoint_reloads_and_generates(model_type, tmp_path):
     model = tiny_model(model_type)
-    layer_types_before = getattr(model.config, "layer_types", None)
-    original_blocks = list(model.model.layers)
+    adapter = adapter_for(model)
+    text_config = adapter.text_config(model.config)
+    layer_types_before = getattr(text_config, "layer_types", None)
+    original_blocks = list(adapter.layers(model))
+    kinds_before = _kinds(model)
     keep_blocks(model, KEPT)
 
-    assert model.config.num_hidden_layers == len(KEPT)
-    assert [id(b) for b in model.model.layers] == [id(original_blocks[i]) for i in KEPT]
+    assert text_config.num_hidden_layers == len(KEPT)
+    assert [id(b) for b in adapter.layers(model)] == [id(original_blocks[i]) for i in KEPT]
     if layer_types_before is not None:
-        assert model.config.layer_types == [layer_types_before[i] for i in KEPT]
-    for new_index, block in enumerate(model.model.layers):
+        assert text_config.layer_types == [layer_types_before[i] for i in KEPT]
+    for new_index, block in enumerate(adapter.layers(model)):
         assert block.self_attn.layer_idx == new_index
 
     save_tiny(model, tmp_path)
-    reloaded, info = AutoModelForCausalLM.from_pretrained(
+    reloaded, info = auto_class(adapter).from_pretrained(
         tmp_path, output_loading_info=True, dtype=torch.float32
     )
     reloaded.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert reloaded.config.num_hidden_layers == len(KEPT)
+    reloaded_text = adapter.text_config(reloaded.config)
+    assert reloaded_text.num_hidden_layers == len(KEPT)
+    # A dense block stays dense and an MoE block stays MoE at its new index.
+    assert _kinds(reloaded) == [kinds_before[i] for i in KEPT]
     if layer_types_before is not None:
-        assert reloaded.config.layer_types == [layer_types_before[i] for i in KEPT]
-    if reloaded.config.tie_word_embeddings:
-        assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+        assert reloaded_text.layer_types == [layer_types_before[i] for i in KEPT]
+    if getattr(reloaded.config, "tie_word_embeddings", False):
+        embeddings = reloaded.get_input_embeddings().weight
+        assert reloaded.get_output_embeddings().weight.data_ptr() == embeddings.data_ptr()
 
     input_ids = torch.tensor([[1, 5, 9, 14, 20, 7, 33, 41, 3, 12]])
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids).logits, model(input_ids).logits, atol=1e-5)
         # Longer than the sliding window, so sliding-window caches are exercised too.
-        kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+        kwargs = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
         with_cache = reloaded.generate(input_ids, use_cache=True, **kwargs)
         without_cache = reloaded.generate(input_ids, use_cache=False, **kwargs)
     assert with_cache.shape[1] == input_ids.shape[1] + 12
     assert torch.equal(with_cache, without_cache)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "qwen2_moe"])
 def test_block_view_restores_model(model_type):
     model = tiny_model(model_type)
     config_before = model.config.to_dict()
@@ -80,9 +92,13 @@ def test_unsupported_architecture_names_supported_families():
     assert "'gpt2'" in message and "Llama" in message and "Gemma3" in message and "Phi-3" in message
 
 
-def test_multimodal_gemma3_gets_a_hint():
-    with pytest.raises(UnsupportedArchitecture, match="text-only"):
-        adapter_for_model_type("gemma3")
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [("jamba", "state-space"), ("gemma3n", "per-layer input embeddings"), ("llama4", "absolute")],
+)
+def test_families_with_unequal_blocks_are_refused_with_the_reason(model_type, reason):
+    with pytest.raises(UnsupportedArchitecture, match=reason):
+        adapter_for_model_type(model_type)
 
 
 def test_keep_blocks_rejects_bad_indices():

@@ -13,12 +13,16 @@ import pytest
 
 from shortened.admission import (
     Lookups,
+    active_params,
     block_params,
+    layer_param_list,
     s3_lookups,
     total_params,
 )
 from shortened.kinds import problems
 from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
+from shortened.engine.architectures import adapter_for
+from shortened.engine.models import count_parameters
 from tests.helpers import CALIBRATION, FAMILY_CONFIGS, HELDOUT, TINY_MODEL, tiny_model
 
 
@@ -115,14 +119,29 @@ def test_data_files(tmp_path) -> None:
 
 @pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
 def test_parameter_estimates_match_the_real_model(model_type: str) -> None:
-    """The target-ratio check counts parameters from config.json alone; it must agree with
-    the instantiated model of every supported family."""
+    """The target-ratio check and the planner count parameters from config.json alone; the
+    counts must agree with the instantiated model of every supported family: each block,
+    the whole model, and the parameters active per token (top-k of the routed experts)."""
     model = tiny_model(model_type)
     config = model.config.to_dict()
-    block = model.model.layers[0]
-    assert block_params(config) == sum(p.numel() for p in block.parameters())
-    unique = {id(p): p.numel() for p in model.parameters()}
-    assert total_params(config) == sum(unique.values())
+    layers = adapter_for(model).layers(model)
+    assert layer_param_list(config) == [count_parameters(block) for block in layers]
+    assert total_params(config) == count_parameters(model)
+    assert active_params(config) == count_parameters(model) - sum(
+        _inactive_expert_params(model, block) for block in layers
+    )
+
+
+def _inactive_expert_params(model, block) -> int:
+    """The routed experts a token does not use, from the instantiated block: (experts -
+    top_k) / experts of every expert tensor (the router and shared experts always run)."""
+    moe = adapter_for(model).moe
+    if moe is None or not hasattr(block.mlp, "experts"):
+        return 0
+    top_k = block.get_submodule(moe.router).top_k
+    tensors = list(block.mlp.experts.parameters())
+    count = tensors[0].shape[0]
+    return sum(p.numel() for p in tensors) * (count - top_k) // count
 
 
 def test_object_storage_lookups(s3_server) -> None:

@@ -2,7 +2,9 @@
 accuracy, efficiency; each section in its own module) and, in compare mode, its baseline (the
 unpruned parent) the same way, with deltas; the baseline's results are reused from the
 baseline cache when the same parent was evaluated the same way before. Texts and task names
-are checked before any model is loaded; the report is written atomically.
+are checked before any model is loaded; a NaN or infinite figure fails the evaluation
+(``NonFinite``) before the baseline cache or the report keeps it; the report is written
+atomically.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..baseline_cache import (
     baseline_key,
     text_fingerprint,
 )
+from ..finite import check_finite
 from ..models import count_parameters, input_device, load_model, pick_device, resolve_source
 from ..outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions
 from ..progress import Progress, ProgressCallback, no_progress
@@ -68,6 +71,19 @@ def evaluate_loaded(
         timer("efficiency_s")
     result["timings"] = timer.timings
     return result
+
+
+def _figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The measured figures of one model's evaluation: perplexities, zero-shot accuracies and
+    timings (lm-eval's standard errors are left out: undefined for a single sample)."""
+    zero_shot = result.get("zero_shot") or {}
+    tasks = zero_shot.get("tasks") or {}
+    return {
+        "perplexity": result.get("perplexity"),
+        "zero_shot": {name: task.get("metrics") for name, task in tasks.items()},
+        "mean_accuracy": zero_shot.get("mean_accuracy"),
+        "efficiency": result.get("efficiency"),
+    }
 
 
 def _release(model: Any) -> None:
@@ -173,6 +189,7 @@ def evaluate_model(
             task_manager=task_manager,
             progress=progress,
         )
+        check_finite(_figures(result), f"the evaluation of {source}")
         result = {"source": source, "architecture": loaded.adapter.name, **result}
         result["timings"] = {**load_timer.timings, **result["timings"]}
         results[role] = result

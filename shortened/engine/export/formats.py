@@ -96,8 +96,10 @@ FORMATS: tuple[ExportFormat, ...] = (
 )
 _BY_NAME = {fmt.name: fmt for fmt in FORMATS}
 
-# The llama.cpp architecture each of our families (by config.model_type) converts to. A family
-# missing here is refused for GGUF with this table's reason, before anything is written.
+# The llama.cpp architecture each of our families (by config.model_type) converts to, for the
+# families whose pruned checkpoints llama.cpp is tested to compute as transformers does. A
+# family missing here is refused for GGUF with this table's reason, before anything is written
+# (SmolLM3: llama.cpp derives its no-RoPE layers from a period that pruning breaks).
 GGUF_ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",  # llama.cpp runs Mistral's dense models as llama
@@ -107,6 +109,8 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    "olmo2": "olmo2",
+    "granite": "granite",
 }
 
 

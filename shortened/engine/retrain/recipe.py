@@ -8,6 +8,8 @@ through accelerate/torchrun, and checkpoints/resume are Trainer's own):
       -> model (full parameters for CPT and KD, a peft LoRA wrapper for LoRA and KD with lora)
       -> Trainer (AdamW, warm-up + linear (LoRA) / cosine (CPT, KD) schedule, checkpoints;
          for KD a Trainer whose loss compares the student with the frozen teacher)
+      -> checks (no NaN or infinity in losses or weights, ``finite.py``; held-out perplexity
+         within the quality gate's ratio of the untrained model's, ``quality_gate.py``)
       -> outputs (merged model + adapter/, or the CPT model; report.json), written atomically.
 
 The paper's LoRA recipe is alpaca-lora's: Alpaca prompt template, loss on the response only,
@@ -24,11 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 from shortened.specs import RetrainSpec
 
+from ..finite import check_finite, check_finite_weights
 from ..outputs import PhaseTimer, check_output_dir
 from ..progress import Progress, ProgressCallback, no_progress
+from ..quality_gate import gate_fields, items_perplexity, judge, unmeasured
 from .artifacts import retrain_report, write_outputs
 from .checkpoints import is_main_process
-from .run import load_for_retraining
+from .launch import process_count, run_distributed
+from .parallel import share_cpt_model, world_size
+from .run import RetrainRun, load_for_retraining
 from .stages import run_cpt_stage, run_kd_stage, run_lora_stage
 
 if TYPE_CHECKING:
@@ -59,9 +65,50 @@ def retrain_model(
     checkpoints). Progress is reported per optimizer step with the latest ``loss`` and
     ``eval_loss``; the callback may raise ``Cancelled`` to stop within one step, and then
     nothing is written to ``output_dir``.
+
+    With ``distributed.nproc_per_node`` above one, the training runs in that many processes
+    under torchrun (``launch.py``; FSDP2 or DDP), and this process follows them: progress,
+    cancellation and errors as above.
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir)  # fail before loading anything
+    processes = process_count(spec)
+    if processes > 1 and world_size() == 1:
+        return run_distributed(
+            spec,
+            output_dir,
+            processes,
+            progress=progress,
+            store=store,
+            cache_dir=cache_dir,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+        )
+    return train_here(
+        spec,
+        output_dir,
+        progress=progress,
+        store=store,
+        cache_dir=cache_dir,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
+
+
+def train_here(
+    spec: RetrainSpec,
+    output_dir: Path,
+    *,
+    progress: ProgressCallback = no_progress,
+    store: ArtifactStore | None = None,
+    cache_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """The run in this process: all of it, or under torchrun this rank's part (every rank
+    trains; rank 0 gates and writes the outputs)."""
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir)
     timer = PhaseTimer()
     run = load_for_retraining(
         spec, checkpoint_dir, resume, progress=progress, store=store, cache_dir=cache_dir
@@ -70,14 +117,19 @@ def retrain_model(
     try:
         if spec.method in ("cpt", "cpt_lora"):
             run_cpt_stage(run, progress=progress, store=store, cache_dir=cache_dir, timer=timer)
+        if spec.method == "cpt_lora":
+            share_cpt_model(run)
         if spec.method in ("lora", "cpt_lora"):
             run_lora_stage(run, progress=progress, store=store, cache_dir=cache_dir, timer=timer)
         if spec.method == "kd":
             run_kd_stage(run, progress=progress, store=store, cache_dir=cache_dir, timer=timer)
-        progress(Progress("saving", message=str(output_dir)))
         report = retrain_report(run, timer)
         if not is_main_process():
-            return report  # rank 0 writes the outputs
+            return report  # rank 0 holds the gathered model: it gates and writes the outputs
+        check_finite(report["stages"], "the training report")
+        report.update(gate_fields(_judge(run)))
+        check_finite_weights(run.model, "in the retrained model")
+        progress(Progress("saving", message=str(output_dir)))
         write_outputs(run, report, output_dir, timer)
     finally:
         if run.scratch_cpt is not None:
@@ -90,3 +142,12 @@ def retrain_model(
         report["final_train_loss"],
     )
     return report
+
+
+def _judge(run: RetrainRun) -> dict[str, Any]:
+    """The quality gate's verdict on the trained model (adapters included), measured on the
+    items its parent was."""
+    if run.gate is None:
+        return unmeasured(run.spec.quality_gate, "turned off (max_ppl_ratio null)")
+    items = run.gate_items
+    return judge(run.gate, lambda: items_perplexity(run.model, items), "retrained model")

@@ -17,7 +17,9 @@ from shortened.specs import RetrainSpec
 
 from ..models import LoadedModel, count_parameters, load_model, pick_device
 from ..progress import Progress, ProgressCallback
+from ..quality_gate import Gate
 from .checkpoints import finished_cpt_dir
+from .parallel import is_sharded
 from .precision import Precision, choose_precision
 
 if TYPE_CHECKING:
@@ -43,6 +45,16 @@ class RetrainRun:
     trainable: dict[str, int] = field(default_factory=dict)
     peft_model: Any = None
     scratch_cpt: Path | None = None  # the CPT model of a cpt_lora run without checkpoint_dir
+    # The quality gate's parent measurement, taken before the first stage trains, and the
+    # items it was measured on (the trained model is measured on the same ones).
+    gate: Gate | None = None
+    gate_items: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def load_device(self) -> torch.device:
+        """Where models are loaded: the training device, but the CPU for an FSDP rank (the
+        Trainer moves each rank's shard to its device; a whole copy per device may not fit)."""
+        return torch.device("cpu") if is_sharded(self.spec) else self.device
 
     @property
     def cpt_done_dir(self) -> Path | None:
@@ -85,13 +97,14 @@ def load_for_retraining(
         and (cpt_done_dir / "stage_report.json").is_file()
     )
     progress(Progress("loading", message=spec.model))
+    load_device = "cpu" if is_sharded(spec) else str(device)  # as RetrainRun.load_device
     loaded = load_model(
-        spec.model, dtype=weights_dtype, device=str(device), store=store, cache_dir=cache_dir
+        spec.model, dtype=weights_dtype, device=load_device, store=store, cache_dir=cache_dir
     )
     model = loaded.model
     if cpt_already_done:
         assert cpt_done_dir is not None
-        model = load_model(str(cpt_done_dir), dtype=weights_dtype, device=str(device)).model
+        model = load_model(str(cpt_done_dir), dtype=weights_dtype, device=load_device).model
     return RetrainRun(
         spec,
         loaded,

@@ -19,9 +19,11 @@ from ..errors import DataError
 from ..models import load_model
 from ..outputs import PhaseTimer, save_model
 from ..progress import Progress, ProgressCallback
+from ..quality_gate import first_items, items_perplexity, measure_parent
 from ..retrain_data import StageData, build_stage_data
 from .checkpoints import is_main_process
 from .lora import wrap_lora
+from .parallel import unshard_run
 from .run import RetrainRun
 from .trainer import Distillation, StageSettings, train_stage
 
@@ -199,7 +201,7 @@ def run_kd_stage(
     teacher = load_model(
         kd.teacher,
         dtype=str(run.precision.weights).removeprefix("torch."),
-        device=str(run.device),
+        device=str(run.load_device),
         store=store,
         cache_dir=cache_dir,
     )
@@ -241,6 +243,8 @@ def _train(
     distill: Distillation | None = None,
 ) -> dict[str, Any]:
     """Train one stage and record its report entry and trainable-parameter count."""
+    if run.gate is None:  # the first stage that trains (a resumed cpt_lora: its LoRA stage)
+        _measure_parent(run, data, progress)
     run.trainable[settings.name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stage = train_stage(
         model,
@@ -255,7 +259,24 @@ def _train(
         progress=progress,
         distill=distill,
     )
+    unshard_run(run, model)  # FSDP: rank 0 gathers the trained model (a no-op otherwise)
     stage["trainable_params"] = run.trainable[settings.name]
     run.stages.append(stage)
     timer(f"{settings.name}_train_s")
     return stage
+
+
+def _measure_parent(run: RetrainRun, data: StageData, progress: ProgressCallback) -> None:
+    """The quality gate's parent side, before anything trains: the untrained model's
+    perplexity on the first stage's first validation items (else training items)."""
+    gate_spec = run.spec.quality_gate
+    if gate_spec.max_ppl_ratio is None:
+        return
+    held_out = data.eval is not None
+    run.gate_items = first_items(data.eval if held_out else data.train, gate_spec.windows)
+    source = "validation data" if held_out else "training data (no validation split)"
+    progress(Progress("quality_gate", message=f"parent on {len(run.gate_items)} items"))
+    parent = run.loaded.model  # a cpt_lora run resumed after CPT trains a copy of it
+    run.gate = measure_parent(
+        gate_spec, lambda: items_perplexity(parent, run.gate_items), len(run.gate_items), source
+    )

@@ -24,6 +24,7 @@ from ..finite import non_finite_guard
 from ..progress import Progress, ProgressCallback
 from ..retrain_data import IGNORE_INDEX, StageData
 from .checkpoints import prepare_checkpoint_dir
+from .parallel import parallel_arguments, prepare_parallel
 from .precision import Precision
 
 if TYPE_CHECKING:
@@ -207,6 +208,7 @@ def train_stage(
         dataloader_num_workers=0,
         # Evaluation needs the loss only; without this Trainer also gathers every logit.
         prediction_loss_only=distill is not None,
+        **parallel_arguments(spec, model, device),  # FSDP2 or DDP under torchrun
     )
     reporter = ProgressReporter(progress, settings.name)
     trainer_kwargs: dict[str, Any] = {
@@ -227,6 +229,7 @@ def train_stage(
     else:
         trainer = Trainer(**trainer_kwargs)
     trainer.remove_callback(PrinterCallback)  # progress goes through the callback, not stdout
+    prepare_parallel(trainer, spec, distill.teacher if distill is not None else None)
     model.config.use_cache = False
     clock = time.perf_counter()
     try:

@@ -1,0 +1,100 @@
+"""Export is a job kind like the others: ``POST /jobs/export`` and a prune pipeline's
+``export`` section are admitted, run by the real worker code, verified in llama.cpp and
+published with the manifest; a target the model's family cannot have is a 422 naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e_service import TINY_MODEL
+from tests.service.test_submission import Api, api_for  # noqa: F401 - the fixture
+from worker.tasks import execute_job
+
+REPO = TINY_MODEL.parents[1]
+HELDOUT = str(REPO / "data" / "stdlib_docs_heldout.txt")
+PERPLEXITY = {"datasets": [HELDOUT], "max_windows": 8}
+
+
+def job(api: Api, job_id: str) -> dict:
+    return api.client.get(f"/jobs/{job_id}", headers=api.headers).json()
+
+
+@pytest.fixture
+def database_url(tmp_path) -> str:
+    """The embedded job store only: the job kind's path is the same on PostgreSQL (the
+    store's own tests run on both) and an export is minutes of llama.cpp work."""
+    from service.db import upgrade_database
+
+    (tmp_path / "var").mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{tmp_path / 'var' / 'shortened.db'}"
+    upgrade_database(url)
+    return url
+
+
+@pytest.fixture
+def api(api_for) -> Api:  # noqa: F811
+    return api_for(None)
+
+
+def test_an_export_job_publishes_verified_gguf_files(api: Api) -> None:
+    body = {
+        "model": str(TINY_MODEL),
+        "targets": [{"format": "gguf", "type": "q8_0"}],
+        "perplexity": PERPLEXITY,
+    }
+    planned = api.post("/jobs/export?dry_run=true", body)
+    assert planned.status_code == 200 and planned.json()["plan"]["kind"] == "export"
+    submitted = api.post("/jobs/export", body)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    assert execute_job(job_id, api.settings) == "succeeded"
+    done = job(api, job_id)
+    names = {a["name"]: a for a in done["artifacts"]}
+    assert (
+        "gguf-q8_0/model-q8_0.gguf" in names
+        and len(names["gguf-q8_0/model-q8_0.gguf"]["sha256"]) == 64
+    )
+    [target] = done["result"]["targets"]
+    assert target["name"] == "gguf-q8_0" and target["verified_by"].startswith("llama.cpp")
+    assert target["ppl"] <= target["ppl_unquantized"] * 1.02
+
+
+def test_unsupported_targets_are_refused_at_the_door(api: Api) -> None:
+    unknown = api.post(
+        "/jobs/export", {"model": str(TINY_MODEL), "targets": [{"format": "gguf", "type": "q3"}]}
+    )
+    assert unknown.status_code == 422
+    assert unknown.json()["detail"][0]["loc"][:3] == ["body", "targets", 0]
+    uncalibrated = api.post(
+        "/jobs/export",
+        {"model": str(TINY_MODEL), "targets": [{"format": "hf-quantized", "scheme": "w4a16"}]},
+    )
+    assert uncalibrated.status_code == 422 and "calibration" in uncalibrated.text
+    nested = {
+        "model": str(TINY_MODEL),
+        "criterion": "magnitude",
+        "num_blocks": 2,
+        "retrain": {"method": "lora", "data": {"source": str(REPO / "data" / "alpaca_tiny.jsonl")},
+                    "export": {"targets": [{"format": "gguf", "type": "f16"}]}},
+    }  # fmt: skip
+    refused = api.post("/jobs/prune", nested)
+    assert refused.status_code == 422 and "top level" in refused.text
+
+
+def test_a_prune_pipeline_ends_with_an_export_beside_its_parent(api: Api) -> None:
+    body = {
+        "model": str(TINY_MODEL),
+        "criterion": "magnitude",
+        "num_blocks": 3,
+        "export": {"targets": [{"format": "gguf", "type": "f16"}], "perplexity": PERPLEXITY},
+    }
+    prune_id = api.post("/jobs/prune", body).json()["id"]
+    assert execute_job(prune_id, api.settings) == "succeeded"
+    [export_id] = [j["id"] for j in job(api, prune_id)["pipeline"]["jobs"] if j["kind"] == "export"]
+    spec = job(api, export_id)["spec"]
+    assert spec["model"] == f"job://{prune_id}" and spec["compare_with"] == str(TINY_MODEL)
+    assert execute_job(export_id, api.settings) == "succeeded"
+    [target] = job(api, export_id)["result"]["targets"]
+    # The parent measured in the same runtime and type: 12 blocks against 9.
+    assert target["ppl_parent"] is not None and target["tokens_per_s_parent"] > 0
+    assert job(api, prune_id)["pipeline"]["status"] == "succeeded"
