@@ -57,6 +57,8 @@ def test_an_export_job_publishes_verified_gguf_files(api: Api) -> None:
     [target] = done["result"]["targets"]
     assert target["name"] == "gguf-q8_0" and target["verified_by"].startswith("llama.cpp")
     assert target["ppl"] <= target["ppl_unquantized"] * 1.02
+    page = api.client.get(f"/jobs/{job_id}/report", headers=api.headers).text
+    assert 'id="export"' in page and 'data-name="gguf-q8_0"' in page and "llama.cpp" in page
 
 
 def test_unsupported_targets_are_refused_at_the_door(api: Api) -> None:

@@ -168,6 +168,27 @@ def eval_rows(result: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def export_rows(result: dict[str, Any]) -> list[dict[str, str]]:
+    """An export job's artifacts: size, perplexity beside the unquantized model's and the
+    parent's, generation speed and the speed-up over the parent in the same runtime."""
+    rows = []
+    for entry in result.get("targets") or []:
+        size = sum(f.get("bytes", 0) for f in entry.get("files") or []) / 2**20
+        rows.append(
+            {
+                "name": str(entry.get("name", "")),
+                "size": f"{size:.1f}",
+                "ppl": fmt_number(entry.get("ppl")),
+                "ppl_unquantized": fmt_number(entry.get("ppl_unquantized")),
+                "ppl_parent": fmt_number(entry.get("ppl_parent")),
+                "tokens_per_s": fmt_number(entry.get("tokens_per_s"), 3),
+                "speedup": fmt_number(entry.get("speedup"), 3),
+                "verified_by": str(entry.get("verified_by", "")),
+            }
+        )
+    return rows
+
+
 def fmt_pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:.1f}%"
 
@@ -217,6 +238,7 @@ def spec_summary(job: Job) -> list[tuple[str, str]]:
         ),
         "retrain": ("model", "method"),
         "eval": ("model", "compare_with"),
+        "export": ("model", "compare_with"),
     }.get(job.kind, ("model",))
     items = [(k, fmt_spec_value(spec[k])) for k in keys if spec.get(k) is not None]
     calibration = spec.get("calibration")
@@ -229,7 +251,12 @@ def spec_summary(job: Job) -> list[tuple[str, str]]:
     for k in ("dtype", "device"):
         if spec.get(k) is not None:
             items.append((k, str(spec[k])))
-    for section in ("retrain", "eval", "perplexity", "zero_shot", "efficiency"):
+    if job.kind == "export" and isinstance(spec.get("targets"), list):
+        names = [
+            f"{t.get('format')}:{t.get('type')}" for t in spec["targets"] if isinstance(t, dict)
+        ]
+        items.append(("targets", ", ".join(names)))
+    for section in ("retrain", "eval", "export", "perplexity", "zero_shot", "efficiency"):
         if spec.get(section) is not None:
             items.append((section, "yes"))
     return items
@@ -363,6 +390,7 @@ def job_report(
         else None,
         "prune": None,
         "eval_rows": [],
+        "export_rows": [],
         "result_items": [],
     }
     if job.status == "succeeded":
@@ -370,6 +398,8 @@ def job_report(
             context["prune"] = prune_context(session, job, principal.scope)
         elif job.kind == "eval":
             context["eval_rows"] = eval_rows(job.result or {})
+        elif job.kind == "export":
+            context["export_rows"] = export_rows(job.result or {})
         if job.kind not in pruning_kinds():
             context["result_items"] = flat_items(job.result or {})
     return templates.TemplateResponse(request, "report.html", context)
