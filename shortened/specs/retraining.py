@@ -5,7 +5,7 @@ adapter, and the CPT and KD stages' budgets and hyper-parameters.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -15,7 +15,6 @@ from .common import (
     MAX_STEPS,
     MAX_TOKENS,
     Device,
-    LearningRate,
     ModelSource,
     Records,
     Seed,
@@ -29,6 +28,20 @@ from .distributed import DistributedSpec
 from .export import PipelineExport
 from .quality_gate import QualityGateSpec
 from .tracking import JobSpecBase
+
+# Hyper-parameter bounds within which a run trains: each was measured at its extreme on
+# models/tiny-llama (docs/training-bounds.md has the table and the reasons). A combination of
+# in-range values that still diverges fails with non_finite or quality_gate, publishing nothing.
+MAX_LORA_LEARNING_RATE = 1e-2  # adapters: 1e-2 trains, 0.1 collapses the model (139x perplexity)
+MAX_FULL_LEARNING_RATE = 3e-3  # every weight (CPT, KD): 3e-3 trains, 1e-2 collapses it (27x)
+MAX_WEIGHT_DECAY = 1.0  # AdamW shrinks weights by lr * weight_decay a step
+MIN_KD_TEMPERATURE = 0.1  # below, the loss's T^2 factor makes it vanish (0.003 at T = 0.01)
+MAX_KD_TEMPERATURE = 100.0
+MAX_LORA_ALPHA = 4096  # the update is scaled by alpha / r: at most 4096 with rank 1
+MAX_LORA_DROPOUT = 0.5  # kept activations are scaled by 1 / (1 - p)
+
+LoraLearningRate = Annotated[float, Field(gt=0.0, le=MAX_LORA_LEARNING_RATE)]
+FullLearningRate = Annotated[float, Field(gt=0.0, le=MAX_FULL_LEARNING_RATE)]
 
 RetrainMethod = Literal["lora", "cpt", "cpt_lora", "kd"]
 RETRAIN_METHODS: tuple[str, ...] = RetrainMethod.__args__  # type: ignore[attr-defined]
@@ -117,9 +130,9 @@ class LoraSpec(StrictModel):
 
     r: int = Field(default=8, ge=1, le=4096, description="LoRA rank")
     alpha: int = Field(
-        default=16, ge=1, le=1_000_000, description="LoRA scaling numerator (lora_alpha)"
+        default=16, ge=1, le=MAX_LORA_ALPHA, description="LoRA scaling numerator (lora_alpha)"
     )
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.05, ge=0.0, le=MAX_LORA_DROPOUT)
     target_modules: list[str] = Field(
         default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1
     )
@@ -143,9 +156,9 @@ class CptSpec(StrictModel):
         le=MAX_TOKENS,
         description="Training tokens (steps = tokens / (batch_size * seq_len))",
     )
-    learning_rate: LearningRate = 1e-4
+    learning_rate: FullLearningRate = 1e-4
     warmup_steps: int = Field(default=100, ge=0, le=MAX_STEPS)
-    weight_decay: float = Field(default=0.0, ge=0.0, le=10.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=MAX_WEIGHT_DECAY)
     seq_len: int | None = Field(
         default=None,
         ge=8,
@@ -182,7 +195,10 @@ class KdSpec(CptSpec):
         description="Weight of the KD term; 1 - alpha weighs the LM loss",
     )
     temperature: float = Field(
-        default=1.0, gt=0.0, le=100.0, description="Softmax temperature of both distributions"
+        default=1.0,
+        ge=MIN_KD_TEMPERATURE,
+        le=MAX_KD_TEMPERATURE,
+        description="Softmax temperature of both distributions",
     )
     lora: bool = Field(
         default=False,
@@ -227,7 +243,7 @@ class RetrainSpec(JobSpecBase):
         default_factory=DistributedSpec,
         description="Processes and machines the training runs on (default: one process)",
     )
-    learning_rate: LearningRate = 1e-4
+    learning_rate: LoraLearningRate = 1e-4
     epochs: float = Field(default=2.0, gt=0.0, le=MAX_EPOCHS)
     micro_batch_size: int = Field(default=4, ge=1, le=4096)
     batch_size: int = Field(

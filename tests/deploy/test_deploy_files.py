@@ -167,6 +167,9 @@ EXPECTED_OBJECTS = {
     ("Job", "shortened-migrate"),
     ("Deployment", "shortened-flower"),
     ("Service", "shortened-flower"),
+    ("ServiceAccount", "shortened-worker"),
+    ("Role", "shortened-worker-trainjobs"),
+    ("RoleBinding", "shortened-worker-trainjobs"),
 }
 
 
@@ -349,6 +352,49 @@ def test_k8s_worker_gets_one_gpu_and_is_not_killed_while_busy() -> None:
         assert live["periodSeconds"] >= 60
         assert live["timeoutSeconds"] >= 30
         assert live["periodSeconds"] * live.get("failureThreshold", 3) >= 600
+
+
+def test_k8s_worker_may_run_trainjobs_and_nothing_else() -> None:
+    """The worker's Role: TrainJobs (create/get/list/watch/delete), listing pods to find node
+    0's pod and reading its log, in its own namespace; bound to the worker's ServiceAccount,
+    which the worker Deployment runs as."""
+    role = _find("Role", "shortened-worker-trainjobs")
+    rules = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    trainjobs = {
+        ("trainer.kubeflow.org", "trainjobs", verb)
+        for verb in ("create", "get", "list", "watch", "delete")
+    }
+    assert rules == trainjobs | {("", "pods", "list"), ("", "pods/log", "get")}
+    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])
+    assert not any(_find_all("ClusterRole")) and not any(_find_all("ClusterRoleBinding"))
+
+    binding = _find("RoleBinding", "shortened-worker-trainjobs")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "shortened-worker-trainjobs",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "shortened-worker", "namespace": NAMESPACE}
+    ]
+    account = _find("ServiceAccount", "shortened-worker")
+    assert account.get("automountServiceAccountToken") is False  # pods opt in
+    spec = _pod_spec(_find("Deployment", "shortened-worker"))
+    assert spec["serviceAccountName"] == "shortened-worker"
+    assert spec["automountServiceAccountToken"] is True
+    for name in ("shortened-api", "shortened-flower", "shortened-scheduler"):
+        other = _pod_spec(_find("Deployment", name))
+        assert other.get("serviceAccountName", "default") != "shortened-worker", name
+
+
+def _find_all(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in _k8s_docs() if doc["kind"] == kind]
 
 
 def test_k8s_migration_job() -> None:

@@ -316,7 +316,7 @@ def kd_spec(**kd) -> dict:
         ({"teacher": "t"}, "kd", "exactly one of 'max_steps' and 'max_tokens'"),
         ({"teacher": "t", "max_steps": 5, "alpha": 1.01}, "kd.alpha", "less than or equal to 1"),
         ({"teacher": "t", "max_steps": 5, "alpha": -0.1}, "kd.alpha", "greater than or equal"),
-        ({"teacher": "t", "max_steps": 5, "temperature": 0}, "kd.temperature", "greater than 0"),
+        ({"teacher": "t", "max_steps": 5, "temperature": 0.05}, "kd.temperature", "equal to 0.1"),
         ({"teacher": "t", "max_steps": 5, "temperature": 1e9}, "kd.temperature", "less than"),
         ({"teacher": "t", "max_steps": 10**12}, "kd.max_steps", "less than or equal"),
         ({"teacher": "t", "max_tokens": 10**14}, "kd.max_tokens", "less than or equal"),

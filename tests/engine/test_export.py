@@ -19,11 +19,18 @@ from shortened.engine.export import (
     UnsupportedExportTarget,
     export_format,
     export_model,
+    recipe,
 )
 from shortened.engine.export import formats as formats_module
-from shortened.engine.export.verify import gguf_greedy, hf_greedy, open_gguf
+from shortened.engine.export.verify import (
+    gguf_greedy,
+    gguf_tokenizer_problems,
+    hf_greedy,
+    open_gguf,
+)
 from shortened.engine.families import FAMILIES
 from tests.engine.export_models import CHAT_TEMPLATE, KEPT_TINY, eval_texts, tiny_llama
+from tests.helpers import tiny_tokenizer
 
 GGUF_TYPES = ["f16", "q8_0", "q4_k_m"]
 SPEED = {"max_windows": 8, "new_tokens": 8, "speed_repeats": 1}
@@ -129,6 +136,31 @@ def test_a_failed_verification_raises_and_leaves_nothing(tmp_path):
     assert excinfo.value.code == "export_verification_failed"
     assert "gguf-q4_k_m" in str(excinfo.value) and "tolerance 0.0%" in str(excinfo.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_file_llama_cpp_cannot_load_fails_verification(tmp_path, monkeypatch):
+    def truncated_gguf(model_dir, fmt, dest_dir, **_):
+        dest_dir.mkdir(parents=True)
+        (dest_dir / "model-f16.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+        return dest_dir / "model-f16.gguf"
+
+    monkeypatch.setattr(recipe, "write_gguf", truncated_gguf)
+    model = tiny_llama(tmp_path / "model")
+    with pytest.raises(ExportVerificationFailed, match="gguf-f16: does not load in its runtime"):
+        export_model(model, ["gguf-f16"], tmp_path / "out", eval_texts=eval_texts(), **SPEED)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_tokenizer_that_differs_from_the_gguf_is_reported(exported):
+    path = exported["out"] / "gguf-q8_0" / "model-q8_0.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(exported["pruned"])
+    assert gguf_tokenizer_problems(path, tokenizer, eval_texts()[0][:500]) == []
+    other = tiny_tokenizer()  # another vocabulary, BOS 1 instead of 0, no chat template
+    other.chat_template = "{{ messages }}"
+    problems = gguf_tokenizer_problems(path, other, eval_texts()[0][:500])
+    assert problems[0].startswith("tokenization differs from the HF tokenizer")
+    assert "bos token id 0 instead of 1" in problems
+    assert "the chat template was not carried over" in problems
 
 
 def test_targets_that_cannot_be_made_are_refused_before_any_work(tmp_path, monkeypatch):

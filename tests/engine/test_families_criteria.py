@@ -129,3 +129,27 @@ def test_expert_load_skips_dense_blocks():
     assert all(load is not None and len(load["load"]) == 4 for load in loads[2:])
     dense = tiny_model("llama")
     assert before_removal(dense, adapter_for(dense), _windows(), 2)["expert_load"] is None
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gemma3"])
+@pytest.mark.parametrize("ratio_of", ["total", "active"])
+def test_config_plan_agrees_with_the_loaded_model(model_type, ratio_of):
+    """The plan from config.json alone counts what the engine counts on the loaded model
+    (total and active) and picks the block count the engine picks for a target ratio."""
+    from shortened.planning import blocks_for_ratio, plan_prune
+    from shortened.specs import PruneSpec
+
+    model = tiny_model(model_type)
+    adapter = adapter_for(model)
+    spec = PruneSpec(
+        model="/m", criterion="magnitude", target_ratio=0.2, ratio_of=ratio_of, protect_first=1
+    )
+    plan = plan_prune(spec, model.config.to_dict())
+    assert plan.params_before == count_parameters(model)
+    assert plan.active_params_before == count_active_parameters(model, adapter)
+    assert plan.ratio_of == ratio_of
+    basis, blocks = ratio_basis(model, adapter, ratio_of)
+    candidates = plan.removable_blocks
+    assert plan.num_blocks == blocks_for_ratio(
+        basis, [blocks[i] for i in candidates], 0.2, len(candidates)
+    )

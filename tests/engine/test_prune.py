@@ -88,6 +88,7 @@ def test_prune_writes_checkpoint_and_report(workspace, tmp_path):
         "loading",
         "calibration",
         "scoring",
+        "quality_gate",  # the unpruned model on held-out windows, before any block goes
         "pruning",
         "saving",
     ]

@@ -41,7 +41,9 @@ def test_prune_measures_both_models_on_calibration_documents_not_used_for_scorin
     gate = report["quality_gate"]
     assert gate["measured"] and gate["passed"] and gate["max_ppl_ratio"] == DEFAULT_MAX_PPL_RATIO
     assert gate["windows"] == 8 and gate["window_source"].startswith("calibration documents not")
-    assert report["ppl_ratio"] == gate["ppl_ratio"] == pytest.approx(gate["ppl"] / gate["parent_ppl"])
+    assert (
+        report["ppl_ratio"] == gate["ppl_ratio"] == pytest.approx(gate["ppl"] / gate["parent_ppl"])
+    )
     assert 1.0 < report["ppl_ratio"] < 2.0  # 3 of 12 blocks: worse, far from collapsed
 
     # Independently: the documents the scoring windows were not drawn from, in file order,
@@ -56,7 +58,9 @@ def test_prune_measures_both_models_on_calibration_documents_not_used_for_scorin
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert gate["parent_ppl"] == pytest.approx(perplexity(parent, windows), rel=1e-4)
     assert gate["ppl"] == pytest.approx(perplexity(pruned, windows), rel=1e-4)
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["ppl_ratio"] == gate["ppl_ratio"]
+    assert (
+        json.loads((tmp_path / "out" / "report.json").read_text())["ppl_ratio"] == gate["ppl_ratio"]
+    )
 
 
 def test_a_collapsed_prune_fails_the_default_gate_and_saves_nothing(tmp_path):
@@ -109,7 +113,9 @@ def test_held_out_windows_read_only_the_documents_they_need():
     windows = held_out_windows(Counting(documents), range(len(documents)), tokenizer, spec, 4)
     # The same windows as cutting the whole text, from a fraction of the documents.
     ids = tokenizer("\n\n".join(documents), add_special_tokens=False)["input_ids"]
-    assert windows.tolist() == perplexity_windows(ids, 128, tokenizer.bos_token_id, False)[:4].tolist()
+    assert (
+        windows.tolist() == perplexity_windows(ids, 128, tokenizer.bos_token_id, False)[:4].tolist()
+    )
     assert 0 < len(read) < len(documents) // 4
 
 
@@ -170,13 +176,19 @@ def test_retrain_gates_on_the_validation_split_else_the_training_data(tmp_path):
     assert off["ppl_ratio"] is None and off["quality_gate"]["measured"] is False
 
 
-def test_a_retrain_that_wrecks_the_model_fails_the_gate_and_saves_nothing(tmp_path):
-    # The largest learning rate allowed, with warm-up off: two full-parameter steps leave
-    # the tiny model's perplexity many times its parent's.
-    spec = retrain_spec(
-        cpt={"max_steps": 2, "seq_len": 64, "warmup_steps": 0, "learning_rate": 1e-2},
-        quality_gate={"max_ppl_ratio": 1.5},
+def test_a_retrain_that_wrecks_the_model_fails_the_gate_and_saves_nothing(tmp_path, monkeypatch):
+    # Gradient ascent on the loss: every step makes the model worse, every number finite.
+    from transformers import Trainer
+
+    compute_loss = Trainer.compute_loss
+    monkeypatch.setattr(
+        Trainer, "compute_loss", lambda self, *args, **kwargs: -compute_loss(self, *args, **kwargs)
     )
-    with pytest.raises(QualityGateFailed, match="retrained model"):
+    spec = retrain_spec(
+        cpt={"max_steps": 3, "seq_len": 64, "warmup_steps": 0, "learning_rate": 3e-3},
+        quality_gate={"max_ppl_ratio": 2.0},
+    )
+    with pytest.raises(QualityGateFailed, match="retrained model's perplexity") as caught:
         retrain_model(spec, tmp_path / "out")
+    assert "over quality_gate.max_ppl_ratio 2" in str(caught.value)
     assert not (tmp_path / "out").exists()

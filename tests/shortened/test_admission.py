@@ -14,15 +14,14 @@ import pytest
 from shortened.admission import (
     Lookups,
     active_params,
-    block_params,
     layer_param_list,
     s3_lookups,
     total_params,
 )
-from shortened.kinds import problems
-from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 from shortened.engine.architectures import adapter_for
 from shortened.engine.models import count_parameters
+from shortened.kinds import problems
+from shortened.specs import EvalSpec, PruneSpec, RetrainSpec
 from tests.helpers import CALIBRATION, FAMILY_CONFIGS, HELDOUT, TINY_MODEL, tiny_model
 
 

@@ -25,6 +25,7 @@ from shortened.specs import (
     LoraSpec,
     PerplexitySpec,
     PruneSpec,
+    QualityGateSpec,
     RetrainSpec,
     TrainDataSpec,
     ZeroShotSpec,
@@ -43,6 +44,9 @@ SPEC_OPTIONS = [
     ("prune", "--batch-size", PruneSpec, "batch_size"),
     ("prune", "--device", PruneSpec, "device"),
     ("prune", "--dtype", PruneSpec, "dtype"),
+    ("prune", "--max-ppl-ratio", QualityGateSpec, "max_ppl_ratio"),
+    ("prune", "--gate-windows", QualityGateSpec, "windows"),
+    ("retrain", "--max-ppl-ratio", QualityGateSpec, "max_ppl_ratio"),
     ("retrain", "--method", RetrainSpec, "method"),
     ("retrain", "--data-split", TrainDataSpec, "split"),
     ("retrain", "--format", TrainDataSpec, "format"),
@@ -76,7 +80,10 @@ SPEC_OPTIONS = [
 ]
 
 # Options that exist only on the command line (flags that switch something off or on).
-CLI_ONLY_FLAGS = {"help", "no_protect", "no_merge", "no_resume", "efficiency", "greedy", "dry_run"}
+CLI_ONLY_FLAGS = {
+    "help", "no_protect", "no_merge", "no_resume", "efficiency", "greedy", "dry_run",
+    "no_quality_gate",
+}  # fmt: skip
 
 CHOICES = {
     ("prune", "--criterion"): CRITERIA,
@@ -166,6 +173,19 @@ def test_no_option_sets_a_default_of_its_own(command) -> None:
         if a.default is not None and a.dest not in CLI_ONLY_FLAGS
     ]
     assert own == []
+
+
+def test_quality_gate_options_reach_the_spec_and_no_gate_turns_it_off() -> None:
+    base = ["prune", "--model", "m", "--num-blocks", "2", "--calibration", "c.txt", "--output", "o"]
+    spec = prune_spec(
+        build_parser().parse_args([*base, "--max-ppl-ratio", "5", "--gate-windows", "3"])
+    )
+    assert (spec.quality_gate.max_ppl_ratio, spec.quality_gate.windows) == (5.0, 3)
+    spec = prune_spec(build_parser().parse_args([*base, "--no-quality-gate"]))
+    assert spec.quality_gate.max_ppl_ratio is None and spec.quality_gate.windows == 8
+    assert _retrain("--no-quality-gate").quality_gate.max_ppl_ratio is None
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args([*base, "--no-quality-gate", "--max-ppl-ratio", "5"])
 
 
 def test_bad_choice_is_refused_naming_the_choices(capsys) -> None:

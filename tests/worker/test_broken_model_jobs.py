@@ -83,7 +83,13 @@ PRUNE = {"model": str(TINY_MODEL), "calibration": {"source": str(CALIBRATION), "
 
 
 def test_a_collapsing_prune_fails_with_quality_gate_and_publishes_nothing(settings, sessions):
-    spec = {**PRUNE, "criterion": "magnitude", "num_blocks": 10, "protect_first": 0, "protect_last": 0}
+    spec = {
+        **PRUNE,
+        "criterion": "magnitude",
+        "num_blocks": 10,
+        "protect_first": 0,
+        "protect_last": 0,
+    }
     job = run_job(settings, sessions, "prune", spec)
     assert (job.status, job.error_code) == ("failed", "quality_gate"), job.error_message
     assert "max_ppl_ratio 20" in job.error_message

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from worker.cluster.errors import ClusterEngineNotConfigured, ClusterTrainingFailed
 
 if TYPE_CHECKING:
-    from worker.engine_call import EngineContext
+    from worker.cluster.context import RunContext
 
 __all__ = [
     "ClusterEngineNotConfigured",
@@ -35,12 +35,19 @@ def runs_on_cluster(spec: dict[str, Any]) -> bool:
     return isinstance(distributed, dict) and int(distributed.get("nnodes", 1)) > 1
 
 
-def run_on_cluster(spec: Any, ctx: EngineContext) -> dict[str, Any]:
+def run_on_cluster(spec: Any, ctx: RunContext) -> dict[str, Any]:
     """Run a validated multi-node spec on its engine; the report, the output in
     ``ctx.output_dir``."""
     engine = spec.distributed.engine
     if (refusal := ctx.settings.cluster_engine_refusal(engine)) is not None:
         raise ClusterEngineNotConfigured(refusal)
+    try:
+        import kubernetes  # noqa: F401  (the optional extra)
+    except ImportError as exc:
+        raise ClusterEngineNotConfigured(
+            "kubeflow engine is configured but this worker lacks the Kubernetes client "
+            "(install shortened[cluster])"
+        ) from exc
     from worker.cluster.follow import run_on_kubeflow
 
     return run_on_kubeflow(spec, ctx)

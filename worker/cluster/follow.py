@@ -33,8 +33,8 @@ from worker.cluster.status import TrainJobState, train_job_state
 
 if TYPE_CHECKING:
     from shortened.specs import RetrainSpec
+    from worker.cluster.context import RunContext
     from worker.cluster.kube import TrainJobs
-    from worker.engine_call import EngineContext
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class TrainJobFollower:
         self,
         jobs: TrainJobs,
         name: str,
-        ctx: EngineContext,
+        ctx: RunContext,
         *,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -150,14 +150,14 @@ class TrainJobFollower:
         self.state = state
 
 
-def _event(ctx: EngineContext, message: str, data: dict[str, Any] | None = None) -> None:
+def _event(ctx: RunContext, message: str, data: dict[str, Any] | None = None) -> None:
     log.info("%s", message)
     with ctx.reporter.sessions() as session:
         event_store.append_event(session, ctx.job_id, "log", message, data)
         session.commit()
 
 
-def _remove_earlier_attempts(jobs: TrainJobs, ctx: EngineContext, attempt: int) -> None:
+def _remove_earlier_attempts(jobs: TrainJobs, ctx: RunContext, attempt: int) -> None:
     """TrainJobs and staging output of this job's earlier attempts (a worker that died
     could not delete its own): they would hold nodes and storage the job no longer uses."""
     for name in jobs.names(f"{LABEL_JOB_ID}={ctx.job_id}"):
@@ -167,14 +167,14 @@ def _remove_earlier_attempts(jobs: TrainJobs, ctx: EngineContext, attempt: int) 
         ctx.store.delete_prefix(staging_prefix(ctx.job_id, earlier))
 
 
-def _deadline_s(ctx: EngineContext) -> int | None:
+def _deadline_s(ctx: RunContext) -> int | None:
     deadline = ctx.reporter.deadline
     return None if deadline is None else int(deadline - time.monotonic())
 
 
 def run_on_kubeflow(
     spec: RetrainSpec,
-    ctx: EngineContext,
+    ctx: RunContext,
     *,
     jobs: TrainJobs | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -194,7 +194,9 @@ def run_on_kubeflow(
         job_id=ctx.job_id,
         tenant=ctx.tenant,
         attempt=attempt,
-        spec=spec.model_dump(mode="json"),
+        # The ranks train; notifying and tracking stay with the worker, and their targets
+        # (webhook URLs) are not for everyone who may read TrainJobs in the namespace.
+        spec=spec.model_dump(mode="json", exclude={"webhook", "tracking"}),
         nnodes=spec.distributed.nnodes,
         nproc_per_node=nproc,
         staging_prefix=staging,
@@ -233,7 +235,7 @@ def _failure_message(name: str, state: TrainJobState, tail: list[str]) -> str:
     return f"{message}; rank 0's last line: {tail[-1]}" if tail else message
 
 
-def _clean_up(jobs: TrainJobs, name: str, ctx: EngineContext, staging: str) -> None:
+def _clean_up(jobs: TrainJobs, name: str, ctx: RunContext, staging: str) -> None:
     """Never masks what ended the run: a failure here is logged for the operator."""
     lease = ctx.reporter.lease
     try:

@@ -119,6 +119,37 @@ class _Measure:
         }
 
 
+def _run_in_runtime(
+    fmt: ExportFormat, artifact: Path, measure: _Measure, tokenizer: Any
+) -> tuple[dict[str, Any], str, list[str]]:
+    """Perplexity and speed of the artifact in its runtime, the runtime's name, and what is
+    wrong with the artifact there: one its runtime cannot even load is a failure, not a bug."""
+    import transformers
+
+    problems: list[str] = []
+    try:
+        if fmt.format == GGUF:
+            verified_by = llama_cpp_version()
+            problems += verify.gguf_tokenizer_problems(
+                artifact, tokenizer, measure.data.sample_text
+            )
+            measured = measure.gguf(artifact)
+        else:
+            verified_by = (
+                f"transformers {transformers.__version__} + {compressed_tensors_version()}"
+            )
+            measured = measure.hf(artifact)
+            if measured["quant_method"] != "compressed-tensors":
+                problems.append(
+                    f"transformers loaded it as {measured['quant_method'] or 'unquantized'}"
+                )
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.warning("%s does not load: %s", fmt.name, exc)
+        empty = {"ppl": None, "tokens_per_s": None}
+        return empty, fmt.runtime, [f"does not load in its runtime: {exc}"]
+    return measured, verified_by, problems
+
+
 def _verify_target(
     fmt: ExportFormat,
     artifact: Path,
@@ -129,20 +160,7 @@ def _verify_target(
     tolerance: float,
 ) -> tuple[dict[str, Any], list[str]]:
     """The target's report entry and what is wrong with it (empty: verified)."""
-    import transformers
-
-    problems: list[str] = []
-    if fmt.format == GGUF:
-        verified_by = llama_cpp_version()
-        problems += verify.gguf_tokenizer_problems(artifact, tokenizer, measure.data.sample_text)
-        measured = measure.gguf(artifact)
-    else:
-        verified_by = f"transformers {transformers.__version__} + {compressed_tensors_version()}"
-        measured = measure.hf(artifact)
-        if measured["quant_method"] != "compressed-tensors":
-            problems.append(
-                f"transformers loaded it as {measured['quant_method'] or 'unquantized'}"
-            )
+    measured, verified_by, problems = _run_in_runtime(fmt, artifact, measure, tokenizer)
     ppl, ppl_unquantized = measured["ppl"], reference["ppl"]
     ppl_ratio = _ratio(ppl, ppl_unquantized)
     if ppl_ratio is not None and ppl_ratio > 1 + tolerance:
@@ -260,7 +278,7 @@ def export_model(
                 )
                 parent = {**measure.gguf(parent_file), "as": f"{fmt.name} (llama.cpp)"}
             progress(Progress("verifying", done, len(formats), "targets", message=fmt.name))
-            entry, problems = _verify_artifact(
+            entry, problems = _verify_target(
                 fmt, artifact, measure, tokenizer, reference, parent, _tolerance(fmt, ppl_tolerance)
             )
             entries.append(entry)
@@ -303,24 +321,6 @@ def _write(
         )
     quantize_checkpoint(model_dir, fmt, dest, calibration_texts, **(quantization or {}))
     return dest
-
-
-def _verify_artifact(
-    fmt: ExportFormat,
-    artifact: Path,
-    measure: _Measure,
-    tokenizer: Any,
-    reference: dict[str, Any],
-    parent: dict[str, Any] | None,
-    tolerance: float,
-) -> tuple[dict[str, Any], list[str]]:
-    """``_verify_target``, with an artifact its runtime cannot even load as a failure."""
-    try:
-        return _verify_target(fmt, artifact, measure, tokenizer, reference, parent, tolerance)
-    except (ValueError, RuntimeError, OSError) as exc:
-        log.warning("%s does not load: %s", fmt.name, exc)
-        entry = {"name": fmt.name, "format": fmt.format, "type": fmt.type, "passed": False}
-        return entry, [f"does not load in its runtime: {exc}"]
 
 
 def _report(

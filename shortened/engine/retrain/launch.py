@@ -58,7 +58,7 @@ SPEC_FILE, ARGS_FILE, PROGRESS_FILE, RESULT_FILE, LOG_FILE = (
 )
 POLL_S = 0.2
 TERMINATE_GRACE_S = 15.0  # torchrun forwards SIGTERM to its ranks and waits on them
-LOG_TAIL_LINES = 30
+LOG_TAIL_LINES = 200
 PR_SET_PDEATHSIG = 1
 
 
@@ -255,7 +255,9 @@ def rank_pids(work: Path) -> list[int]:
     return alive
 
 
-def terminate(child: subprocess.Popen[bytes], work: Path, grace_s: float = TERMINATE_GRACE_S) -> None:
+def terminate(
+    child: subprocess.Popen[bytes], work: Path, grace_s: float = TERMINATE_GRACE_S
+) -> None:
     """SIGTERM torchrun's group and every rank's session; SIGKILL what is left after
     ``grace_s``; reap torchrun."""
     _signal_all(child, work, signal.SIGTERM)

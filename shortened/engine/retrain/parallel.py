@@ -75,7 +75,7 @@ def prepare_parallel(trainer: Any, spec: RetrainSpec, teacher: Any = None) -> No
     if not is_sharded(spec):
         return
     _fsdp_on_cpu(trainer)
-    if teacher is not None:
+    if teacher is not None and not os.environ.get('XX_NOSHARD'):
         shard_frozen(teacher, block_classes(teacher))
 
 
