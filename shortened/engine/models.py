@@ -219,7 +219,11 @@ def check_config_file(path: Path, source: str) -> None:
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"config.json is larger than {MAX_CONFIG_BYTES:,} bytes")
-        check_config(parse_config(path.read_bytes()))
+        parsed = parse_config(path.read_bytes())
+        # The family first: an unsupported architecture says so (and why), not which of our
+        # field names its config spells differently.
+        adapter_for_model_type(parsed.get("model_type"))
+        check_config(parsed)
     except ConfigError as exc:
         raise InvalidModelConfig(f"{source!r}: {exc}") from None
 
