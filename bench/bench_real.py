@@ -25,8 +25,9 @@ one run, on the CPU:
 
     python -m bench.bench_real     # docs/real-model.{md,json,png}, a JSON line last
 
-About 15 minutes on an idle 2-core CPU; not part of ``bench.run_all`` (its whole budget is
-10 minutes). Held-out perplexities of removals are measured with the blocks left out of the
+One run took 30 minutes on a 2-core CPU under a load average of 8-14 from other jobs (1 torch
+thread); an idle machine needs less (not measured). Not part of ``bench.run_all`` (its whole
+budget is 10 minutes). Held-out perplexities of removals are measured with the blocks left out of the
 parent in memory (``block_view``), which computes what the saved pruned checkpoint computes
 (``tests/real`` checks that).
 """

@@ -182,6 +182,10 @@ def _eval_figures(result: dict[str, Any] | None, role: str = "model") -> dict[st
             figures["latency_batch_size"] = first.get("batch_size")
     if "params" in part:
         figures["params"] = part["params"]
+    # Next-token agreement is the model's against its parent: no baseline figure of its own.
+    if role == "model" and (agreement := (result or {}).get("agreement")):
+        figures["agreement_top1"] = agreement.get("top1")
+        figures["agreement_kl"] = agreement.get("mean_kl")
     return figures
 
 
@@ -190,7 +194,8 @@ def _eval_figures(result: dict[str, Any] | None, role: str = "model") -> dict[st
 
 COLUMNS = [
     "job_id", "status", "params", "params_removed_ratio", "removed_blocks", "scores_reused",
-    "ppl_ratio", "ppl", "accuracy", "latency_s", "throughput_tok_s", "baseline_reused",
+    "ppl_ratio", "ppl", "accuracy", "latency_s", "throughput_tok_s", "agreement_top1",
+    "agreement_kl", "baseline_reused",
 ]  # fmt: skip
 
 

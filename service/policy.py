@@ -217,19 +217,47 @@ class SourcePolicy:
             }
             for problem in problems(kind, parsed, self.lookups())
         ]
+        if not errors and (refusal := self.device_refusal(parsed)):
+            loc, reason = refusal
+            errors.append({"loc": ["body", *loc], "msg": reason, "type": "insufficient_devices"})
         if not errors and check_model and (message := self.memory_refusal(kind, parsed)):
             errors.append({"loc": ["body", "model"], "msg": message, "type": "insufficient_memory"})
         return errors
 
+    def device_refusal(self, parsed: BaseModel) -> tuple[list[str], str] | None:
+        """A retrain asking for more processes per node than ``max_worker_devices``."""
+        from shortened.retrain_memory import too_many_processes
+
+        return too_many_processes(parsed, self.settings.max_worker_devices)
+
     def memory_refusal(self, kind: str, parsed: BaseModel) -> str | None:
-        """Why no worker can hold the job (its planned peak over ``max_worker_memory_gb``),
-        or None: it fits, no limit is set, or its model's config is not readable here."""
+        """Why no worker can hold the job (a stage's planned peak over ``max_worker_memory_gb``
+        per device, or over ``max_worker_devices`` of them for a model spread over a worker's
+        devices), with the devices its training would need; or None: it fits, no limit is
+        set, or its model's config is not readable here."""
         from shortened.planning import insufficient_memory
+        from shortened.retrain_memory import (
+            devices_to_fit,
+            requested_processes,
+            resolve_processes,
+            spread_over,
+        )
+        from shortened.specs.distributed import MAX_PROCESSES_PER_NODE
 
         gb = self.settings.max_worker_memory_gb
+        devices = self.settings.max_worker_devices or 1
+        parsed = resolve_processes(parsed, devices)  # "auto": one process per device
         if gb is None or (plan := self._plan(kind, parsed)) is None:
             return None
-        return insufficient_memory(plan, int(gb * 10**9))
+        limit = int(gb * 10**9)
+        if insufficient_memory(plan, limit, devices) is None:
+            return None
+        needed = None
+        if requested_processes(parsed) is not None:  # it retrains: how wide would fit
+            needed = devices_to_fit(
+                lambda n: self._plan(kind, spread_over(parsed, n)), limit, MAX_PROCESSES_PER_NODE
+            )
+        return insufficient_memory(plan, limit, devices, needed)
 
     def _plan(self, kind: str, parsed: BaseModel) -> Plan | None:
         from shortened.admission import Missing, model_config

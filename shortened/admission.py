@@ -11,7 +11,8 @@ data files' metadata, and reports every problem with the spec field it belongs t
 * the pruning target: ``num_blocks`` / ``target_ratio`` (a search's: ``num_blocks.min``,
   ``min_speedup``) achievable given ``num_hidden_layers`` and the protected blocks;
 * calibration, training and evaluation files: they exist, are not empty and are of a
-  supported format; ``compare_with`` resolves.
+  supported format; ``compare_with`` resolves;
+* data to be rendered through the chat template: a local model's tokenizer has one.
 
 Remote objects are looked up with a short timeout: a missing object is refused, a store that
 does not answer in time is not held against the job (the worker decides then).
@@ -20,6 +21,7 @@ does not answer in time is not held against the job (the worker decides then).
 from __future__ import annotations
 
 import functools
+import json
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -280,8 +282,43 @@ def _data_problems(field: str, source: str | None, lookups: Lookups) -> Iterator
         yield Problem(field, message)
 
 
+# Where a saved tokenizer keeps its chat template: tokenizer_config.json's key, or (newer
+# transformers) a file of its own beside it.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def has_chat_template(source: str) -> bool | None:
+    """Whether a model source's tokenizer has a chat template; None when that cannot be
+    known without loading it (remote sources: the worker checks, ``no_chat_template``)."""
+    if "://" in source and not source.startswith("file://"):
+        return None
+    path = local_path(source)
+    if not path.is_dir():
+        return None  # the model check reports a missing directory
+    if any((path / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None  # no readable tokenizer config here: the loader decides
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+def _chat_template_problems(field: str, model: str | None) -> Iterator[Problem]:
+    if model is not None and has_chat_template(model) is False:
+        yield Problem(
+            field,
+            f"the tokenizer of {model!r} has no chat template (tokenizer_config.json "
+            "'chat_template' or chat_template.jinja): turn chat_template off or use an "
+            "instruct model",
+        )
+
+
 def _retrain_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterator[Problem]:
+    model = getattr(spec, "model", None)
     data = getattr(spec, "data", None)
+    if data is not None and data.chat_template:
+        yield from _chat_template_problems(f"{prefix}data.chat_template", model)
     if data is not None:
         yield from _data_problems(f"{prefix}data.source", data.source, lookups)
         yield from _data_problems(
@@ -291,6 +328,8 @@ def _retrain_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterato
         stage = getattr(spec, section, None)
         if stage is not None and stage.data is not None:
             yield from _data_problems(f"{prefix}{section}.data.source", stage.data.source, lookups)
+            if stage.data.chat_template:
+                yield from _chat_template_problems(f"{prefix}{section}.data.chat_template", model)
             yield from _data_problems(
                 f"{prefix}{section}.data.validation_source", stage.data.validation_source, lookups
             )
@@ -310,6 +349,12 @@ def _eval_problems(prefix: str, spec: BaseModel, lookups: Lookups) -> Iterator[P
     for item in _check_model(f"{prefix}compare_with", getattr(spec, "compare_with", None), lookups):
         if isinstance(item, Problem):
             yield item
+    agreement = getattr(spec, "agreement", None)
+    if agreement is not None:
+        yield from _data_problems(f"{prefix}agreement.prompts", agreement.prompts, lookups)
+        if agreement.chat_template:
+            model = getattr(spec, "model", None)
+            yield from _chat_template_problems(f"{prefix}agreement.chat_template", model)
 
 
 def model_problems(
@@ -341,6 +386,8 @@ def pruning_problems(
             yield Problem(f"{prefix}{problem.field}", problem.message)
     if spec.calibration is not None:
         yield from _data_problems(f"{prefix}calibration.source", spec.calibration.source, lookups)
+        if spec.calibration.chat_template:
+            yield from _chat_template_problems(f"{prefix}calibration.chat_template", spec.model)
 
 
 def retrain_problems(

@@ -100,6 +100,24 @@ class Settings(BaseSettings):
         "workers on this queue; a job whose planned peak exceeds it is refused with 422 "
         "insufficient_memory (unset: no memory check)",
     )
+    worker_devices: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Worker: the devices (GPUs) a job may use here, each of worker_memory_gb; "
+        "default the visible CUDA devices, else 1. A retrain job's processes "
+        "(distributed.nproc_per_node; 'auto' is this count) train one per device, and a "
+        "model larger than one device is spread over all of them",
+    )
+    max_worker_devices: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="API: the largest SHORTENED_WORKER_DEVICES of the workers on this queue; a "
+        "retrain asking for more processes per node is refused with 422 insufficient_devices, "
+        "and the memory check counts this many devices of max_worker_memory_gb (unset: one "
+        "device, and no check of nproc_per_node)",
+    )
     worker_device: Literal["cpu", "cuda"] = Field(
         default="cpu",
         description="The kind of device the workers have: what 'auto' means for the memory "

@@ -21,7 +21,9 @@ Bounds (inclusive), each well past any released model, so no real checkpoint is 
 * every number in it is finite.
 
 A vision-language checkpoint's numbers are its language model's, read from the nested
-``text_config`` (the vision tower's config is not pruned and its numbers are not used).
+``text_config`` (the vision tower's config is not pruned and its numbers are not used). A
+family that spells a field its own way (Falcon's ``ffn_hidden_size`` and ``num_kv_heads``)
+is read through its adapter's derived fields, so the usual names are checked for it too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+from shortened.engine.errors import UnsupportedArchitecture
+from shortened.engine.families import Lookup, adapter_for_model_type, lookup_of
 from shortened.specs import MAX_BLOCKS
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -50,6 +54,9 @@ DIMENSIONS: dict[str, tuple[int, bool]] = {
     "moe_intermediate_size": (1 << 20, False),
     "shared_expert_intermediate_size": (1 << 20, False),
     "decoder_sparse_step": (MAX_BLOCKS, False),
+    # Falcon's own names (its adapter derives intermediate_size and the key/value heads).
+    "ffn_hidden_size": (1 << 20, False),
+    "num_kv_heads": (1 << 12, False),
 }
 # Counts that may be 0 (a Qwen2-MoE config with no experts is dense; no leading dense
 # blocks; no shared experts): non-negative integers up to the bound.
@@ -119,6 +126,15 @@ def language_config(config: dict[str, Any]) -> dict[str, Any]:
     return nested if isinstance(nested, dict) else config
 
 
+def _family_lookup(config: dict[str, Any], language: dict[str, Any]) -> Lookup:
+    """Reads ``language`` with the derived fields of the checkpoint's family (plain reads
+    for a type no adapter knows: admission refuses it with its own message)."""
+    try:
+        return adapter_for_model_type(config.get("model_type")).lookup(language)
+    except UnsupportedArchitecture:
+        return lookup_of(language)
+
+
 def _bound_problem(name: str, value: Any, low: int, bound: int) -> tuple[str, str] | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return (name, f"config.json: {name} must be an integer, got {value!r:.40}")
@@ -134,7 +150,11 @@ def config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
     prefix = "text_config." if config.get("text_config") is not None else ""
     if prefix and not isinstance(config["text_config"], dict):
         return [("text_config", "config.json: text_config must be an object")]
-    config = language_config(config)
+    raw = language_config(config)
+    get = _family_lookup(config, raw)
+    config = raw | {
+        name: value for name in (*DIMENSIONS, *COUNTS) if (value := get(name)) is not None
+    }
     found: list[tuple[str, str]] = []
     for name, (bound, required) in DIMENSIONS.items():
         value = config.get(name)

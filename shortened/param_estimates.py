@@ -20,7 +20,6 @@ from shortened.engine.families import (
     Lookup,
     adapter_for_model_type,
     flag,
-    lookup_of,
     num_experts,
 )
 
@@ -91,9 +90,22 @@ def _gated_mlp(hidden: int, intermediate: int, bias: bool) -> int:
     return 2 * _linear(hidden, intermediate, bias) + _linear(intermediate, hidden, bias)
 
 
+def _dense_mlp(shape: BlockShape, hidden: int, intermediate: int, bias: bool) -> int:
+    if shape.mlp == "plain":
+        return _linear(hidden, intermediate, bias) + _linear(intermediate, hidden, bias)
+    return _gated_mlp(hidden, intermediate, bias)
+
+
+def _norm(shape: BlockShape, get: Lookup) -> int:
+    """One hidden-size norm's parameters."""
+    return _int(get, "hidden_size") * (int(shape.norm_weight) + int(shape.norm_bias))
+
+
 def _norms(shape: BlockShape, get: Lookup) -> int:
-    count = shape.norms - (1 if flag(shape.fewer_norms_flag, get) else 0)
-    return count * _int(get, "hidden_size") * (2 if shape.norm_bias else 1)
+    count = _int(get, "norms_per_block", -1)  # a family's derived count (Falcon)
+    if count < 0:
+        count = shape.norms - (1 if flag(shape.fewer_norms_flag, get) else 0)
+    return count * _norm(shape, get)
 
 
 def _mlp(adapter: FamilyAdapter, get: Lookup, index: int) -> tuple[int, int]:
@@ -102,7 +114,7 @@ def _mlp(adapter: FamilyAdapter, get: Lookup, index: int) -> tuple[int, int]:
     bias = flag(adapter.shape.mlp_bias, get)
     moe = adapter.moe
     if moe is None or not adapter.is_moe_layer(get, index):
-        dense = _gated_mlp(hidden, _int(get, "intermediate_size"), bias)
+        dense = _dense_mlp(adapter.shape, hidden, _int(get, "intermediate_size"), bias)
         return dense, dense
     experts, top_k = num_experts(get), _int(get, moe.top_k, 1)
     size = _int(get, moe.expert_size)
@@ -121,7 +133,7 @@ def _mlp(adapter: FamilyAdapter, get: Lookup, index: int) -> tuple[int, int]:
 def layer_params(config: dict[str, Any], index: int) -> tuple[int, int]:
     """(total, active) parameters of decoder block ``index`` of a checkpoint's config.json."""
     adapter = adapter_for_model_type(config.get("model_type"))
-    get = lookup_of(text_config(config))
+    get = adapter.lookup(text_config(config))
     shape = adapter.shape
     attention = (
         _mla_attention(shape, get) if shape.attention == "mla" else _gqa_attention(shape, get)
@@ -150,11 +162,13 @@ def _outside_blocks(config: dict[str, Any]) -> int:
     tower and projector."""
     adapter = adapter_for_model_type(config.get("model_type"))
     text = text_config(config)
-    get = lookup_of(text)
+    get = adapter.lookup(text)
     hidden, vocab = _int(get, "hidden_size"), _int(get, "vocab_size")
     tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
     params = vocab * hidden * (1 if tied else 2)
-    params += hidden * (2 if adapter.shape.norm_bias else 1)
+    params += _norm(adapter.shape, get)
+    if flag(adapter.shape.lm_head_bias, get):
+        params += vocab
     if adapter.multimodal:
         from shortened.vision_estimates import vision_params
 

@@ -64,6 +64,7 @@ LOGIT_COPIES = 3  # fp32 logits, log-softmax, the loss's gradient / per-token lo
 GRADIENT_CHECKPOINTING = 0.15
 FORWARD_CRITERIA = ("ppl", "iterative_ppl", "block_influence", "angular", "magnitude")
 GB = 10**9
+PARENT_LAYERS = "_parent_num_hidden_layers"  # what config_after keeps of the parent (KD)
 
 
 @dataclass
@@ -71,6 +72,9 @@ class StagePlan:
     name: str
     peak_bytes: int
     formula: str
+    # The peak of each device of a training stage (one process per device). Other stages
+    # hold one model, spread over a worker's devices (device_map="auto") when it needs more.
+    per_device: bool = False
 
 
 @dataclass
@@ -97,6 +101,10 @@ class Plan:
     active_params_after: int = 0
     ratio_of: str = "total"
     stages: list[StagePlan] = field(default_factory=list)
+    # A retrain job's training processes on one machine and how they share the model
+    # (fsdp/ddp; None on one process): its stage peaks are per device.
+    processes: int = 1
+    strategy: str | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -281,53 +289,19 @@ def config_after(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
     vision-language model's in its ``text_config``). An MoE model's per-layer kinds are
     not re-derived here: the estimate after pruning uses the mean removable block."""
     layers = plan.num_layers - plan.num_blocks
+    parent = {PARENT_LAYERS: plan.num_layers}  # the KD teacher of a pipeline's retrain section
     if isinstance(config.get("text_config"), dict):
-        return {**config, "text_config": {**config["text_config"], "num_hidden_layers": layers}}
-    return {**config, "num_hidden_layers": layers}
+        text = {**config["text_config"], "num_hidden_layers": layers}
+        return {**config, **parent, "text_config": text}
+    return {**config, **parent, "num_hidden_layers": layers}
 
 
 def retrain_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
-    """The stages of a retrain job or pipeline section, after its model is loaded."""
-    assert isinstance(spec, RetrainSpec)
-    device = _device_type(spec.device, auto_device)
-    # As choose_precision: LoRA on CUDA freezes the base in half precision, CPT keeps fp32.
-    dtype = spec.dtype if spec.dtype != "auto" else "float32"
-    if spec.dtype == "auto" and device == "cuda" and spec.method == "lora":
-        dtype = "bfloat16"
-    b = DTYPE_BYTES[dtype]
-    shape, total = _Shape(config), total_params(config)
-    runtime, weights = RUNTIME_BYTES[device], total * b
-    tokens = spec.micro_batch_size * spec.cutoff_len
-    checkpointing = (
-        spec.gradient_checkpointing if spec.gradient_checkpointing is not None else device == "cuda"
-    )
-    activations = shape.backward(tokens, b)
-    if checkpointing:
-        activations = int(activations * GRADIENT_CHECKPOINTING)
-    stages = []
-    if spec.method in ("cpt", "cpt_lora"):
-        stages.append(
-            _stage(
-                "retrain cpt",
-                {
-                    "runtime": runtime,
-                    "weights+grads+adamw": 4 * weights,
-                    "activations": activations,
-                },
-            )
-        )
-    if spec.method in ("lora", "cpt_lora"):
-        stages.append(
-            _stage(
-                "retrain lora",
-                {
-                    "runtime": runtime,
-                    "weights": WEIGHT_MULTIPLE["lora"] * weights,
-                    "activations": activations,
-                },
-            )
-        )
-    return stages
+    """The stages of a retrain job or pipeline section, after its model is loaded: the peak
+    of one device for the spec's processes (``shortened.retrain_memory``)."""
+    from shortened.retrain_memory import training_stages
+
+    return training_stages(spec, config, auto_device)
 
 
 def eval_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
@@ -370,7 +344,11 @@ def _job_plan(
 def plan_retrain(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
     """A retrain job: load its model, train it."""
     assert isinstance(spec, RetrainSpec)
-    return _loaded_plan("retrain", spec, config, auto_device, retrain_stages)
+    plan = _loaded_plan("retrain", spec, config, auto_device, retrain_stages)
+    wanted = spec.distributed.nproc_per_node
+    plan.processes = wanted if isinstance(wanted, int) else 1  # "auto": resolved by the caller
+    plan.strategy = spec.distributed.strategy if plan.processes > 1 else None
+    return plan
 
 
 def plan_eval(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
@@ -412,16 +390,32 @@ def _load_stage(device: str, dtype: str, config: dict[str, Any], auto_device: st
     return _load(RUNTIME_BYTES[device_type], weights, source, cast)
 
 
-def insufficient_memory(plan: Plan, limit_bytes: int) -> str | None:
-    """Why the job cannot fit a worker of ``limit_bytes``, or None when it fits."""
-    if plan.peak_bytes <= limit_bytes:
+def insufficient_memory(
+    plan: Plan, limit_bytes: int, devices: int = 1, needed: int | None = None
+) -> str | None:
+    """Why the job cannot fit a worker of ``devices`` devices of ``limit_bytes`` each, or
+    None when it fits; ``needed``: the devices that would hold it (a retrain spread wider)."""
+    over = [
+        stage
+        for stage in plan.stages
+        if stage.peak_bytes > limit_bytes * (1 if stage.per_device else devices)
+    ]
+    if not over:
         return None
-    return (
-        f"insufficient memory: the estimated peak of this job is {plan.peak_bytes / GB:.1f} GB "
-        f"({plan.peak_stage}, {plan.compute_dtype} on {plan.device}) but the largest worker "
-        f"declares {limit_bytes / GB:.1f} GB; use a smaller model, dtype bfloat16, fewer "
+    worst = max(over, key=lambda stage: stage.peak_bytes)
+    each = f" per device ({devices} devices)" if devices > 1 else ""
+    message = (
+        f"insufficient memory: the estimated peak of this job is {worst.peak_bytes / GB:.1f} GB "
+        f"({worst.name}, {plan.compute_dtype} on {plan.device}) but the largest worker "
+        f"declares {limit_bytes / GB:.1f} GB{each}; use a smaller model, dtype bfloat16, fewer "
         "windows per forward (batch_size) or a larger worker"
     )
+    if needed is not None:
+        message += (
+            f"; the training would fit {needed} devices of this size: distributed "
+            f"{{nproc_per_node: {needed}, strategy: fsdp}} on a worker with {needed} devices"
+        )
+    return message
 
 
 def render_plan(plan: Plan) -> str:
@@ -447,6 +441,8 @@ def render_plan(plan: Plan) -> str:
     rows.append(
         f"compute: {plan.compute_dtype} on {plan.device}, weights {plan.weight_bytes / GB:.2f} GB"
     )
+    if plan.processes > 1:
+        rows.append(f"training: {plan.processes} processes, {plan.strategy} (peaks per device)")
     width = max(len(stage.name) for stage in plan.stages)
     rows.append(f"{'stage'.ljust(width)}  peak GB  formula")
     for stage in plan.stages:

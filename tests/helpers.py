@@ -49,6 +49,16 @@ _VISION = {
     "patch_size": 14,
 }
 
+# A sliding/full pattern no parity rule derives.
+_LAYER_TYPES = [
+    "sliding_attention",
+    "full_attention",
+    "full_attention",
+    "sliding_attention",
+    "sliding_attention",
+    "full_attention",
+]
+
 # One entry per supported family; the layer_types patterns are deliberately not the parity
 # pattern the configs would derive, so a re-derived list is caught.
 FAMILY_CONFIGS: dict[str, dict] = {
@@ -65,14 +75,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "gemma2": {
         "head_dim": 8,
         "sliding_window": 4,
-        "layer_types": [
-            "sliding_attention",
-            "full_attention",
-            "full_attention",
-            "sliding_attention",
-            "sliding_attention",
-            "full_attention",
-        ],
+        "layer_types": _LAYER_TYPES,
     },
     "gemma3_text": {
         "head_dim": 8,
@@ -134,6 +137,38 @@ FAMILY_CONFIGS: dict[str, dict] = {
             "full_attention",
             "sliding_attention",
         ],
+    },
+    # Falcon-7B's shape: multi-query attention (one key/value head), parallel attention and
+    # MLP under one LayerNorm, a fused QKV projection and a plain (ungated) MLP.
+    "falcon": {"ffn_hidden_size": 64, "multi_query": True, "parallel_attn": True},
+    "olmo": {"clip_qkv": 8.0},
+    "olmo3": {
+        "sliding_window": 4,
+        "layer_types": _LAYER_TYPES,
+    },
+    "glm4": {"head_dim": 8, "attention_bias": True},
+    "helium": {"head_dim": 8},
+    "exaone4": {
+        "sliding_window": 4,
+        "layer_types": _LAYER_TYPES,
+    },
+    "ernie4_5": {"head_dim": 8, "use_bias": True},
+    "starcoder2": {"use_bias": True, "sliding_window": 4},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16},
+    "phimoe": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 16,
+        "lm_head_bias": True,
+    },
+    "glm4_moe": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 2,
+        "use_qk_norm": True,
+        "head_dim": 8,
     },
     # Vision-language models: a language model of the defaults below (plus "text_config"), a
     # one-layer vision tower of 28x28 images in 14x14 patches, token ids past the text words.

@@ -30,17 +30,29 @@ def declared_memory_bytes(settings: Settings) -> int | None:
     return None
 
 
+def declared_devices(settings: Settings) -> int:
+    """This worker's devices: ``SHORTENED_WORKER_DEVICES``, else its visible CUDA devices,
+    else one."""
+    if settings.worker_devices is not None:
+        return settings.worker_devices
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
 def check_fits(kind: str, spec: dict[str, Any], settings: Settings) -> None:
     """Raise ``InsufficientMemory`` when the job's planned peak exceeds this worker's memory.
     A model whose config is not readable here yet (a hub model) is not checked."""
     from shortened.admission import Lookups, Missing, Unknown, model_config
     from shortened.kinds import parse_spec, plan_job
     from shortened.planning import insufficient_memory
+    from shortened.retrain_memory import resolve_processes
 
     limit = declared_memory_bytes(settings)
     if limit is None:
         return
-    parsed = parse_spec(kind, spec)
+    devices = declared_devices(settings)
+    parsed = resolve_processes(parse_spec(kind, spec), devices)
     model = getattr(parsed, "model", None)
     if not isinstance(model, str) or ("://" in model and not model.startswith("file://")):
         return  # remote sources: their config is read when the engine resolves them
@@ -51,6 +63,6 @@ def check_fits(kind: str, spec: dict[str, Any], settings: Settings) -> None:
         return
     if plan is None:
         return
-    if message := insufficient_memory(plan, limit):
+    if message := insufficient_memory(plan, limit, devices):
         raise InsufficientMemory(message.replace("the largest worker", "this worker"))
     log.info("planned peak %.1f GB of the %.1f GB declared", plan.peak_bytes / 1e9, limit / 1e9)

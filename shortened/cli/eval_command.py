@@ -76,6 +76,21 @@ EVAL_ROWS: tuple[Row, ...] = (
             ),
         ),
     ),
+    Group(
+        "next-token agreement with --compare-with",
+        (
+            SpecOption("agreement.prompts", "--agreement", help="held-out prompts:"),
+            SpecOption("agreement.field", "--agreement-field"),
+            SpecOption("agreement.max_prompts"),
+            SpecOption("agreement.max_tokens", "--agreement-max-tokens"),
+            SpecOption("agreement.batch_size", "--agreement-batch-size"),
+            Switch(
+                "--agreement-plain",
+                {"agreement.chat_template": False},
+                help="compare on the prompts as plain text, not through the chat template",
+            ),
+        ),
+    ),
     SpecOption("device"),
     SpecOption("dtype"),
     Flag(
@@ -149,6 +164,11 @@ def _eval_summary(report: dict[str, Any]) -> str:
         sections.append(aligned(["task", "metric", "model", *compare], rows))
     if "efficiency" in model:
         sections.append(_efficiency_table(model, baseline, deltas))
+    if agreement := report.get("agreement"):
+        rows = [
+            [agreement["prompts"], agreement["positions"], agreement["top1"], agreement["mean_kl"]]
+        ]
+        sections.append(aligned(["agreement", "positions", "top-1", "mean KL"], rows))
     if (report.get("baseline_cache") or {}).get("reused"):
         sections.append(f"baseline results reused from {report['baseline_cache']['location']}")
     return "\n\n".join(sections)

@@ -399,6 +399,8 @@ def _print_batch_table(summary: BatchSummary) -> None:
         "accuracy",
         "latency_s",
         "throughput_tok_s",
+        "agreement_top1",
+        "agreement_kl",
     }
     for column in summary.columns:
         table.add_column(

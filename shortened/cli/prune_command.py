@@ -33,6 +33,7 @@ PRUNING_ROWS: tuple[Row, ...] = (
     SpecOption("calibration.seed"),
     SpecOption("calibration.add_bos_to_every"),
     SpecOption("calibration.sampling"),
+    SpecOption("calibration.chat_template", "--calibration-chat-template"),
     SpecOption("protect_first"),
     SpecOption("protect_last"),
     SpecOption("ratio_of"),

@@ -1,9 +1,11 @@
-"""Calibration windows.
+"""Calibration windows, and the readers of data files every stage shares (text, documents,
+records, parquet tables, remote objects fetched to a local cache).
 
 ``sampling: "paper"`` (the default) reproduces the paper's code token for token (see
 ``_paper_draw``); ``sampling: "shuffle"`` is this service's earlier scheme, kept so older
 runs can be reproduced. Every draw records the document indices and window starts, so a
-report says exactly which text was used.
+report says exactly which text was used. With ``chat_template`` the documents are the
+records rendered through the model's chat template (``chat.py``); the draw is the same.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,8 @@ import torch
 from shortened.locations import local_path
 from shortened.specs import DATA_FILE_SUFFIXES, CalibrationSpec
 
-from .errors import CalibrationError, EngineError
+from .chat import record_messages, render_chat, require_chat_template
+from .errors import CalibrationError, DataError, EngineError
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -51,6 +54,50 @@ def read_parquet(path: Path, error: type[EngineError] = CalibrationError) -> Any
     except pa.ArrowException as exc:
         # pyarrow's message names the full local path: the file name is enough.
         raise error(f"{path.name} is not a readable parquet file") from exc
+
+
+def read_records(path: Path, field: str = "text") -> list[dict[str, Any]]:
+    """Records of a local file: .jsonl (an object a line), .json (an array of objects, or
+    JSON lines), .parquet rows, or .txt blank-line separated documents as ``{field: text}``."""
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        try:
+            return [{field: doc} for doc in read_documents(path)]
+        except CalibrationError as exc:
+            raise DataError(str(exc)) from exc
+    if suffix == ".parquet":
+        records = read_parquet(path, DataError).to_pylist()
+    elif suffix in (".jsonl", ".json"):
+        text = read_text(path, DataError)
+        records = []
+        try:
+            whole = json.loads(text) if suffix == ".json" else None
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            records = whole
+        else:
+            for line_number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(
+                        f"{path.name} line {line_number}: not JSON ({exc.msg})"
+                    ) from exc
+    else:
+        raise DataError(
+            f"unsupported data file type {suffix!r}; use .txt, .jsonl, .json or .parquet"
+        )
+    if not records:
+        raise DataError(f"data file {path.name} contains no records")
+    for index, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path.name} record {index}: not a JSON object")
+    return records
 
 
 # Bumped whenever a sampling's windows change for the same inputs (score cache keys carry it).
@@ -133,42 +180,97 @@ def fetch_data_file(source: str, *, store: ArtifactStore | None, cache_dir: Path
     return dest
 
 
-class _Column(Sequence[str]):
-    """One text field of an HF dataset, read by index on demand (the paper draws indices)."""
+Render = Callable[[dict[str, Any]], str]
 
-    def __init__(self, dataset: Any, field: str) -> None:
-        self.dataset, self.field = dataset, field
+
+class _Column(Sequence[str]):
+    """One text field of an HF dataset (or its records rendered as chats), read by index on
+    demand (the paper draws indices)."""
+
+    def __init__(self, dataset: Any, field: str, render: Render | None = None) -> None:
+        self.dataset, self.field, self.render = dataset, field, render
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: Any) -> Any:
+        if self.render is not None:
+            return self.render(self.dataset[index])
         return str(self.dataset[index][self.field])
 
 
-def _hf_column(spec: CalibrationSpec) -> _Column:
+def _chat_renderer(spec: CalibrationSpec, tokenizer: Any, where: str) -> Render | None:
+    """How a record becomes a calibration document under ``chat_template`` (None: its
+    ``field`` as is). A record whose text is empty stays empty, never long enough, as in
+    plain calibration."""
+    if not spec.chat_template:
+        return None
+    require_chat_template(tokenizer, "calibration")
+
+    def render(record: dict[str, Any]) -> str:
+        if spec.field in record and not str(record[spec.field]).strip():
+            return ""
+        messages = record_messages(record, spec.field, where, CalibrationError)
+        return render_chat(tokenizer, messages)
+
+    return render
+
+
+def _hf_column(spec: CalibrationSpec, tokenizer: Any = None) -> _Column:
     from datasets import load_dataset
 
     try:
         dataset = load_dataset(spec.dataset, spec.dataset_config, split=spec.split)
     except Exception as exc:  # datasets raises many types for a bad name/split
         raise CalibrationError(f"cannot open HF dataset {spec.dataset!r}: {exc}") from exc
-    if spec.field not in dataset.column_names:
+    render = _chat_renderer(spec, tokenizer, f"HF dataset {spec.dataset}")
+    if render is None and spec.field not in dataset.column_names:
         raise CalibrationError(f"HF dataset {spec.dataset!r} has no field {spec.field!r}")
-    return _Column(dataset, spec.field)
+    return _Column(dataset, spec.field, render)
 
 
-def _hf_documents(spec: CalibrationSpec) -> Iterator[str]:
+def _hf_documents(spec: CalibrationSpec, tokenizer: Any = None) -> Iterator[str]:
     from datasets import load_dataset
 
     try:
         dataset = load_dataset(spec.dataset, spec.dataset_config, split=spec.split, streaming=True)
     except Exception as exc:  # datasets raises many types for a bad name/split
         raise CalibrationError(f"cannot open HF dataset {spec.dataset!r}: {exc}") from exc
+    render = _chat_renderer(spec, tokenizer, f"HF dataset {spec.dataset}")
     for record in dataset.shuffle(seed=spec.seed, buffer_size=10_000):
+        if render is not None:
+            yield render(record)
+            continue
         if spec.field not in record:
             raise CalibrationError(f"HF dataset {spec.dataset!r} has no field {spec.field!r}")
         yield str(record[spec.field])
+
+
+def calibration_documents(
+    spec: CalibrationSpec,
+    tokenizer: Any,
+    *,
+    store: ArtifactStore | None = None,
+    cache_dir: Path | None = None,
+) -> Sequence[str]:
+    """The calibration documents of a file or an HF dataset, indexed as the paper's draw
+    indexes them (records with empty text kept in place; an HF dataset stays lazy), rendered
+    as chats with ``chat_template``."""
+    if spec.dataset is not None:
+        return _hf_column(spec, tokenizer)
+    assert spec.source is not None
+    path = fetch_data_file(spec.source, store=store, cache_dir=cache_dir)
+    render = _chat_renderer(spec, tokenizer, path.name)
+    if render is None:
+        # The paper's indices are record numbers: records with empty text stay in the list
+        # (they are never long enough, but they are drawn, as in the paper's code).
+        return read_documents(path, spec.field, keep_empty=spec.sampling == "paper")
+    try:
+        records = read_records(path, spec.field)
+    except DataError as exc:
+        raise CalibrationError(str(exc)) from exc
+    documents = [render(record) for record in records]
+    return documents if spec.sampling == "paper" else [d for d in documents if d.strip()]
 
 
 def _tokenize(tokenizer: Any, text: str, *, special_tokens: bool) -> list[int]:
@@ -226,8 +328,11 @@ def _paper_draw(documents: Sequence[str], tokenizer: Any, spec: CalibrationSpec)
 
     def ids_of(index: int) -> list[int]:
         if index not in cache:
+            # A rendered chat carries the template's own special tokens.
             cache[index] = _tokenize(
-                tokenizer, documents[index], special_tokens=not spec.add_bos_to_every
+                tokenizer,
+                documents[index],
+                special_tokens=not (spec.add_bos_to_every or spec.chat_template),
             )
         return cache[index]
 
@@ -332,17 +437,10 @@ def calibration_draw(
     cache_dir: Path | None = None,
 ) -> CalibrationDraw:
     """Calibration windows for a spec (local file, object-storage URI or HF dataset)."""
-    if spec.dataset is not None:
-        if spec.sampling == "paper":
-            return _paper_draw(_hf_column(spec), tokenizer, spec)
-        return _shuffle_draw(_hf_documents(spec), tokenizer, spec, shuffle=False)
-    assert spec.source is not None
-    path = fetch_data_file(spec.source, store=store, cache_dir=cache_dir)
-    # The paper's indices are record numbers: records with empty text stay in the list
-    # (they are never long enough, but they are drawn, as in the paper's code).
-    return draw_windows(
-        read_documents(path, spec.field, keep_empty=spec.sampling == "paper"), tokenizer, spec
-    )
+    if spec.dataset is not None and spec.sampling == "shuffle":
+        return _shuffle_draw(_hf_documents(spec, tokenizer), tokenizer, spec, shuffle=False)
+    documents = calibration_documents(spec, tokenizer, store=store, cache_dir=cache_dir)
+    return draw_windows(documents, tokenizer, spec)
 
 
 def calibration_windows(

@@ -90,7 +90,7 @@ def kd_terms(
     for start in range(0, targets.numel(), loss.chunk_size):
         stop = start + loss.chunk_size
         parts = (student_rows[start:stop], teacher_rows[start:stop], targets[start:stop])
-        if torch.is_grad_enabled() and student_rows.requires_grad and not __import__("os").environ.get("XX_NOCKPT"):
+        if torch.is_grad_enabled() and student_rows.requires_grad:
             # Recompute the chunk's logits in backward instead of keeping every chunk's.
             chunk_kl, chunk_ce = checkpoint(chunk_terms, *parts, use_reentrant=False)
         else:
@@ -128,10 +128,6 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         student_hidden = final_hidden(model, inputs)
-        import os as _o
-        if _o.environ.get("XX_DBG"):
-            w = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-            print("DBG", type(w).__name__, w.shape, getattr(w, "_local_tensor", w).shape, flush=True)
         with torch.no_grad():
             teacher_hidden = final_hidden(self.teacher, inputs)
         terms = kd_terms(

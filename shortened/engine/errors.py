@@ -80,10 +80,25 @@ class RetrainError(EngineError):
     code = "retrain_error"
 
 
+class TrainingProcessFailed(EngineError):
+    """A process of a multi-process training run died (killed, out of memory, a failed
+    collective) without an engine error of its own: the attempt stops, and its checkpoints
+    let a retried attempt of the same job resume (``retryable``)."""
+
+    code = "training_process_failed"
+    retryable = True
+
+
 class EvalTaskNotFound(EngineError):
     """A zero-shot task name that lm-evaluation-harness (and the include path) does not know."""
 
     code = "eval_task_not_found"
+
+
+class NoChatTemplate(EngineError):
+    """Data is to be rendered through the model's chat template, and its tokenizer has none."""
+
+    code = "no_chat_template"
 
 
 class CorruptModel(EngineError):

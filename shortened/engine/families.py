@@ -66,8 +66,13 @@ class BlockShape:
     qk_norm_flag: Flag = True
     sinks: bool = False  # a learned attention-sink logit per head (gpt-oss)
     mlp_bias: Flag = "mlp_bias"
+    # "gated": gate, up and down projections (SwiGLU/GeGLU; fused gate_up counts the same);
+    # "plain": up and down only (Falcon, StarCoder2).
+    mlp: Literal["gated", "plain"] = "gated"
     norms: int = 2  # hidden-size norms per block
     norm_bias: bool = False  # LayerNorm with a bias (StableLM)
+    norm_weight: bool = True  # False: a LayerNorm without parameters (OLMo)
+    lm_head_bias: Flag = False  # a bias on the output projection (Phi-3.5-MoE)
     # A block that is not a plain stack of attention then MLP drops this norm (StableLM's
     # parallel residual has no post-attention norm).
     fewer_norms_flag: Flag = False
@@ -106,6 +111,9 @@ class MoeLayout:
     shared_experts: str | None = None  # config field: shared experts of expert_size (DeepSeek)
     sparse_step: bool = False  # Qwen-MoE: decoder_sparse_step and mlp_only_layers
     first_dense: str | None = None  # config field: leading dense blocks (DeepSeek)
+    experts: str = "mlp.experts"  # the routed experts' module, relative to a block
+    # The config field holding the routed-expert count, rewritten when experts are pruned.
+    expert_count: str = "num_experts"
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,19 @@ class FamilyAdapter:
     # key of the language model's config (its blocks are the ones pruned).
     auto_class: str = "AutoModelForCausalLM"
     text_config_key: str | None = None
+    # A family whose config.json spells a shape field its own way (Falcon's ffn_hidden_size,
+    # its multi_query / num_kv_heads): the usual names' values, derived from its fields, so
+    # validation and parameter counts read one vocabulary (see ``lookup``).
+    derived_fields: Callable[[Lookup], dict[str, Any]] | None = None
+
+    def lookup(self, config: Any) -> Lookup:
+        """Reads a field of ``config`` (its text part for a VLM is the caller's to pass),
+        with this family's derived fields in the usual names."""
+        get = lookup_of(config)
+        if self.derived_fields is None:
+            return get
+        derived = self.derived_fields(get)
+        return lambda name: derived[name] if name in derived else get(name)
 
     @property
     def multimodal(self) -> bool:
@@ -159,8 +180,32 @@ class FamilyAdapter:
         return True
 
 
+def _falcon_fields(get: Lookup) -> dict[str, Any]:
+    """Falcon's shape in the usual names, as ``FalconDecoderLayer`` builds it: one key/value
+    head for multi-query attention (Falcon-7B) unless the new decoder architecture (40B/180B)
+    groups them by ``num_kv_heads``; a 4x MLP unless ``ffn_hidden_size`` says otherwise; one
+    LayerNorm for a parallel block unless it has two (``num_ln_in_parallel_attn``)."""
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    new_arch = bool(get("new_decoder_architecture"))
+    multi_query = get("multi_query") is not False  # FalconConfig's default is True
+    kv_heads = get("num_kv_heads") or heads
+    lns = get("num_ln_in_parallel_attn") or (2 if new_arch else 1)
+    ffn = get("ffn_hidden_size")
+    return {
+        "num_key_value_heads": 1 if multi_query and not new_arch else kv_heads,
+        "intermediate_size": ffn
+        if ffn is not None
+        else (4 * hidden if isinstance(hidden, int) else None),
+        "norms_per_block": 2 if get("parallel_attn") is False or lns == 2 else 1,
+    }
+
+
 _QWEN_MOE = MoeLayout(sparse_step=True)
-_DEEPSEEK_MOE = MoeLayout(shared_experts="n_shared_experts", first_dense="first_k_dense_replace")
+_DEEPSEEK_MOE = MoeLayout(
+    shared_experts="n_shared_experts",
+    first_dense="first_k_dense_replace",
+    expert_count="n_routed_experts",
+)
 
 FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("Llama (1/2/3, Vicuna)", ("llama",)),
@@ -200,7 +245,11 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
             fewer_norms_flag="use_parallel_residual",
         ),
     ),
-    FamilyAdapter("Mixtral", ("mixtral",), moe=MoeLayout("intermediate_size")),
+    FamilyAdapter(
+        "Mixtral",
+        ("mixtral",),
+        moe=MoeLayout("intermediate_size", expert_count="num_local_experts"),
+    ),
     FamilyAdapter(
         "Qwen2-MoE",
         ("qwen2_moe",),
@@ -241,7 +290,62 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
             router="mlp.router",
             router_bias=True,
             expert_bias=True,
+            expert_count="num_local_experts",
         ),
+    ),
+    FamilyAdapter(
+        "Falcon (7B/40B/180B)",
+        ("falcon",),
+        layers_path="transformer.h",
+        final_norm_path="transformer.ln_f",
+        shape=BlockShape(
+            qkv_bias="bias", o_bias="bias", mlp_bias="bias", mlp="plain", norm_bias=True
+        ),
+        derived_fields=_falcon_fields,
+    ),
+    FamilyAdapter("OLMo", ("olmo",), shape=BlockShape(norms=0, norm_weight=False)),
+    FamilyAdapter("OLMo 3", ("olmo3",), shape=BlockShape(qk_norm="width")),
+    FamilyAdapter("GLM-4", ("glm4",), shape=BlockShape(o_bias=False, norms=4)),
+    FamilyAdapter("Helium", ("helium",)),
+    FamilyAdapter("EXAONE 4", ("exaone4",), shape=BlockShape(qk_norm="head")),
+    FamilyAdapter(
+        "ERNIE 4.5",
+        ("ernie4_5",),
+        shape=BlockShape(qkv_bias="use_bias", o_bias="use_bias", mlp_bias="use_bias"),
+    ),
+    FamilyAdapter(
+        "StarCoder2",
+        ("starcoder2",),
+        shape=BlockShape(
+            qkv_bias="use_bias",
+            o_bias="use_bias",
+            mlp_bias="use_bias",
+            mlp="plain",
+            norm_bias=True,
+        ),
+    ),
+    FamilyAdapter(
+        "Granite-MoE",
+        ("granitemoe",),
+        moe=MoeLayout(
+            "intermediate_size",
+            router="block_sparse_moe.router",
+            experts="block_sparse_moe.experts",
+            expert_count="num_local_experts",
+        ),
+    ),
+    FamilyAdapter(
+        "Phi-3.5-MoE",
+        ("phimoe",),
+        shape=BlockShape(norm_bias=True, lm_head_bias="lm_head_bias"),
+        moe=MoeLayout("intermediate_size", router="mlp.router", expert_count="num_local_experts"),
+    ),
+    FamilyAdapter(
+        "GLM-4.5 (MoE)",
+        ("glm4_moe",),
+        leading_count_fields=("first_k_dense_replace",),
+        shape=BlockShape(qk_norm="head", qk_norm_flag="use_qk_norm"),
+        moe=_DEEPSEEK_MOE,
     ),
     # Vision-language models: the language model's blocks are pruned; the vision tower,
     # projector and processor are kept as they are.

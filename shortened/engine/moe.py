@@ -18,24 +18,25 @@ from .families import FamilyAdapter
 from .models import count_parameters
 
 
-def _router(block: nn.Module, adapter: FamilyAdapter) -> nn.Module | None:
+def _part(block: nn.Module, adapter: FamilyAdapter, which: str) -> nn.Module | None:
+    """The block's router or routed experts (``which``: a ``MoeLayout`` path field), or
+    None for a dense family or a dense block of an MoE family."""
     if adapter.moe is None:
         return None
     try:
-        return block.get_submodule(adapter.moe.router)
-    except AttributeError:  # a dense block of an MoE family
+        return block.get_submodule(getattr(adapter.moe, which))
+    except AttributeError:
         return None
 
 
-def _experts(block: nn.Module) -> nn.Module | None:
-    mlp = getattr(block, "mlp", None)
-    return getattr(mlp, "experts", None)
+def _router(block: nn.Module, adapter: FamilyAdapter) -> nn.Module | None:
+    return _part(block, adapter, "router")
 
 
 def inactive_params(block: nn.Module, adapter: FamilyAdapter) -> int:
     """Parameters of ``block``'s routed experts a token does not use: (experts - top_k) /
     experts of every expert tensor. 0 for a dense block."""
-    router, experts = _router(block, adapter), _experts(block)
+    router, experts = _router(block, adapter), _part(block, adapter, "experts")
     if router is None or experts is None:
         return 0
     tensors = list(experts.parameters())
@@ -60,15 +61,13 @@ def count_active_parameters(model: nn.Module, adapter: FamilyAdapter) -> int:
 
 
 @torch.no_grad()
-def expert_load(
+def routing_counts(
     model: nn.Module, adapter: FamilyAdapter, windows: torch.Tensor, batch_size: int
-) -> list[dict[str, Any] | None]:
-    """Per block, how the router spread the calibration tokens over its experts (None for a
-    dense block): ``tokens`` routed, each expert's share of the top-k assignments
-    (``load``, summing to 1), ``max_load_ratio`` (the busiest expert's share over a uniform
-    share: 1 is perfectly balanced) and ``unused_experts``. One text-only forward through
-    the language model."""
-    layers = adapter.layers(model)
+) -> dict[int, torch.Tensor]:
+    """Per MoE block (by current index), how often the router put each expert in a token's
+    top-k on ``windows``: the indices the router itself returns, so the count is what the
+    model computes. Blocks whose router returns scores only (DeepSeek's grouped routing)
+    are left out. One text-only forward through the language model."""
     counts: dict[int, torch.Tensor] = {}
     hooks = []
 
@@ -83,14 +82,14 @@ def expert_load(
 
         return hook
 
-    for index, block in enumerate(layers):
+    for index, block in enumerate(adapter.layers(model)):
         router = _router(block, adapter)
         if router is not None and isinstance(getattr(router, "weight", None), torch.Tensor):
             hooks.append(router.register_forward_hook(counter(index)))
     if not hooks or windows.numel() == 0:
         for hook in hooks:
             hook.remove()
-        return [None] * len(layers)
+        return counts
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]  # torch/transformers stubs
     try:
         for chunk in windows.split(batch_size):
@@ -98,7 +97,21 @@ def expert_load(
     finally:
         for hook in hooks:
             hook.remove()
-    return [_load_summary(counts.get(index), windows.numel()) for index in range(len(layers))]
+    return counts
+
+
+def expert_load(
+    model: nn.Module, adapter: FamilyAdapter, windows: torch.Tensor, batch_size: int
+) -> list[dict[str, Any] | None]:
+    """Per block, how the router spread the calibration tokens over its experts (None for a
+    dense block): ``tokens`` routed, each expert's share of the top-k assignments
+    (``load``, summing to 1), ``max_load_ratio`` (the busiest expert's share over a uniform
+    share: 1 is perfectly balanced) and ``unused_experts``."""
+    counts = routing_counts(model, adapter, windows, batch_size)
+    return [
+        _load_summary(counts.get(index), windows.numel())
+        for index in range(adapter.num_layers(model))
+    ]
 
 
 def _load_summary(assigned: torch.Tensor | None, tokens: int) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from .architectures import keep_blocks
 from .calibration import SAMPLING_VERSIONS, calibration_draw, fingerprint
 from .criteria import CRITERION_VERSIONS
 from .errors import DataError, NothingToPrune
+from .expert_pruning import check_expert_spec, prune_experts_by_frequency
 from .finite import check_finite, check_finite_weights
 from .models import LoadedModel, count_parameters, load_model
 from .moe import before_removal, ratio_basis, report_fields
@@ -115,6 +116,8 @@ def prune_model(
         spec.model, dtype=spec.dtype, device=spec.device, store=store, cache_dir=cache_dir
     )
     plan = plan_removal(spec, loaded)
+    if spec.expert_pruning is not None:  # refused before any scoring
+        check_expert_spec(loaded.model, loaded.adapter, **spec.expert_pruning.model_dump())
     timer("load_s")
 
     calibrated = calibrate(spec, loaded, progress=progress, store=store, cache_dir=cache_dir)
@@ -143,10 +146,12 @@ def prune_model(
 
     progress(Progress("pruning", message=f"removing {plan.num_blocks} blocks"))
     removed = remove_blocks(loaded, scores, plan)
+    experts = remove_experts(spec, loaded, calibrated)
     timer("pruning_s")
 
     report = prune_report(spec, loaded, plan, scores, removed, calibrated, timer)
     report.update(report_fields(loaded.model, loaded.adapter, spec.ratio_of, moe_before))
+    report["expert_pruning"] = experts
     report.update(gate_fields(pruned_gate(gate, loaded, spec.batch_size)))
     timer("quality_gate_s")
     check_finite_weights(loaded.model, "in the pruned model")
@@ -212,7 +217,9 @@ def parent_gate(
         return PendingGate(None, None, unmeasured(gate_spec, "turned off (max_ppl_ratio null)"))
     if spec.calibration is None or calibrated.report is None:
         return PendingGate(None, None, unmeasured(gate_spec, "no calibration data"))
-    documents = calibration_documents(spec.calibration, store, cache_dir)
+    documents = calibration_documents(
+        spec.calibration, loaded.tokenizer, store=store, cache_dir=cache_dir
+    )
     used = set(calibrated.report["document_indices"])
     try:
         windows = held_out_windows(
@@ -283,6 +290,23 @@ def remove_blocks(loaded: LoadedModel, scores: BlockScores, plan: RemovalPlan) -
     removed = sorted(scores.result.removal_order[: plan.num_blocks])
     keep_blocks(loaded.model, [b for b in range(plan.num_layers) if b not in removed])
     return removed
+
+
+def remove_experts(
+    spec: PruneSpec, loaded: LoadedModel, calibrated: Calibrated
+) -> dict[str, Any] | None:
+    """``spec.expert_pruning`` on the depth-pruned model: its routing counts are the kept
+    blocks' on the inputs they now see. The report section, or None when not asked for."""
+    if spec.expert_pruning is None:
+        return None
+    return prune_experts_by_frequency(
+        loaded.model,
+        loaded.adapter,
+        calibrated.windows,
+        spec.batch_size,
+        keep_experts=spec.expert_pruning.keep_experts,
+        keep_fraction=spec.expert_pruning.keep_fraction,
+    )
 
 
 def prune_report(

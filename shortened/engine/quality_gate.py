@@ -23,34 +23,18 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from shortened.specs import CalibrationSpec, QualityGateSpec
 
-from .calibration import _hf_column, fetch_data_file, read_documents
+from .calibration import calibration_documents  # noqa: F401  (re-exported: prune, search)
 from .errors import QualityGateFailed
 from .evaluate import perplexity_windows, window_nll
 from .finite import check_finite
 from .models import input_device
 from .retrain_data import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from shortened.storage import ArtifactStore
-
-
-def calibration_documents(
-    spec: CalibrationSpec, store: ArtifactStore | None, cache_dir: Path | None
-) -> Sequence[str]:
-    """The calibration documents, indexed as the draw indexes them (an HF dataset stays
-    lazy)."""
-    if spec.dataset is not None:
-        return _hf_column(spec)
-    assert spec.source is not None
-    path = fetch_data_file(spec.source, store=store, cache_dir=cache_dir)
-    return read_documents(path, spec.field, keep_empty=spec.sampling == "paper")
 
 
 def held_out_windows(

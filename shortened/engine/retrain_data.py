@@ -1,5 +1,5 @@
-"""Retraining data: records from files or Hugging Face datasets, rendered (Alpaca prompt or raw
-text), tokenized into supervised examples (LoRA) or packed into fixed-length blocks (CPT), with
+"""Retraining data: records from files or Hugging Face datasets, rendered (Alpaca prompt, raw
+text, or the model's chat template: ``chat.py``), tokenized into supervised examples (LoRA) or packed into fixed-length blocks (CPT), with
 a held-out validation split.
 
 The paper's LoRA data is alpaca-lora's: the Alpaca prompt template, the loss on the response
@@ -9,7 +9,6 @@ only, examples cut at ``cutoff_len`` tokens.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ import torch
 
 from shortened.specs import TrainDataSpec
 
-from .calibration import fetch_data_file, read_documents, read_parquet, read_text
-from .errors import CalibrationError, DataError
+from .calibration import fetch_data_file, read_records
+from .chat import chat_ids, prompt_part, record_messages, render_chat, require_chat_template
+from .errors import DataError
 
 if TYPE_CHECKING:
     from shortened.storage import ArtifactStore
@@ -48,50 +48,6 @@ def alpaca_prompt(instruction: str, input: str = "", output: str = "") -> str:  
     return template.format(instruction=instruction, input=input) + output
 
 
-def read_records(path: Path, field: str = "text") -> list[dict[str, Any]]:
-    """Records of a local file: .jsonl (an object a line), .json (an array of objects, or
-    JSON lines), .parquet rows, or .txt blank-line separated documents as ``{field: text}``."""
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        try:
-            return [{field: doc} for doc in read_documents(path)]
-        except CalibrationError as exc:
-            raise DataError(str(exc)) from exc
-    if suffix == ".parquet":
-        records = read_parquet(path, DataError).to_pylist()
-    elif suffix in (".jsonl", ".json"):
-        text = read_text(path, DataError)
-        records = []
-        try:
-            whole = json.loads(text) if suffix == ".json" else None
-        except json.JSONDecodeError:
-            whole = None
-        if isinstance(whole, list):
-            records = whole
-        else:
-            for line_number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{path.name} line {line_number}: not JSON ({exc.msg})"
-                    ) from exc
-    else:
-        raise DataError(
-            f"unsupported data file type {suffix!r}; use .txt, .jsonl, .json or .parquet"
-        )
-    if not records:
-        raise DataError(f"data file {path.name} contains no records")
-    for index, record in enumerate(records, 1):
-        if not isinstance(record, dict):
-            raise DataError(f"{path.name} record {index}: not a JSON object")
-    return records
-
-
 def _hf_dataset(data: TrainDataSpec) -> Any:
     from datasets import load_dataset
 
@@ -106,21 +62,33 @@ def _hf_dataset(data: TrainDataSpec) -> Any:
 
 
 def record_format(record: dict[str, Any], data: TrainDataSpec) -> str:
-    """``alpaca`` or ``text``: the spec's format, or guessed from the first record."""
+    """``chat`` (``chat_template``), else ``alpaca`` or ``text``: the spec's format, or guessed
+    from the first record."""
+    if data.chat_template:
+        return "chat"
     if data.format != "auto":
         return data.format
     return "alpaca" if "instruction" in record and "output" in record else "text"
 
 
 def _check_record(record: dict[str, Any], fmt: str, data: TrainDataSpec, where: str) -> None:
+    if fmt == "chat":
+        record_messages(record, data.field, where)
+        return
     needed = ("instruction", "output") if fmt == "alpaca" else (data.field,)
     missing = [name for name in needed if name not in record]
     if missing:
-        raise DataError(f"{where}: {fmt} record without field(s) {missing} (has {sorted(record)})")
+        hint = "; 'messages' records need chat_template" if "messages" in record else ""
+        raise DataError(
+            f"{where}: {fmt} record without field(s) {missing} (has {sorted(record)}){hint}"
+        )
 
 
-def record_text(record: dict[str, Any], fmt: str, data: TrainDataSpec) -> str:
-    """The raw text of a record (CPT trains on Alpaca records rendered with their prompt)."""
+def record_text(record: dict[str, Any], fmt: str, data: TrainDataSpec, tokenizer: Any) -> str:
+    """The raw text of a record (CPT trains on Alpaca records rendered with their prompt, and
+    on chats as the model's template writes them)."""
+    if fmt == "chat":
+        return render_chat(tokenizer, record_messages(record, data.field, "a record"))
     if fmt == "alpaca":
         return alpaca_prompt(
             str(record["instruction"]), str(record.get("input") or ""), str(record["output"])
@@ -141,6 +109,8 @@ def tokenize_example(
 ) -> dict[str, list[int]]:
     """One supervised example as alpaca-lora builds it: the full prompt + response (+ EOS),
     truncated to ``cutoff_len``; unless ``train_on_inputs``, prompt tokens get no loss."""
+    if fmt == "chat":
+        return _chat_example(record, tokenizer, data, cutoff_len)
     if fmt == "alpaca":
         instruction, input_text = str(record["instruction"]), str(record.get("input") or "")
         input_ids = _encode(
@@ -158,17 +128,39 @@ def tokenize_example(
             )
             labels = [IGNORE_INDEX] * prompt_len + labels[prompt_len:]
     else:
-        input_ids = _encode(tokenizer, record_text(record, fmt, data), cutoff_len, add_eos=True)
+        input_ids = _encode(
+            tokenizer, record_text(record, fmt, data, tokenizer), cutoff_len, add_eos=True
+        )
         labels = list(input_ids)
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def _chat_example(
+    record: dict[str, Any], tokenizer: Any, data: TrainDataSpec, cutoff_len: int
+) -> dict[str, list[int]]:
+    """A chat as one supervised example: the whole rendered conversation, truncated to
+    ``cutoff_len`` (no EOS added: the template closes its turns itself). Unless
+    ``train_on_inputs``, the tokens of everything before the final assistant answer -- the
+    conversation rendered up to its last non-assistant turn, with the generation prompt --
+    get no loss; a chat without an assistant answer is trained on every token, as text is."""
+    messages = record_messages(record, data.field, "a record")
+    input_ids = chat_ids(tokenizer, render_chat(tokenizer, messages))[:cutoff_len]
+    labels = list(input_ids)
+    prompt = prompt_part(messages)
+    if not data.train_on_inputs and len(prompt) < len(messages):
+        rendered = render_chat(tokenizer, prompt, add_generation_prompt=True) if prompt else ""
+        prompt_len = len(chat_ids(tokenizer, rendered)) if rendered else 0
+        labels = [IGNORE_INDEX] * min(prompt_len, len(labels)) + labels[prompt_len:]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
 def pack_blocks(
-    texts: Iterable[str], tokenizer: Any, seq_len: int, chunk: int = 256
+    texts: Iterable[str], tokenizer: Any, seq_len: int, chunk: int = 256, *, wrap: bool = True
 ) -> Iterator[list[int]]:
-    """Concatenate documents (BOS + tokens + EOS each) and cut the stream into blocks of
-    exactly ``seq_len`` tokens; the incomplete tail is dropped."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    """Concatenate documents (BOS + tokens + EOS each; without ``wrap`` the tokens alone, for
+    rendered chats that carry their own) and cut the stream into blocks of exactly
+    ``seq_len`` tokens; the incomplete tail is dropped."""
+    bos, eos = (tokenizer.bos_token_id, tokenizer.eos_token_id) if wrap else (None, None)
     buffer: list[int] = []
     texts = iter(texts)
     while batch := list(itertools.islice(texts, chunk)):
@@ -251,7 +243,12 @@ def _to_items(
     if kind == "cpt":
         blocks = [
             {"input_ids": b, "labels": list(b)}
-            for b in pack_blocks((record_text(r, fmt, data) for r in records), tokenizer, length)
+            for b in pack_blocks(
+                (record_text(r, fmt, data, tokenizer) for r in records),
+                tokenizer,
+                length,
+                wrap=fmt != "chat",
+            )
         ]
         return blocks, 0
     examples = [tokenize_example(r, fmt, tokenizer, data, length) for r in records]
@@ -271,6 +268,8 @@ def build_stage_data(
 ) -> StageData:
     """Training (and validation) data of one stage: tokenized examples truncated to
     ``length`` for LoRA (``kind="lora"``), packed blocks of ``length`` tokens for CPT."""
+    if data.chat_template:
+        require_chat_template(tokenizer, "the training data")
     validation_records: list[dict[str, Any]] | None = None
     if data.validation_source is not None:
         validation_records = read_records(
@@ -297,10 +296,10 @@ def build_stage_data(
 
         def make_train() -> Iterator[dict[str, Any]]:
             if kind == "cpt":
-                texts = (record_text(r, fmt, data) for r in checked(stream))
+                texts = (record_text(r, fmt, data, tokenizer) for r in checked(stream))
                 return (
                     {"input_ids": b, "labels": list(b)}
-                    for b in pack_blocks(texts, tokenizer, length)
+                    for b in pack_blocks(texts, tokenizer, length, wrap=fmt != "chat")
                 )
             examples = (tokenize_example(r, fmt, tokenizer, data, length) for r in checked(stream))
             return (e for e in examples if any(label != IGNORE_INDEX for label in e["labels"]))

@@ -143,7 +143,7 @@ def split_calibration(
     """Scoring windows from one part of the documents, validation windows from the rest
     (see ``SearchValidationSpec``). Window document indices in the report are indices
     into the whole file, as prune reports them."""
-    documents = calibration_documents(spec.calibration, store, cache_dir)
+    documents = calibration_documents(spec.calibration, tokenizer, store=store, cache_dir=cache_dir)
     scoring_ids, validation_ids = split_documents(
         len(documents), spec.validation.fraction, spec.validation.seed
     )

@@ -24,6 +24,10 @@ class CalibrationSpec(StrictModel):
     tokenizer's special tokens) and unused, then a random window start. ``"shuffle"`` is the
     earlier scheme of this service: documents in a seeded shuffled order, the first
     long-enough ones taken, tokenized without special tokens.
+
+    With ``chat_template`` each record is first rendered as a chat by the model's template
+    (``shortened.engine.chat``) and the rendering, which carries its own special tokens, is
+    tokenized without the tokenizer's; the draw itself is unchanged.
     """
 
     source: str | None = Field(
@@ -44,6 +48,11 @@ class CalibrationSpec(StrictModel):
     sampling: Sampling = Field(
         default="paper",
         description="paper: the paper's draw, token for token; shuffle: this service's earlier scheme",
+    )
+    chat_template: bool = Field(
+        default=False,
+        description="Render each record through the model's chat template first (instruct "
+        "models; records with 'messages', Alpaca fields, or text as one user turn)",
     )
 
     @field_validator("source")

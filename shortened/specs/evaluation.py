@@ -1,6 +1,6 @@
 """The eval job's spec: ``EvalSpec`` and its sections (perplexity with the paper's protocol,
-zero-shot accuracy through lm-evaluation-harness, generation efficiency), with the paper's
-task metrics and the named perplexity sets.
+zero-shot accuracy through lm-evaluation-harness, generation efficiency, next-token agreement
+with the parent), with the paper's task metrics and the named perplexity sets.
 """
 
 from __future__ import annotations
@@ -126,6 +126,37 @@ class EfficiencySpec(StrictModel):
         return values
 
 
+class AgreementSpec(StrictModel):
+    """Next-token agreement of the model with its parent (``compare_with``) on held-out
+    prompts: top-1 agreement and mean KL(parent || model) of the next-token distributions at
+    every position of every prompt.
+
+    A prompt is a record of ``prompts`` without its answer: with ``chat_template`` (the
+    default) the conversation up to its last non-assistant turn (``messages`` records; Alpaca
+    records' instruction and input; text as one user turn) rendered by the model's chat
+    template with the generation prompt, so the last position predicts the answer's first
+    token; without it, Alpaca records' prompt or the text as is, with the tokenizer's
+    special tokens."""
+
+    prompts: str = Field(
+        description="Prompt records: a .jsonl/.json/.parquet/.txt file, s3:// or job:// URI"
+    )
+    field: str = Field(default="text", description="Text field of text records")
+    max_prompts: Records = Field(default=64, description="Use the first N prompts")
+    max_tokens: int = Field(
+        default=512, ge=2, le=MAX_SEQ_LEN, description="Prompts are cut to their first N tokens"
+    )
+    chat_template: bool = Field(
+        default=True, description="Render prompts through the model's chat template"
+    )
+    batch_size: int = Field(default=4, ge=1, le=MAX_BATCH)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_ok(cls, value: str) -> str:
+        return check_source(value)
+
+
 class EvalSpec(JobSpecBase):
     """Evaluate a model (and optionally its parent, with deltas): perplexity, zero-shot
     accuracy, efficiency. At least one section is given."""
@@ -137,6 +168,10 @@ class EvalSpec(JobSpecBase):
     perplexity: PerplexitySpec | None = None
     zero_shot: ZeroShotSpec | None = None
     efficiency: EfficiencySpec | None = None
+    agreement: AgreementSpec | None = Field(
+        default=None,
+        description="Next-token agreement with compare_with on held-out prompts (needs compare_with)",
+    )
     dtype: WeightsDtype = "auto"
     device: Device = "auto"
 
@@ -147,6 +182,15 @@ class EvalSpec(JobSpecBase):
 
     @model_validator(mode="after")
     def _something_to_do(self) -> EvalSpec:
-        if self.perplexity is None and self.zero_shot is None and self.efficiency is None:
-            raise ValueError("give at least one of 'perplexity', 'zero_shot' and 'efficiency'")
+        sections = (self.perplexity, self.zero_shot, self.efficiency, self.agreement)
+        if all(section is None for section in sections):
+            raise ValueError(
+                "give at least one of 'perplexity', 'zero_shot', 'efficiency' and 'agreement'"
+            )
+        if self.agreement is not None:
+            self._check_parent()
         return self
+
+    def _check_parent(self) -> None:
+        if self.compare_with is None:
+            raise ValueError("'agreement' compares the model with its parent: give 'compare_with'")

@@ -52,6 +52,9 @@ class PipelineEval(EvalSpec):
     def _source_ok(cls, value: str | None) -> str | None:  # type: ignore[override]
         return None if value is None else check_source(value)
 
+    def _check_parent(self) -> None:
+        """``compare_with`` may be left out: ``for_model`` fills in the pipeline's parent."""
+
     def for_model(self, model: str, compare_with: str | None) -> EvalSpec:
         data = self.model_dump(mode="json")
         data["model"] = model

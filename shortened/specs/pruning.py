@@ -90,6 +90,29 @@ class _PruningJob(JobSpecBase):
         return check_source(value)
 
 
+class ExpertPruningSpec(StrictModel):
+    """Routing-frequency expert pruning after block removal: every kept mixture-of-experts
+    block keeps the experts the calibration windows put most often in a token's top-k
+    (``shortened.engine.expert_pruning``). Exactly one of ``keep_experts`` and
+    ``keep_fraction``; at least ``num_experts_per_tok`` experts are kept."""
+
+    keep_experts: int | None = Field(
+        default=None, ge=1, le=1 << 14, description="Experts each MoE block keeps"
+    )
+    keep_fraction: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Share of each MoE block's experts it keeps (rounded up)",
+    )
+
+    @model_validator(mode="after")
+    def _one_count(self) -> ExpertPruningSpec:
+        if (self.keep_experts is None) == (self.keep_fraction is None):
+            raise ValueError("give exactly one of 'keep_experts' and 'keep_fraction'")
+        return self
+
+
 class PruneSpec(_PruningJob):
     """One-shot depth pruning: score blocks, remove the least important, save a checkpoint."""
 
@@ -106,6 +129,11 @@ class PruneSpec(_PruningJob):
     score_all_blocks: bool = Field(
         default=False, description="ppl: also score protected blocks (full profile, slower)"
     )
+    expert_pruning: ExpertPruningSpec | None = Field(
+        default=None,
+        description="Mixture of experts: also remove, in every kept MoE block, the experts the "
+        "calibration text routes to least (needs calibration)",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneSpec:
@@ -113,6 +141,11 @@ class PruneSpec(_PruningJob):
             raise ValueError("give exactly one of 'num_blocks' and 'target_ratio'")
         if self.calibration is None and self.criterion not in DATA_FREE_CRITERIA:
             raise ValueError(calibration_needed(self.criterion))
+        if self.expert_pruning is not None and self.calibration is None:
+            raise ValueError(
+                "expert_pruning needs calibration data: it counts which experts the "
+                "calibration tokens are routed to"
+            )
         return self
 
 

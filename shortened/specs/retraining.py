@@ -65,8 +65,11 @@ class TrainDataSpec(StrictModel):
     ``alpaca`` records have ``instruction``, ``input`` (may be empty) and ``output`` fields and
     are rendered with the Alpaca prompt template; ``text`` records are raw text in ``field``
     (.txt files: blank-line separated documents). ``auto`` picks alpaca when the first record
-    has ``instruction`` and ``output``. Validation data is a held-out fraction, a held-out
-    number of records, or a separate file -- at most one of the three.
+    has ``instruction`` and ``output``. With ``chat_template`` every record is rendered as a
+    chat by the model's template instead (``messages`` records too; the loss of supervised
+    examples on the assistant's last answer unless ``train_on_inputs``). Validation data is
+    a held-out fraction, a held-out number of records, or a separate file -- at most one of
+    the three.
     """
 
     source: str | None = Field(
@@ -83,7 +86,12 @@ class TrainDataSpec(StrictModel):
     format: DataFormat = "auto"
     field: str = Field(default="text", description="Text field of text-format records")
     train_on_inputs: bool = Field(
-        default=False, description="Alpaca: also compute the loss on the prompt"
+        default=False, description="Alpaca and chats: also compute the loss on the prompt"
+    )
+    chat_template: bool = Field(
+        default=False,
+        description="Render records through the model's chat template (instruct models): "
+        "'messages' lists, Alpaca records as user/assistant turns, text as one user turn",
     )
     max_records: Records | None = Field(
         default=None, description="Use at most this many training records"

@@ -135,10 +135,14 @@ def _inactive_expert_params(model, block) -> int:
     """The routed experts a token does not use, from the instantiated block: (experts -
     top_k) / experts of every expert tensor (the router and shared experts always run)."""
     moe = adapter_for(model).moe
-    if moe is None or not hasattr(block.mlp, "experts"):
+    try:
+        experts = block.get_submodule(moe.experts) if moe is not None else None
+    except AttributeError:  # a dense block of an MoE family
+        experts = None
+    if experts is None:
         return 0
     top_k = block.get_submodule(moe.router).top_k
-    tensors = list(block.mlp.experts.parameters())
+    tensors = list(experts.parameters())
     count = tensors[0].shape[0]
     return sum(p.numel() for p in tensors) * (count - top_k) // count
 

@@ -82,7 +82,7 @@ SPEC_OPTIONS = [
 # Options that exist only on the command line (flags that switch something off or on).
 CLI_ONLY_FLAGS = {
     "help", "no_protect", "no_merge", "no_resume", "efficiency", "greedy", "dry_run",
-    "no_quality_gate",
+    "no_quality_gate", "agreement_plain",
 }  # fmt: skip
 
 CHOICES = {

@@ -165,6 +165,25 @@ def eval_rows(result: dict[str, Any]) -> list[Row]:
                 key=f"throughput:{i}",
             )
         )
+    if agreement := result.get("agreement"):
+        # The parent agrees with itself fully, at zero divergence: its column says so.
+        where = f"{agreement.get('prompts')} prompts, {agreement.get('positions')} positions"
+        rows.append(
+            row(
+                f"Top-1 next-token agreement with the parent ({where})",
+                fmt_pct(1.0),
+                fmt_pct(agreement.get("top1")),
+                key="agreement:top1",
+            )
+        )
+        rows.append(
+            row(
+                "Mean KL(parent || model), nats (lower is closer)",
+                fmt_number(0.0),
+                fmt_number(agreement.get("mean_kl")),
+                key="agreement:kl",
+            )
+        )
     return rows
 
 

@@ -1,11 +1,13 @@
 """Evaluating a (pruned) model the way the paper does, one concern a module: ``perplexity``,
-``zero_shot`` (lm-evaluation-harness), ``efficiency`` (generation timing), ``compare`` (deltas
+``zero_shot`` (lm-evaluation-harness), ``efficiency`` (generation timing), ``agreement``
+(next-token agreement with the parent), ``compare`` (deltas
 against the baseline) and ``recipe`` (``evaluate_model``: one model or two, the baseline
 cache, the report). This package re-exports their public names.
 """
 
 from __future__ import annotations
 
+from .agreement import measure_agreement, next_token_agreement, token_agreement
 from .compare import compare_results
 from .efficiency import evaluate_efficiency, prompt_ids, weight_bytes
 from .perplexity import (
@@ -27,9 +29,12 @@ __all__ = [
     "evaluate_perplexity",
     "evaluate_zero_shot",
     "load_eval_text",
+    "measure_agreement",
+    "next_token_agreement",
     "perplexity_windows",
     "prompt_ids",
     "task_manager_for",
+    "token_agreement",
     "weight_bytes",
     "window_nll",
 ]

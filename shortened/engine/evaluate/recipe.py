@@ -1,5 +1,6 @@
 """``evaluate_model``: evaluate a (pruned) model the way the paper does (perplexity, zero-shot
-accuracy, efficiency; each section in its own module) and, in compare mode, its baseline (the
+accuracy, efficiency; each section in its own module), its next-token agreement with the
+parent when asked (``agreement.py``), and, in compare mode, its baseline (the
 unpruned parent) the same way, with deltas; the baseline's results are reused from the
 baseline cache when the same parent was evaluated the same way before. Texts and task names
 are checked before any model is loaded; a NaN or infinite figure fails the evaluation
@@ -29,6 +30,7 @@ from ..models import count_parameters, input_device, load_model, pick_device, re
 from ..outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions
 from ..progress import Progress, ProgressCallback, no_progress
 from ..score_cache import ScoreCache
+from .agreement import load_prompt_records, measure_agreement
 from .compare import compare_results
 from .efficiency import evaluate_efficiency, weight_bytes
 from .perplexity import EvalText, evaluate_perplexity, load_eval_text
@@ -161,7 +163,12 @@ def evaluate_model(
     if spec.zero_shot is not None:
         progress(Progress("loading", message="lm-eval tasks"))
         task_manager = task_manager_for(spec.zero_shot)
+    prompt_records: list[dict[str, Any]] = []
+    if spec.agreement is not None:
+        progress(Progress("loading", message="agreement prompts"))
+        prompt_records = load_prompt_records(spec.agreement, store=store, cache_dir=cache_dir)
 
+    agreement: dict[str, Any] | None = None
     results: dict[str, dict[str, Any]] = {}
     cache_info: dict[str, Any] | None = None
     for role, source in (("model", spec.model), ("baseline", spec.compare_with)):
@@ -190,6 +197,20 @@ def evaluate_model(
             progress=progress,
         )
         check_finite(_figures(result), f"the evaluation of {source}")
+        if role == "model" and spec.agreement is not None and spec.compare_with is not None:
+            agreement = measure_agreement(
+                loaded.model,
+                loaded.tokenizer,
+                spec.compare_with,
+                spec.agreement,
+                prompt_records,
+                dtype=spec.dtype,
+                device=spec.device,
+                store=store,
+                cache_dir=cache_dir,
+                progress=progress,
+            )
+            check_finite(agreement, f"the agreement of {source} with {spec.compare_with}")
         result = {"source": source, "architecture": loaded.adapter.name, **result}
         result["timings"] = {**load_timer.timings, **result["timings"]}
         results[role] = result
@@ -204,6 +225,7 @@ def evaluate_model(
         "deltas": compare_results(results["model"], results["baseline"])
         if "baseline" in results
         else None,
+        "agreement": agreement,
         "baseline_cache": cache_info,
         "spec": spec.model_dump(mode="json"),
         "versions": library_versions(),

@@ -109,8 +109,10 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    "olmo": "olmo",
     "olmo2": "olmo2",
     "granite": "granite",
+    "granitemoe": "granitemoe",
 }
 
 

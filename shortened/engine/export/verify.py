@@ -13,7 +13,6 @@ files: the same tokens for the same text, the same BOS/EOS ids and the chat temp
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -79,10 +78,6 @@ def _median_rate(run: Any, new_tokens: int, repeats: int) -> float:
 # --- llama.cpp --------------------------------------------------------------------------------
 
 
-def _threads(threads: int | None) -> int:
-    return threads or os.cpu_count() or 1
-
-
 @contextmanager
 def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | None = None):  # type: ignore[no-untyped-def]
     """A ``llama_cpp.Llama`` on ``path``, closed on exit."""
@@ -94,8 +89,10 @@ def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int 
         n_batch=n_ctx,
         n_ubatch=n_ctx,
         logits_all=logits_all,
-        n_threads=_threads(threads),
-        n_threads_batch=_threads(threads),
+        # None: llama-cpp-python's defaults (half the cores to generate, all to evaluate a
+        # batch), which hold up better than all cores on a machine shared with other work.
+        n_threads=threads,
+        n_threads_batch=threads,
         verbose=False,
     )
     try:

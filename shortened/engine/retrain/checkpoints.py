@@ -1,5 +1,6 @@
 """Where a retrain run's stages keep their Trainer checkpoints, and which process writes: the
-checkpoint directory of a stage (resumed from, refused or cleared against the spec it holds),
+checkpoint directory of a stage (resumed from its last complete checkpoint, refused or
+cleared against the spec it holds),
 the finished CPT model a resumed cpt_lora run starts its LoRA stage from, and rank 0.
 """
 
@@ -20,8 +21,6 @@ def prepare_checkpoint_dir(stage_dir: Path | None, spec: RetrainSpec, resume: bo
     refused (resume) or cleared (no resume)."""
     if stage_dir is None:
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
     marker = stage_dir / "retrain_spec.json"
     wanted = spec.model_dump(mode="json")
     if resume and marker.is_file() and json.loads(marker.read_text()) != wanted:
@@ -34,7 +33,27 @@ def prepare_checkpoint_dir(stage_dir: Path | None, spec: RetrainSpec, resume: bo
             shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(wanted, indent=2))
-    return get_last_checkpoint(str(stage_dir)) if resume and stage_dir.is_dir() else None
+    return last_complete_checkpoint(stage_dir) if resume and stage_dir.is_dir() else None
+
+
+def last_complete_checkpoint(stage_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` that was written to the end: Trainer writes
+    ``trainer_state.json`` last, after every rank's model and optimizer shards. A newer one
+    without it was cut short (a process killed while saving); rank 0 removes it, so that the
+    resumed run writes that step afresh."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = sorted(
+        (int(path.name.rsplit("-", 1)[1]), path)
+        for path in stage_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.is_dir() and path.name.rsplit("-", 1)[1].isdigit()
+    )
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        if is_main_process():
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def is_main_process() -> bool:

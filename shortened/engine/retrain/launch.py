@@ -10,8 +10,8 @@ session (torchrun starts ranks in sessions of their own, so they are named by th
 they write). A dying parent takes torchrun with it (``PR_SET_PDEATHSIG``), and torchrun's
 ranks die with torchrun (``rank_main`` sets the same). A rank that fails makes torchrun stop
 the others and exit non-zero (``--max-restarts 0``): the parent raises the rank's own engine
-error when it wrote one (``error-<rank>.json``), else ``RetrainError`` with the launch's
-last log lines. Nothing waits on a dead launch: the parent polls the child, never blocks on
+error when it wrote one (``error-<rank>.json``), else ``TrainingProcessFailed`` naming the
+rank and how it ended (the launch's last log lines go to the log). Nothing waits on a dead launch: the parent polls the child, never blocks on
 a pipe.
 
 Sources the ranks cannot fetch themselves (``job://`` and ``s3://`` models, teachers and
@@ -40,7 +40,7 @@ from shortened.specs import RetrainSpec
 
 from .. import errors
 from ..calibration import fetch_data_file
-from ..errors import EngineError, RetrainError
+from ..errors import EngineError, TrainingProcessFailed
 from ..models import resolve_source
 from ..progress import Progress, ProgressCallback
 
@@ -58,7 +58,7 @@ SPEC_FILE, ARGS_FILE, PROGRESS_FILE, RESULT_FILE, LOG_FILE = (
 )
 POLL_S = 0.2
 TERMINATE_GRACE_S = 15.0  # torchrun forwards SIGTERM to its ranks and waits on them
-LOG_TAIL_LINES = 200
+LOG_TAIL_LINES = 40
 PR_SET_PDEATHSIG = 1
 
 
@@ -132,8 +132,8 @@ def local_sources(
     if spec.kd is not None and spec.kd.teacher is not None:
         teacher = spec.kd.teacher
         if teacher.startswith(("job://", "s3://")):
-            local = resolve_source(teacher, store=store, cache_dir=cache_dir).path_or_id
-            update["kd"] = spec.kd.model_copy(update={"teacher": local})
+            teacher_path = resolve_source(teacher, store=store, cache_dir=cache_dir).path_or_id
+            update["kd"] = spec.kd.model_copy(update={"teacher": teacher_path})
     data = _local_data(spec.data, store, cache_dir)
     if data is not spec.data:
         update["data"] = data
@@ -199,7 +199,7 @@ def start_ranks(work: Path, processes: int) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
-            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
 
 
@@ -285,8 +285,8 @@ def _signal_all(child: subprocess.Popen[bytes], work: Path, sig: signal.Signals)
 
 def rank_failure(work: Path, returncode: int) -> EngineError:
     """The error of a launch that exited ``returncode``: the first rank's own engine error
-    (a bad spec, non-finite loss, the quality gate) when one was written, else a
-    ``RetrainError`` with the launch's last log lines."""
+    (a bad spec, non-finite loss, the quality gate) when one was written, else
+    ``TrainingProcessFailed`` naming the rank that failed first."""
     for error_file in sorted(work.glob("error-*.json")):
         with contextlib.suppress(ValueError, OSError):
             written = json.loads(error_file.read_text())
@@ -297,11 +297,27 @@ def rank_failure(work: Path, returncode: int) -> EngineError:
     lines = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
     tail = "\n".join(lines[-LOG_TAIL_LINES:])
     log.error("training launch exited %d:\n%s", returncode, tail)
-    last = next((line for line in reversed(lines) if "Error" in line), "")
-    return RetrainError(
-        f"a training process failed (torchrun exit status {returncode})"
-        + (f": {last.strip()[:300]}" if last else "")
+    return TrainingProcessFailed(
+        f"a training process failed (torchrun exit status {returncode}): {_root_cause(lines)}"
     )
+
+
+def _root_cause(lines: list[str]) -> str:
+    """torchrun's account of the first rank that failed (``rank 1 exited with -9 (SIGKILL)``),
+    else the launch's last error line."""
+    start = next((i for i, line in enumerate(lines) if "Root Cause" in line), None)
+    fields: dict[str, str] = {}
+    for line in lines[start:] if start is not None else []:
+        name, _, value = line.strip().partition(":")
+        if name.strip() in ("rank", "exitcode") and name.strip() not in fields:
+            fields[name.strip()] = value.strip()
+    if "rank" in fields and "exitcode" in fields:
+        rank = fields["rank"].split()[0]
+        code, _, signame = fields["exitcode"].partition("(pid")
+        signame = signame.partition(")")[2].strip()
+        return f"rank {rank} exited with {code.strip()}" + (f" {signame}" if signame else "")
+    last = next((line for line in reversed(lines) if "Error" in line), "no error message")
+    return last.strip()[:300]
 
 
 ProgressWriter = Callable[[Progress], None]

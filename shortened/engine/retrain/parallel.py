@@ -57,12 +57,19 @@ def parallel_arguments(spec: RetrainSpec, model: Any, device: torch.device) -> d
             "ddp_find_unused_parameters": False,
             "ddp_backend": "gloo" if device.type == "cpu" else None,
         }
+    wrap: dict[str, Any] = (
+        {"auto_wrap_policy": "NO_WRAP"}  # KD: sharded by shard_for_kd before prepare
+        if spec.method == "kd"
+        else {
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": block_classes(model),
+        }
+    )
     return {
         "fsdp": True,
         "fsdp_config": {
             "fsdp_version": 2,
-            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "transformer_layer_cls_to_wrap": block_classes(model),
+            **wrap,
             "reshard_after_forward": True,
             "state_dict_type": "SHARDED_STATE_DICT",
         },
@@ -70,13 +77,13 @@ def parallel_arguments(spec: RetrainSpec, model: Any, device: torch.device) -> d
 
 
 def prepare_parallel(trainer: Any, spec: RetrainSpec, teacher: Any = None) -> None:
-    """What the Trainer does not do by itself: FSDP on CPU ranks, and the KD teacher sharded
-    like the student."""
+    """What the Trainer does not do by itself: FSDP on CPU ranks, and for KD both models
+    sharded here (see :func:`shard_for_kd`)."""
     if not is_sharded(spec):
         return
     _fsdp_on_cpu(trainer)
-    if teacher is not None and not os.environ.get('XX_NOSHARD'):
-        shard_frozen(teacher, block_classes(teacher))
+    if teacher is not None:
+        shard_for_kd(trainer.model, teacher)
 
 
 def _fsdp_on_cpu(trainer: Any) -> None:
@@ -95,10 +102,19 @@ def _fsdp_on_cpu(trainer: Any) -> None:
     trainer.is_fsdp_enabled = True
 
 
-def shard_frozen(model: Any, classes: list[str]) -> None:
-    """FSDP2 over a frozen model: one unit per decoder block, then the root. Its forward
-    all-gathers one block at a time, in step on every rank (each rank runs the teacher on
-    its own micro-batch, as the student)."""
+def shard_for_kd(student: Any, teacher: Any) -> None:
+    """FSDP2 over the KD student and its frozen teacher: one unit per decoder block, then
+    the root, each model on its own. accelerate would carve the final norm and the head into
+    a unit of their own, freed after its backward; the KD loss applies the head again, to
+    the final hidden states a chunk at a time (``distillation.py``), so a separate unit
+    would be read after it was freed. In the root unit (gathered for the whole step) the
+    head is there for the loss as for the forward; accelerate leaves a model already sharded
+    as it is and does the rest (optimizer, sharded checkpoints, resume)."""
+    for model in (student, teacher):
+        _shard(model, block_classes(model))
+
+
+def _shard(model: Any, classes: list[str]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -107,8 +123,6 @@ def shard_frozen(model: Any, classes: list[str]) -> None:
     for module in model.modules():
         if type(module).__name__ in classes:
             fully_shard(module, mesh=mesh, reshard_after_forward=True)
-    # The root keeps its parameters (embeddings, final norm, head) gathered after the forward:
-    # the KD loss applies the head to the final hidden states outside the model's forward.
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
 
 
@@ -134,7 +148,7 @@ def _is_fsdp(model: Any) -> bool:
     return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
-def _plain_copy(sharded: Any, full: dict[str, torch.Tensor]) -> Any:
+def _plain_copy(sharded: Any, full: dict[str, Any]) -> Any:
     """A module of the sharded one's architecture (and adapter) holding ``full``: built on
     the meta device (no second initialisation of every weight), the gathered tensors
     assigned, the buffers FSDP leaves unsharded (rotary frequencies) copied, ties restored."""
