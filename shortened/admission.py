@@ -55,6 +55,7 @@ from shortened.specs import (
 )
 
 SUPPORTED_MODEL_TYPES = {t for family in FAMILIES for t in family.model_types}
+_BY_TYPE = {t: family for family in FAMILIES for t in family.model_types}
 
 
 @dataclass(frozen=True)
@@ -393,7 +394,18 @@ def pruning_problems(
 def retrain_problems(
     prefix: str, spec: BaseModel, lookups: Lookups, config: dict[str, Any] | None = None
 ) -> Iterator[Problem]:
-    """A retrain job (or section): its data files and KD's teacher."""
+    """A retrain job (or section): its data files and KD's teacher, and a family it can
+    train (the language model of a vision-language checkpoint is pruned, not retrained:
+    its training would need image+text data and would save the tokenizer alone)."""
+    if config is not None:
+        family = _BY_TYPE.get(config.get("model_type") or "")
+        if family is not None and family.multimodal:
+            field = f"{prefix}model" if not prefix else prefix.rstrip(".")
+            yield Problem(
+                field,
+                f"retraining a vision-language checkpoint ({family.name}) is not supported: "
+                "prune it, then retrain or distil its language model separately",
+            )
     yield from _retrain_problems(prefix, spec, lookups)
 
 

@@ -44,6 +44,9 @@ def test_broken_input_fails_with_its_own_code_through_a_worker(tmp_path: Path):
         {
             "SHORTENED_DATA_DIR": str(tmp_path / "var"),
             "SHORTENED_WORKER_METRICS_PORT": "0",
+            # Declared GPU workers: admission lets a CUDA device through, and the worker,
+            # which has no such device, fails the job with device_unavailable.
+            "SHORTENED_WORKER_DEVICE": "cuda",
             "SHORTENED_ALLOWED_LOCAL_ROOTS": json.dumps(
                 [str(inputs), str(TINY_MODEL.parent), str(CALIBRATION.parent)]
             ),

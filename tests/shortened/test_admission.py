@@ -216,3 +216,18 @@ def test_cli_refuses_before_importing_torch(tmp_path) -> None:
     ]
     assert not (tmp_path / "out").exists()
     print(f"CLI refusal took {elapsed:.2f} s")
+
+
+def test_a_vision_language_checkpoint_is_pruned_not_retrained(tmp_path) -> None:
+    model = tiny_model("llava", num_layers=4)
+    model.config.save_pretrained(tmp_path / "vlm")  # admission reads config.json alone
+    source = str(tmp_path / "vlm")
+    data = {"source": str(CALIBRATION)}
+    retrain = RetrainSpec(model=source, method="lora", data=data, max_steps=1)
+    assert "vision-language" in fields(problems("retrain", retrain))["model"]
+    pipeline = PruneSpec.model_validate(
+        {"model": source, "criterion": "magnitude", "num_blocks": 1, "protect_first": 0,
+         "protect_last": 0, "retrain": {"method": "lora", "data": data, "max_steps": 1}}
+    )  # fmt: skip
+    assert "vision-language" in fields(problems("prune", pipeline))["retrain"]
+    assert problems("prune", pipeline.model_copy(update={"retrain": None})) == []

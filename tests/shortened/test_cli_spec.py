@@ -11,6 +11,7 @@ import pytest
 
 from shortened.cli import build_parser
 from shortened.cli.eval_command import eval_spec
+from shortened.cli.export_command import export_spec
 from shortened.cli.prune_command import prune_spec
 from shortened.cli.retrain_command import retrain_spec
 from shortened.specs import (
@@ -258,7 +259,12 @@ def test_readme_command_lines_parse() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
     lines = re.findall(r"\.venv/bin/shortened ((?:[^\n]*\\\n)*[^\n]*)", section)
-    specs = {"prune": prune_spec, "retrain": retrain_spec, "eval": eval_spec}
+    specs = {
+        "prune": prune_spec,
+        "retrain": retrain_spec,
+        "eval": eval_spec,
+        "export": export_spec,
+    }
     assert {line.split()[0] for line in lines} >= set(specs)
     for line in lines:
         argv = shlex.split(line.replace("\\\n", " "), comments=True)
