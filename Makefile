@@ -12,7 +12,7 @@ TORCH_SPEC ?= $(or $(word 1,$(SAVED_TORCH)),torch==2.13.0)
 TORCH_INDEX_URL ?= $(word 2,$(SAVED_TORCH))
 GPU_TORCH_SPEC ?= torch
 
-.PHONY: install install-gpu serve test test-fast bench bench-quality bench-scale bench-real gpu-check lint format FORCE
+.PHONY: install install-gpu serve test test-fast bench bench-quality bench-scale bench-real bench-export gpu-check lint format FORCE
 
 # Runs every time, acts only when the torch wanted differs from the one installed.
 $(TORCH_STAMP): FORCE
@@ -78,6 +78,11 @@ bench-scale: install
 # 30 minutes on a 2-core CPU busy with other jobs (one run).
 bench-real: install
 	$(PY) -m bench.bench_real
+
+# Size, perplexity and llama.cpp tokens/s of the parent and the pruned model at each GGUF type,
+# with the speed-up against the ideal L/(L-k) (docs/export.md); var/bench-export.json.
+bench-export: install
+	$(PY) -m bench.bench_export
 
 # GPU readiness with a random Llama-3-8B-shaped model; fails at once without CUDA.
 gpu-check: install
