@@ -83,18 +83,31 @@ def test_unsupported_targets_are_refused_at_the_door(api: Api) -> None:
     assert refused.status_code == 422 and "top level" in refused.text
 
 
-def test_a_prune_pipeline_ends_with_an_export_beside_its_parent(api: Api) -> None:
+def test_prune_retrain_export_runs_as_one_pipeline(api: Api) -> None:
     body = {
         "model": str(TINY_MODEL),
         "criterion": "magnitude",
         "num_blocks": 3,
+        "retrain": {
+            "method": "lora",
+            "data": {"source": str(REPO / "data" / "alpaca_tiny.jsonl")},
+            "max_steps": 2,
+            "warmup_steps": 0,
+            "batch_size": 4,
+            "micro_batch_size": 4,
+        },
         "export": {"targets": [{"format": "gguf", "type": "f16"}], "perplexity": PERPLEXITY},
     }
     prune_id = api.post("/jobs/prune", body).json()["id"]
     assert execute_job(prune_id, api.settings) == "succeeded"
+    [retrain_id] = [
+        j["id"] for j in job(api, prune_id)["pipeline"]["jobs"] if j["kind"] == "retrain"
+    ]
+    assert execute_job(retrain_id, api.settings) == "succeeded"
     [export_id] = [j["id"] for j in job(api, prune_id)["pipeline"]["jobs"] if j["kind"] == "export"]
     spec = job(api, export_id)["spec"]
-    assert spec["model"] == f"job://{prune_id}" and spec["compare_with"] == str(TINY_MODEL)
+    # The retrained model is exported, beside the unpruned parent.
+    assert spec["model"] == f"job://{retrain_id}" and spec["compare_with"] == str(TINY_MODEL)
     assert execute_job(export_id, api.settings) == "succeeded"
     [target] = job(api, export_id)["result"]["targets"]
     # The parent measured in the same runtime and type: 12 blocks against 9.
