@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from shortened import admission, planning
+from shortened import admission, planning, retrain_memory
 from shortened.admission import AdmissionError, Lookups, Problem
 from shortened.planning import Plan, StagePlan
 from shortened.specs import EvalSpec, ExportSpec, PruneSpec, RetrainSpec, SearchSpec
@@ -101,8 +101,8 @@ JOB_KINDS: dict[str, JobKind] = {
             summary="Queue a retraining job (LoRA, continued pretraining, or both).",
             engine="shortened.engine.retrain:retrain_model",
             check=admission.retrain_problems,
-            plan=planning.plan_retrain,
-            stages=planning.retrain_stages,
+            plan=retrain_memory.plan_retrain,
+            stages=retrain_memory.training_stages,
             resources=("cache_dir", "checkpoint_dir", "resume"),
             produces_model=True,
             sections=("export",),

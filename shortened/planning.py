@@ -296,14 +296,6 @@ def config_after(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
     return {**config, **parent, "num_hidden_layers": layers}
 
 
-def retrain_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
-    """The stages of a retrain job or pipeline section, after its model is loaded: the peak
-    of one device for the spec's processes (``shortened.retrain_memory``)."""
-    from shortened.retrain_memory import training_stages
-
-    return training_stages(spec, config, auto_device)
-
-
 def eval_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
     """The stages of an eval job or pipeline section, after its model is loaded."""
     assert isinstance(spec, EvalSpec)
@@ -339,16 +331,6 @@ def _job_plan(
         active_params_before=active,
         active_params_after=active,
     )
-
-
-def plan_retrain(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
-    """A retrain job: load its model, train it."""
-    assert isinstance(spec, RetrainSpec)
-    plan = _loaded_plan("retrain", spec, config, auto_device, retrain_stages)
-    wanted = spec.distributed.nproc_per_node
-    plan.processes = wanted if isinstance(wanted, int) else 1  # "auto": resolved by the caller
-    plan.strategy = spec.distributed.strategy if plan.processes > 1 else None
-    return plan
 
 
 def plan_eval(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:

@@ -1,8 +1,9 @@
 """The memory of a retrain job's training stages, per device: LoRA, CPT and KD on one
 process, or spread over ``distributed.nproc_per_node`` processes with FSDP (weights,
 gradients and AdamW states divided by N) or DDP (replicated). ``shortened.planning`` holds
-the shared model (``_Shape``, the constants) and the job plans; this module answers for its
-retrain stages, and how many devices a job that does not fit one would need.
+the shared model (``_Shape``, the constants) and the other kinds' plans; this module plans a
+retrain job and its training stages (a pipeline's retrain section too), resolves
+``nproc_per_node: auto``, and finds how many devices a job that does not fit would need.
 """
 
 from __future__ import annotations
@@ -24,10 +25,21 @@ from shortened.planning import (
     Plan,
     StagePlan,
     _device_type,
+    _loaded_plan,
     _Shape,
     _stage,
 )
 from shortened.specs import RetrainSpec
+
+
+def plan_retrain(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
+    """A retrain job: load its model, train it."""
+    assert isinstance(spec, RetrainSpec)
+    plan = _loaded_plan("retrain", spec, config, auto_device, training_stages)
+    wanted = spec.distributed.nproc_per_node
+    plan.processes = wanted if isinstance(wanted, int) else 1  # "auto": resolved by the caller
+    plan.strategy = spec.distributed.strategy if plan.processes > 1 else None
+    return plan
 
 
 def training_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:

@@ -30,8 +30,8 @@ from tests.helpers import TINY_MODEL
 DATA = TINY_MODEL.parent.parent / "data"
 TEXT = DATA / "stdlib_docs_train.jsonl"
 ALPACA = DATA / "alpaca_tiny.jsonl"
-# Measured: the largest step difference was 2e-7 relative (DDP and FSDP, CPT, LoRA and KD);
-# a wrong global batch or unsynchronised gradients differ by more than 1e-2 from step 2 on.
+# Measured: at most 4e-6 relative (KD on FSDP; CPT and LoRA agree to 1e-7); a wrong global
+# batch, a rank padding its share, or unsynchronised gradients differ by more than 1e-2.
 LOSS_RTOL = 1e-4
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -145,9 +145,11 @@ def test_cpt_lora_on_two_fsdp_ranks_hands_the_cpt_model_to_every_rank(baselines,
         curve(baseline), rel=LOSS_RTOL
     )
     assert lora["steps"] == 3 and lora["world_size"] == 2
-    assert lora["train_loss_last"] < lora["loss_history"][0][1]  # the adapter trained
-    for name in ("adapter/adapter_model.safetensors", "cpt/model.safetensors", "model.safetensors"):
-        assert (tmp_path / "out" / name).is_file()
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    cpt_model = load_file(tmp_path / "out" / "cpt" / "model.safetensors")
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    changed = [name for name in cpt_model if not torch.equal(merged[name], cpt_model[name])]
+    assert changed and all("proj" in name for name in changed)  # the adapter, merged
 
 
 def test_kd_on_two_fsdp_ranks_shards_the_teacher_and_follows_one_process(tmp_path):

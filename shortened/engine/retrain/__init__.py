@@ -2,7 +2,9 @@
 a module: ``recipe`` (``retrain_model``, the steps in order), ``run`` (what the stages share and
 how a run starts), ``stages`` (each method's stage), ``trainer`` (one stage on transformers'
 ``Trainer``), ``lora``, ``precision``, ``checkpoints`` (resume, rank 0) and ``artifacts`` (the
-output directory and report). This package re-exports their public names.
+output directory and report); over several processes, ``launch`` (torchrun started and
+followed), ``rank_main`` (one rank) and ``parallel`` (FSDP2/DDP for a stage). This package
+re-exports their public names.
 """
 
 from __future__ import annotations

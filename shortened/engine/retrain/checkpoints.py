@@ -1,7 +1,8 @@
 """Where a retrain run's stages keep their Trainer checkpoints, and which process writes: the
 checkpoint directory of a stage (resumed from its last complete checkpoint, refused or
 cleared against the spec it holds),
-the finished CPT model a resumed cpt_lora run starts its LoRA stage from, and rank 0.
+the finished CPT model a resumed cpt_lora run starts its LoRA stage from, rank 0, and the
+launch's world size.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def is_main_process() -> bool:
     """Rank 0 of a torchrun/accelerate launch (or a plain single process): the one that
     writes outputs; Trainer itself already saves checkpoints from rank 0 only."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    """Ranks of this launch (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_sharded(spec: RetrainSpec) -> bool:
+    """This rank trains an FSDP-sharded model (``parallel.py``)."""
+    return world_size() > 1 and spec.distributed.strategy == "fsdp"
 
 
 def finished_cpt_dir(checkpoint_root: Path | None) -> Path | None:

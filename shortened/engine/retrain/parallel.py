@@ -13,27 +13,16 @@ rank holds both whole models and the gradients are all-reduced.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shortened.specs import RetrainSpec
 
-from .checkpoints import is_main_process
+from .checkpoints import is_main_process, is_sharded, world_size
 
 if TYPE_CHECKING:
     from .run import RetrainRun
-
-
-def world_size() -> int:
-    """Ranks of this launch (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_sharded(spec: RetrainSpec) -> bool:
-    """This rank trains an FSDP-sharded model."""
-    return world_size() > 1 and spec.distributed.strategy == "fsdp"
 
 
 def block_classes(model: Any) -> list[str]:

@@ -31,9 +31,9 @@ from ..outputs import PhaseTimer, check_output_dir
 from ..progress import Progress, ProgressCallback, no_progress
 from ..quality_gate import gate_fields, items_perplexity, judge, unmeasured
 from .artifacts import retrain_report, write_outputs
-from .checkpoints import is_main_process
+from .checkpoints import is_main_process, world_size
 from .launch import process_count, run_distributed
-from .parallel import share_cpt_model, world_size
+from .parallel import share_cpt_model
 from .run import RetrainRun, load_for_retraining
 from .stages import run_cpt_stage, run_kd_stage, run_lora_stage
 

@@ -18,8 +18,7 @@ from shortened.specs import RetrainSpec
 from ..models import LoadedModel, count_parameters, load_model, pick_device
 from ..progress import Progress, ProgressCallback
 from ..quality_gate import Gate
-from .checkpoints import finished_cpt_dir
-from .parallel import is_sharded
+from .checkpoints import finished_cpt_dir, is_sharded
 from .precision import Precision, choose_precision
 
 if TYPE_CHECKING:
