@@ -37,7 +37,7 @@ from tests.e2e_service import (
 
 pytestmark = pytest.mark.e2e
 
-ENGINE_STAGES = ["loading", "calibration", "scoring", "pruning", "saving"]
+ENGINE_STAGES = ["loading", "calibration", "scoring", "quality_gate", "pruning", "saving"]
 
 
 @pytest.fixture(scope="module")
