@@ -32,6 +32,11 @@ PRUNE = {
 }
 RETRAIN = {"model": "models/tiny-llama", "data": {"source": "data/alpaca_tiny.jsonl"}}
 EVAL = {"model": "models/tiny-llama", "perplexity": {"datasets": ["data/stdlib_docs_heldout.txt"]}}
+EXPORT = {
+    "model": "models/tiny-llama",
+    "targets": [{"format": "gguf", "type": "q8_0"}],
+    "perplexity": {"datasets": ["data/stdlib_docs_heldout.txt"]},
+}
 SEARCH = {
     "model": "models/tiny-llama",
     "target_ratio": 0.2,
@@ -96,7 +101,7 @@ def routes(client: TestClient, schedule_id: str) -> list[tuple[str, str, dict, l
     openapi = client.app.openapi()
     spec_schema = {
         name: {"$ref": f"#/components/schemas/{name}"}
-        for name in ("PruneSpec", "RetrainSpec", "EvalSpec", "SearchSpec")
+        for name in ("PruneSpec", "RetrainSpec", "EvalSpec", "SearchSpec", "ExportSpec")
     }
     prune_paths = numeric_paths(openapi, spec_schema["PruneSpec"])
     table = [
@@ -104,6 +109,7 @@ def routes(client: TestClient, schedule_id: str) -> list[tuple[str, str, dict, l
         ("post", "/jobs/retrain", RETRAIN, numeric_paths(openapi, spec_schema["RetrainSpec"])),
         ("post", "/jobs/eval", EVAL, numeric_paths(openapi, spec_schema["EvalSpec"])),
         ("post", "/jobs/search", SEARCH, numeric_paths(openapi, spec_schema["SearchSpec"])),
+        ("post", "/jobs/export", EXPORT, numeric_paths(openapi, spec_schema["ExportSpec"])),
         # Specs inside free-form fields: the batch's base and grid, a schedule's template.
         (
             "post",
