@@ -204,9 +204,19 @@ class SourcePolicy:
     ) -> list[dict[str, Any]]:
         """``shortened.admission``'s problems as 422 errors (only for sources the policy
         allowed: nothing outside the allowed roots is looked at)."""
+        from pydantic import ValidationError
+
         from shortened.kinds import parse_spec, problems
 
-        parsed = parse_spec(kind, spec)
+        try:
+            # The spec as it will be stored, defaults written out: it must validate as such
+            # (a validator that passed a default on the way in must not fail it now).
+            parsed = parse_spec(kind, spec)
+        except ValidationError as exc:
+            return [
+                {"loc": ["body", *error["loc"]], "msg": error["msg"], "type": error["type"]}
+                for error in exc.errors(include_url=False, include_context=False)
+            ]
         if not check_model:
             parsed = parsed.model_copy(update={"model": None})
         errors = [

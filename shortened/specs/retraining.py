@@ -258,6 +258,9 @@ class RetrainSpec(JobSpecBase):
         default=64,
         ge=1,
         le=1_000_000,
+        # The default is checked against micro_batch_size too: a spec must validate the same
+        # after it is written out with its defaults (the job row, a pipeline's follow-up).
+        validate_default=True,
         description="Effective batch: micro-batches x accumulation x devices",
     )
     cutoff_len: int = Field(
