@@ -83,10 +83,11 @@ def test_one_trace_links_the_request_the_task_and_the_engine_stages(
     }
     assert task.parent.span_id == publish.context.span_id
     assert {s.parent.span_id for s in stages} == {task.context.span_id}
-    assert [s.name for s in sorted(stages, key=lambda s: s.start_time)][:5] == [
+    assert [s.name for s in sorted(stages, key=lambda s: s.start_time)][:6] == [
         "stage loading",
         "stage calibration",
         "stage scoring",
+        "stage quality_gate",
         "stage pruning",
         "stage saving",
     ]
