@@ -5,16 +5,39 @@ accelerate integration), or ``nnodes`` machines through the cluster's training o
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, PlainValidator, WithJsonSchema
 
 from .common import StrictModel
 
 MAX_PROCESSES_PER_NODE = 64  # the most GPUs one machine holds today is 16; CPU ranks for tests
 MAX_NODES = 1024
 
-Processes = Annotated[int, Field(ge=1, le=MAX_PROCESSES_PER_NODE)]
+
+def _processes(value: Any) -> int | str:
+    # One validator for the union, so a refusal names the field itself (not a member of it).
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"an integer from 1 to {MAX_PROCESSES_PER_NODE}, or 'auto'")
+    if not 1 <= value <= MAX_PROCESSES_PER_NODE:
+        raise ValueError(f"must be from 1 to {MAX_PROCESSES_PER_NODE} (or 'auto')")
+    return value
+
+
+ProcessesPerNode = Annotated[
+    int | Literal["auto"],
+    PlainValidator(_processes),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": MAX_PROCESSES_PER_NODE},
+                {"type": "string", "enum": ["auto"]},
+            ]
+        }
+    ),
+]
 Strategy = Literal["fsdp", "ddp"]
 ClusterEngine = Literal["kubeflow", "ray"]
 
@@ -22,7 +45,7 @@ ClusterEngine = Literal["kubeflow", "ray"]
 class DistributedSpec(StrictModel):
     """How a retrain job's training is spread over devices and machines."""
 
-    nproc_per_node: Processes | Literal["auto"] = Field(
+    nproc_per_node: ProcessesPerNode = Field(
         default=1,
         description="Training processes per machine (one per device); 'auto': one per visible "
         "GPU of the worker",
