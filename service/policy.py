@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 from service.auth import Principal
 from service.stores.job_reads import get_job
 from shortened.config import Settings
+from shortened.gguf_meta import is_gguf_source
 from shortened.kinds import pruning_kinds
 
 SOURCE_FIELDS = frozenset(
@@ -49,6 +50,7 @@ LENGTH_FIELDS = frozenset({"seq_len", "cutoff_len", "input_length"})
 NAMED_HUB_SETS = frozenset({"wikitext2", "ptb"})
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_HUB_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -160,6 +162,12 @@ class SourcePolicy:
         if not self.settings.hub_allowed:
             return f"{what} from the Hugging Face Hub are not allowed on this server"
         name, _, revision = value.partition("@")
+        if is_gguf_source(f"hf://{value}") and name.count("/") >= 2:
+            # org/name/path/to/file.gguf: the repository id, then a file inside it.
+            parts = name.split("/")
+            name, file_path = "/".join(parts[:2]), "/".join(parts[2:])
+            if not _HUB_FILE.match(file_path) or ".." in file_path:
+                return f"invalid file path {file_path!r} in the Hub repository"
         if not _HUB_ID.match(name) or ".." in name:
             return f"invalid Hub id {name!r}: expected org/name"
         if revision and (not _REVISION.match(revision) or ".." in revision):

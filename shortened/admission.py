@@ -32,6 +32,13 @@ from pydantic import BaseModel
 
 from shortened.deadline import DeadlineExceeded, call_with_deadline
 from shortened.engine.families import FAMILIES, unsupported_message
+from shortened.gguf_meta import (
+    GGUFMetadataError,
+    gguf_chat_template,
+    gguf_config,
+    is_gguf_source,
+    pruned_from_gguf,
+)
 from shortened.locations import local_path
 from shortened.model_configs import (
     MAX_CONFIG_BYTES,
@@ -140,6 +147,8 @@ def _parse_config(config_path: str, _mtime_ns: int, _size: int) -> dict[str, Any
 def model_config(source: str, lookups: Lookups) -> dict[str, Any] | None:
     """The config of a model source, or None when it cannot be known now (hub models, a job
     still running, a store that did not answer). Raises ``Missing``."""
+    if is_gguf_source(source):
+        return _gguf_source_config(source, lookups)
     if source.startswith("hf://"):
         return None  # no network at admission: the worker resolves the hub id
     if source.startswith("job://"):
@@ -162,6 +171,39 @@ def model_config(source: str, lookups: Lookups) -> dict[str, Any] | None:
         except ConfigError as exc:
             raise Missing(f"{uri}: {exc}") from None
     return _read_local_config(local_path(source))
+
+
+def _gguf_source_config(source: str, lookups: Lookups) -> dict[str, Any] | None:
+    """A GGUF file's config from its metadata (local files), or None when it cannot be read
+    here (a hub or job file; an S3 object is only checked to exist and not be empty)."""
+    if source.startswith("s3://"):
+        if lookups.s3_head is not None:
+            try:
+                head = lookups.s3_head(source)
+            except Unknown:
+                return None
+            if head.size == 0:
+                raise Missing(f"{source} is empty")
+        return None
+    if "://" in source and not source.startswith("file://"):
+        return None
+    path = local_path(source)
+    try:
+        info = path.stat()
+    except OSError:
+        raise Missing(f"GGUF file {source!r} does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise Missing(f"{source!r} is not a file")
+    return dict(_read_gguf_config(str(path), info.st_mtime_ns, info.st_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_gguf_config(path: str, _mtime_ns: int, _size: int) -> dict[str, Any]:
+    """A GGUF file's config as of (mtime, size), read once per version of the file."""
+    try:
+        return gguf_config(Path(path))
+    except GGUFMetadataError as exc:
+        raise Missing(str(exc)) from None
 
 
 def check_data_file(source: str, lookups: Lookups) -> str | None:
@@ -294,6 +336,8 @@ def has_chat_template(source: str) -> bool | None:
     if "://" in source and not source.startswith("file://"):
         return None
     path = local_path(source)
+    if is_gguf_source(source):
+        return gguf_chat_template(path) is not None if path.is_file() else None
     if not path.is_dir():
         return None  # the model check reports a missing directory
     if any((path / name).is_file() for name in CHAT_TEMPLATE_FILES):
@@ -389,6 +433,33 @@ def pruning_problems(
         yield from _data_problems(f"{prefix}calibration.source", spec.calibration.source, lookups)
         if spec.calibration.chat_template:
             yield from _chat_template_problems(f"{prefix}calibration.chat_template", spec.model)
+    yield from _gguf_source_target_problems(prefix, spec)
+
+
+def _gguf_source_target_problems(prefix: str, spec: PruneSpec | SearchSpec) -> Iterator[Problem]:
+    """A pipeline's ``gguf:source`` export copies the source file's tensors: the model must be
+    a GGUF file whose weights the pipeline changes only by removing blocks."""
+    from shortened.engine.export.formats import GGUF, SOURCE_TYPE
+
+    export = getattr(spec, "export", None)
+    for i, target in enumerate(export.targets if export is not None else []):
+        if target.format != GGUF or target.type != SOURCE_TYPE:
+            continue
+        field = f"{prefix}export.targets.{i}"
+        if not is_gguf_source(spec.model):
+            yield Problem(
+                field, "gguf:source copies a GGUF source's tensors: 'model' is not a .gguf file"
+            )
+        elif getattr(spec, "retrain", None) is not None:
+            yield Problem(
+                field,
+                "gguf:source copies the GGUF source's tensors, but 'retrain' changes the "
+                "weights: export a quantization type (gguf:q4_k_m, gguf:q8_0, ...) instead",
+            )
+        elif getattr(spec, "expert_pruning", None) is not None:
+            yield Problem(
+                field, "gguf:source cannot follow expert_pruning: export a quantization type"
+            )
 
 
 def retrain_problems(
@@ -415,12 +486,21 @@ def export_problems(
     """An export job (or section): each target against the model's family (GGUF needs a
     llama.cpp architecture), its calibration and perplexity files, ``compare_with``."""
     from shortened.engine.export.errors import UnsupportedExportTarget
-    from shortened.engine.export.formats import GGUF, gguf_architecture
+    from shortened.engine.export.formats import GGUF, SOURCE_TYPE, gguf_architecture
 
     targets = getattr(spec, "targets", [])
+    model = getattr(spec, "model", None)
+    for i, target in enumerate(targets):
+        if target.format == GGUF and target.type == SOURCE_TYPE and model is not None:
+            path = local_path(model)
+            if ("://" not in model or model.startswith("file://")) and path.is_dir():
+                try:
+                    pruned_from_gguf(path)
+                except UnsupportedExportTarget as exc:
+                    yield Problem(f"{prefix}targets.{i}", str(exc))
     if config is not None:
         for i, target in enumerate(targets):
-            if target.format == GGUF:
+            if target.format == GGUF and target.type != SOURCE_TYPE:
                 try:
                     gguf_architecture(config.get("model_type"))
                 except UnsupportedExportTarget as exc:

@@ -52,18 +52,12 @@ def cache_root() -> Path:
 
 def convert(gguf: Path, output: Path) -> None:
     """Dequantize ``gguf`` into a float32 HF checkpoint (weights, config, tokenizer with its
-    chat template) at ``output``. The quantization marker transformers puts in the config is
-    removed, so the checkpoint loads as a plain one (and can be saved at all)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    chat template) at ``output``, as the engine does for any GGUF model source."""
+    import torch
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    from shortened.engine.gguf_source import dequantize_to
+
+    dequantize_to(gguf, output, torch.float32)
     (output / COMPLETE_MARKER).write_text(f"{PACKAGE}=={package_version()} {GGUF_NAME}\n")
 
 

@@ -31,8 +31,8 @@ EXPORT_ROWS: tuple[Row, ...] = (
     SpecOption(
         "targets",
         "--target",
-        help="FORMAT:TYPE, repeatable (gguf:f16, gguf:q8_0, gguf:q4_k_m, hf-quantized:w4a16, "
-        "hf-quantized:int8-w8a8, ...):",
+        help="FORMAT:TYPE, repeatable (gguf:f16, gguf:q8_0, gguf:q4_k_m, gguf:source for a "
+        "model pruned from a GGUF file, hf-quantized:w4a16, hf-quantized:int8-w8a8, ...):",
         keywords={"type": _target, "action": "append", "required": True, "metavar": "FORMAT:TYPE"},
     ),
     SpecOption("compare_with"),
@@ -42,6 +42,10 @@ EXPORT_ROWS: tuple[Row, ...] = (
             SpecOption("calibration.source", "--calibration", help="calibration data:"),
             SpecOption("calibration.dataset", "--calibration-dataset", help="instead of a file:"),
             SpecOption("calibration.field", "--calibration-field"),
+            SpecOption("quantization.iters", "--quant-iters"),
+            SpecOption("quantization.n_samples", "--quant-samples"),
+            SpecOption("quantization.seq_len", "--quant-seq-len"),
+            SpecOption("quantization.batch_size", "--quant-batch-size"),
         ),
     ),
     Group(

@@ -2,7 +2,9 @@
 family's Auto class; a vision-language checkpoint with its processor).
 
 Sources: a local directory (or ``file://``), ``s3://bucket/prefix/``, a finished job's
-output ``job://<id>`` (through the artifact store) and a hub id ``hf://org/name[@revision]``.
+output ``job://<id>`` (through the artifact store), a hub id ``hf://org/name[@revision]``, and a
+single GGUF file under any of those schemes (``....gguf``), dequantized into a checkpoint
+(``gguf_source``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from .errors import (
     ModelGated,
     ModelNotFound,
 )
+from .gguf_source import dequantized_checkpoint, fetch_gguf, is_gguf_source
+from .hub import hub_cache, hub_offline
 from .outputs import quiet_progress_bars, source_shard_size
 
 if TYPE_CHECKING:
@@ -46,28 +50,14 @@ class ResolvedSource:
     revision: str | None = None
     hub_id: str | None = None
     commit: str | None = None
+    # A GGUF source: the local file the checkpoint at ``path_or_id`` was dequantized from.
+    gguf_file: str | None = None
 
 
 # What a hub snapshot needs: config, safetensors weights and the tokenizer. Not the
 # ``original/`` consolidated checkpoints or the .bin duplicates some repos also carry
 # (Llama 3 repos: another 16 GB).
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_cache() -> str:
-    """The standard cache, read from the environment now (huggingface_hub reads it once, at
-    import): ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
-    if cache := os.environ.get("HF_HUB_CACHE"):
-        return cache
-    home = os.environ.get("HF_HOME") or os.path.join(Path.home(), ".cache", "huggingface")
-    return os.path.join(home, "hub")
 
 
 def resolve_hub(source: str) -> ResolvedSource:
@@ -86,12 +76,12 @@ def resolve_hub(source: str) -> ResolvedSource:
     name, _, revision = source[len("hf://") :].partition("@")
     if not name:
         raise ModelNotFound(f"empty hub id in {source!r}")
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         path = snapshot_download(
             name,
             revision=revision or None,
-            cache_dir=_hub_cache(),
+            cache_dir=hub_cache(),
             allow_patterns=HUB_FILES,
             local_files_only=offline,
             token=os.environ.get("HF_TOKEN") or None,
@@ -111,17 +101,28 @@ def resolve_hub(source: str) -> ResolvedSource:
     except LocalEntryNotFoundError:
         where = "offline (HF_HUB_OFFLINE) and" if offline else "the Hub is unreachable and it is"
         raise ModelNotFound(
-            f"{name}@{revision or 'main'}: {where} not in the Hugging Face cache {_hub_cache()}"
+            f"{name}@{revision or 'main'}: {where} not in the Hugging Face cache {hub_cache()}"
         ) from None
     snapshot = Path(path)
     return ResolvedSource(source, str(snapshot), None, hub_id=name, commit=snapshot.name)
 
 
 def resolve_source(
-    source: str, *, store: ArtifactStore | None = None, cache_dir: Path | None = None
+    source: str,
+    *,
+    store: ArtifactStore | None = None,
+    cache_dir: Path | None = None,
+    gguf_dtype: torch.dtype = torch.float32,
 ) -> ResolvedSource:
-    """Turn a user-facing source into a local directory or a hub id, downloading if needed."""
+    """Turn a user-facing source into a local directory or a hub id, downloading if needed.
+    A GGUF file is dequantized to ``gguf_dtype`` (once; cached)."""
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "shortened")
+    if is_gguf_source(source):
+        gguf_path = fetch_gguf(source, store=store, cache_dir=cache_dir)
+        checkpoint = dequantized_checkpoint(
+            source, gguf_path, dtype=gguf_dtype, cache_dir=cache_dir
+        )
+        return ResolvedSource(source, str(checkpoint), gguf_file=str(gguf_path))
     if source.startswith("hf://"):
         return resolve_hub(source)
     if source.startswith("s3://"):
@@ -251,7 +252,9 @@ def load_model(
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
-    resolved = resolve_source(source, store=store, cache_dir=cache_dir)
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target)
+    resolved = resolve_source(source, store=store, cache_dir=cache_dir, gguf_dtype=torch_dtype)
     hub_kwargs: dict[str, Any] = {"revision": resolved.revision} if resolved.revision else {}
     check_config_file(Path(resolved.path_or_id) / "config.json", source)
     try:
@@ -260,8 +263,6 @@ def load_model(
         raise ModelNotFound(f"cannot read a model config from {source!r}: {exc}") from exc
     adapter = adapter_for_model_type(getattr(config, "model_type", None))
 
-    target = pick_device(device)
-    torch_dtype = pick_dtype(dtype, target)
     load_kwargs: dict[str, Any] = {"dtype": torch_dtype, **hub_kwargs}
     if target.type == "cuda":
         size = _checkpoint_bytes(resolved.path_or_id)

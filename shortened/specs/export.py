@@ -51,6 +51,9 @@ class ExportTargetSpec(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _scheme_is_type(cls, data: Any) -> Any:
+        # "gguf:q4_k_m" (the CLI's form) is the object it names.
+        if isinstance(data, str):
+            data = parse_target(data)
         # {"format": "hf-quantized", "scheme": "w4a16"}: the scheme is the type.
         if isinstance(data, dict) and "scheme" in data and "type" not in data:
             data = {**data, "type": data["scheme"]}
@@ -72,6 +75,18 @@ class ExportTargetSpec(StrictModel):
         return export_format({"format": self.format, "type": self.type}).name
 
 
+class QuantizationSpec(StrictModel):
+    """How the calibrated HF-quantized schemes are made (AutoRound's SignRound): more steps
+    and samples cost time and give a lower quantization error."""
+
+    iters: int = Field(
+        default=200, ge=0, le=2000, description="SignRound steps per block (0: round to nearest)"
+    )
+    n_samples: int = Field(default=128, ge=1, le=2048, description="Calibration windows")
+    seq_len: int = Field(default=512, ge=16, le=8192, description="Tokens per window")
+    batch_size: int = Field(default=8, ge=1, le=256, description="Windows per step")
+
+
 def parse_target(value: str) -> dict[str, str]:
     """``gguf:q4_k_m`` (the CLI's form) as a target object."""
     format_, sep, type_ = value.partition(":")
@@ -88,6 +103,11 @@ class ExportSpec(JobSpecBase):
     targets: list[ExportTargetSpec] = Field(min_length=1, max_length=MAX_TARGETS)
     calibration: CalibrationSpec | None = Field(
         default=None, description="Calibration text of the calibrated schemes (w4a16, ...)"
+    )
+    quantization: QuantizationSpec = Field(
+        default_factory=QuantizationSpec,
+        description="AutoRound's settings for the calibrated schemes (w4a16, w8a16, int8-w8a8, "
+        "fp8)",
     )
     perplexity: PerplexitySpec | None = Field(
         default=None,

@@ -64,3 +64,25 @@ def test_a_gated_repo_is_model_gated(hub_cache: Path, monkeypatch: pytest.Monkey
     with pytest.raises(ModelGated, match="gated model.*HF_TOKEN") as caught:
         resolve_source("hf://meta-llama/x")
     assert caught.value.code == "model_gated"
+
+
+def test_a_gguf_file_in_a_hub_repository_is_a_model_source(hub_cache: Path, tmp_path: Path):
+    """``hf://org/name/file.gguf[@revision]``: the one file, through the same cache (offline
+    here), dequantized into a checkpoint; a file the repository lacks is model_not_found."""
+    from shortened.engine.export.converter import convert
+
+    repo = hub_cache / "hub" / "models--org--tiny-gguf"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    convert(Path(resolve_source("hf://org/tiny").path_or_id), snapshot / "tiny.F16.gguf", "f16")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    for source in (
+        "hf://org/tiny-gguf/tiny.F16.gguf",
+        f"hf://org/tiny-gguf/tiny.F16.gguf@{COMMIT}",
+    ):
+        resolved = resolve_source(source, cache_dir=tmp_path / "cache")
+        assert resolved.gguf_file is not None and resolved.gguf_file.endswith("tiny.F16.gguf")
+        assert (Path(resolved.path_or_id) / "gguf_source.json").is_file()
+    with pytest.raises(ModelNotFound, match="other.gguf"):
+        resolve_source("hf://org/tiny-gguf/other.gguf", cache_dir=tmp_path / "cache")

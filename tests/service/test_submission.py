@@ -42,18 +42,18 @@ REPO = Path(__file__).resolve().parents[2]
 def make_settings(
     tmp_path: Path, database_url: str, broker_url: str | None, **overrides
 ) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "var",
-        database_url=database_url,
-        broker_url=broker_url,
-        auth_required=True,
-        allowed_local_roots=[REPO],
+    values: dict = {
+        "data_dir": tmp_path / "var",
+        "database_url": database_url,
+        "broker_url": broker_url,
+        "auth_required": True,
+        "allowed_local_roots": [REPO],
         # The tests drive the reaper themselves; no background loop may interfere.
-        reaper_interval_s=0,
-        scheduler_interval_s=0,
-        webhook_interval_s=0,
-        **overrides,
-    )
+        "reaper_interval_s": 0,
+        "scheduler_interval_s": 0,
+        "webhook_interval_s": 0,
+    }
+    return Settings(**{**values, **overrides})
 
 
 def broker_messages(settings: Settings) -> int:

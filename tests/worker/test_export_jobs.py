@@ -113,3 +113,46 @@ def test_prune_retrain_export_runs_as_one_pipeline(api: Api) -> None:
     # The parent measured in the same runtime and type: 12 blocks against 9.
     assert target["ppl_parent"] is not None and target["tokens_per_s_parent"] > 0
     assert job(api, prune_id)["pipeline"]["status"] == "succeeded"
+
+
+def test_a_gguf_source_is_pruned_and_published_in_its_own_quantization(
+    api_for,  # noqa: F811
+    tmp_path,
+) -> None:
+    """GGUF in -> prune -> ``gguf:source`` out through the API: admission reads the file's
+    metadata (a target beyond its blocks is a 422), the worker dequantizes it, and the export
+    section publishes the source's Q8_0 tensors with 3 blocks dropped, verified in llama.cpp
+    beside the source file itself."""
+    from shortened.engine.export.converter import convert
+    from shortened.engine.export.gguf_export import quantize_gguf
+    from tests.engine.export_models import tiny_llama
+
+    convert(tiny_llama(tmp_path / "hf"), tmp_path / "tiny-f16.gguf", "f16")
+    source = tmp_path / "tiny.Q8_0.gguf"
+    quantize_gguf(tmp_path / "tiny-f16.gguf", source, "Q8_0")
+    api = api_for(None, allowed_local_roots=[REPO, tmp_path])
+    body = {
+        "model": str(source),
+        "criterion": "magnitude",
+        "num_blocks": 3,
+        "export": {"targets": ["gguf:source"], "perplexity": PERPLEXITY},
+    }
+    too_many = api.post("/jobs/prune", {**body, "num_blocks": 11})
+    assert too_many.status_code == 422 and "12 blocks" in too_many.text
+    retrained = api.post(
+        "/jobs/prune",
+        {**body, "retrain": {"method": "lora", "data": {"source": HELDOUT}}},
+    )
+    assert retrained.status_code == 422
+    assert retrained.json()["detail"][0]["loc"] == ["body", "export", "targets", 0]
+
+    prune_id = api.post("/jobs/prune", body).json()["id"]
+    assert execute_job(prune_id, api.settings) == "succeeded"
+    [export_id] = [j["id"] for j in job(api, prune_id)["pipeline"]["jobs"] if j["kind"] == "export"]
+    assert execute_job(export_id, api.settings) == "succeeded"
+    done = job(api, export_id)
+    [target] = done["result"]["targets"]
+    assert target["name"] == "gguf-source" and target["passed"]
+    assert target["parent_as"] == "the source GGUF (llama.cpp)" and target["ppl_ratio"] < 1.02
+    names = {a["name"] for a in done["artifacts"]}
+    assert "gguf-source/model-q8_0.gguf" in names

@@ -44,6 +44,8 @@ class ExportFormat:
 _CONVERTER = "llama.cpp convert_hf_to_gguf.py"
 _QUANTIZE = "llama.cpp llama_model_quantize (from f16)"
 _AUTOROUND = "auto-round -> compressed-tensors"
+_COPY = "gguf GGUFReader -> GGUFWriter (blocks dropped, tensors copied)"
+SOURCE_TYPE = "source"  # the GGUF source's own tensors, in their own quantization
 
 FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat(GGUF, "f16", _CONVERTER, LLAMA_CPP, 0.01, "16-bit floats", "f16"),
@@ -52,6 +54,18 @@ FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat(GGUF, "q6_k", _QUANTIZE, LLAMA_CPP, 0.05, "6-bit k-quant", "Q6_K"),
     ExportFormat(GGUF, "q5_k_m", _QUANTIZE, LLAMA_CPP, 0.08, "5-bit k-quant, mixed", "Q5_K_M"),
     ExportFormat(GGUF, "q4_k_m", _QUANTIZE, LLAMA_CPP, 0.15, "4-bit k-quant, mixed", "Q4_K_M"),
+    # llama.cpp on the file's own quantized tensors against transformers on the same values
+    # dequantized: they differ only by arithmetic.
+    ExportFormat(
+        GGUF,
+        SOURCE_TYPE,
+        _COPY,
+        LLAMA_CPP,
+        0.02,
+        "a model pruned from a GGUF file: that file's tensors in their own quantization, the "
+        "removed blocks dropped (no second quantization)",
+        SOURCE_TYPE,
+    ),
     ExportFormat(
         HF_QUANTIZED,
         "w4a16",

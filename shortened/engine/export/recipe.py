@@ -20,13 +20,15 @@ from typing import Any
 
 from ..errors import CalibrationError, DeviceUnavailable
 from ..families import adapter_for_model_type
+from ..gguf_source import fetch_gguf, pruned_from_gguf
 from ..outputs import PhaseTimer, atomic_output_dir, check_output_dir, library_versions
 from ..progress import Progress, ProgressCallback, no_progress
 from . import verify
 from .converter import check_converter, converter_version, default_converter_dir
 from .errors import ExportVerificationFailed, UnsupportedExportTarget
-from .formats import GGUF, ExportFormat, export_format, gguf_architecture
-from .gguf_export import llama_cpp_version, write_gguf
+from .formats import GGUF, SOURCE_TYPE, ExportFormat, export_format, gguf_architecture
+from .gguf_export import gguf_file_name, llama_cpp_version, write_gguf
+from .gguf_prune import prune_gguf
 from .hf_quantize import (
     autoround_version,
     compressed_tensors_version,
@@ -57,7 +59,9 @@ def resolve_targets(
         raise UnsupportedExportTarget(f"cannot read {model_dir}/config.json: {exc}") from exc
     adapter_for_model_type(model_type)
     for fmt in formats:
-        if fmt.format == GGUF:
+        if fmt.format == GGUF and fmt.type == SOURCE_TYPE:
+            pruned_from_gguf(model_dir)
+        elif fmt.format == GGUF:
             gguf_architecture(model_type)
             check_converter(converter_dir)
         if fmt.needs_fp8_gpu and (reason := fp8_gpu_reason()):
@@ -211,6 +215,7 @@ def export_model(
     threads: int | None = None,
     quantization: dict[str, Any] | None = None,
     converter_dir: Path | None = None,
+    source_gguf: Path | None = None,
 ) -> dict[str, Any]:
     """Export ``model_dir`` to every target (``{"format": "gguf", "type": "q4_k_m"}`` or
     ``"gguf-q4_k_m"``; see ``formats.FORMATS``), each into ``output_dir/<name>/``, verify each
@@ -221,6 +226,8 @@ def export_model(
     ``speedup``. ``ppl_tolerance``: relative perplexity increase allowed, by target name or
     type, over the table's defaults. ``quantization``: AutoRound settings for HF-quantized
     targets (``iters``, ``n_samples``, ``seq_len``, ``batch_size``, ``device``).
+    ``source_gguf``: for a ``gguf-source`` target, the local copy of the GGUF file the model
+    was pruned from (default: fetched from the source its ``report.json`` names).
     Raises ``ExportVerificationFailed`` when an artifact does not load or is worse than
     allowed; nothing is left in ``output_dir`` then."""
     from transformers import AutoTokenizer
@@ -231,6 +238,7 @@ def export_model(
     formats = resolve_targets(
         model_dir, targets, calibration_texts=calibration_texts, converter_dir=converter_dir
     )
+    copy_from = _gguf_source(model_dir, formats, source_gguf)
     timer = PhaseTimer()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eval_windows = verify.build_windows(
@@ -265,9 +273,13 @@ def export_model(
                 quantization,
                 converter_dir,
                 threads,
+                copy_from,
             )
             parent = parent_reference
-            if parent_dir is not None and fmt.format == GGUF:
+            if copy_from is not None and fmt.type == SOURCE_TYPE:
+                # The parent in the same runtime and type is the source file itself.
+                parent = {**measure.gguf(copy_from[0]), "as": "the source GGUF (llama.cpp)"}
+            elif parent_dir is not None and fmt.format == GGUF:
                 parent_file = write_gguf(
                     Path(parent_dir),
                     fmt,
@@ -313,14 +325,44 @@ def _write(
     quantization: dict[str, Any] | None,
     converter_dir: Path,
     threads: int | None,
+    copy_from: tuple[Path, list[int]] | None,
 ) -> Path:
     """Write one target; the path to verify (a GGUF file, or a checkpoint directory)."""
+    if fmt.type == SOURCE_TYPE and copy_from is not None:
+        source, removed = copy_from
+        dest.mkdir(parents=True, exist_ok=True)
+        path = dest / gguf_file_name(_file_type(source))
+        prune_gguf(source, path, removed)
+        return path
     if fmt.format == GGUF:
         return write_gguf(
             model_dir, fmt, dest, work_dir=work, converter_dir=converter_dir, threads=threads or 0
         )
     quantize_checkpoint(model_dir, fmt, dest, calibration_texts, **(quantization or {}))
     return dest
+
+
+def _gguf_source(
+    model_dir: Path, formats: Sequence[ExportFormat], local: Path | None
+) -> tuple[Path, list[int]] | None:
+    """For a ``gguf-source`` target: the GGUF file the model was pruned from (its local copy)
+    and the blocks removed from it; None without such a target."""
+    if not any(fmt.format == GGUF and fmt.type == SOURCE_TYPE for fmt in formats):
+        return None
+    source, removed = pruned_from_gguf(model_dir)
+    if local is None:
+        local = fetch_gguf(source, store=None, cache_dir=None)
+    return Path(local), removed
+
+
+def _file_type(path: Path) -> str:
+    """The GGUF's file type in llama.cpp's lower-case naming (``q4_1``), for its file name."""
+    from shortened.gguf_meta import GGUFMetadataError, gguf_config
+
+    try:
+        return str(gguf_config(path).get("gguf_file_type") or SOURCE_TYPE).lower()
+    except GGUFMetadataError:
+        return SOURCE_TYPE
 
 
 def _report(
