@@ -15,7 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bench_model(
-    num_layers: int = 12, hidden: int = 768, intermediate: int = 2048, vocab: int = 8000
+    num_layers: int = 12,
+    hidden: int = 768,
+    intermediate: int = 2048,
+    vocab: int = 8000,
+    heads: int = 12,
+    kv_heads: int = 4,
 ):
     """A randomly initialised Llama (about 90M parameters by default): big enough that weights
     dominate memory, small enough for a 2-core CPU. Built from a config: nothing is downloaded."""
@@ -27,8 +32,8 @@ def bench_model(
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=num_layers,
-        num_attention_heads=12,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
     )
     return LlamaForCausalLM(config).eval()

@@ -3,7 +3,9 @@
 # pruning, generation speed-up, LoRA and (with 2+ GPUs) device_map="auto"; see
 # bench/gpu_check.py. Then, with 2+ GPUs, FSDP2 retraining over two of them through the
 # engine's torchrun launch: tokens/s per GPU and memory per GPU against the planner's
-# per-device estimate (bench/gpu_fsdp.py). Fails at once when no CUDA device is visible.
+# per-device estimate (bench/gpu_fsdp.py). With vLLM installed (pip install vllm), the pruned
+# model against its parent in vLLM at W4A16 and FP8, batch 1 and 32 (bench/gpu_vllm.py).
+# Fails at once when no CUDA device is visible.
 # Needs ~40 GB of GPU memory and ~40 GB of scratch disk (GPU_CHECK_SCRATCH, default the
 # system temp dir).
 set -euo pipefail
@@ -22,4 +24,9 @@ if [ "$GPUS" -ge 2 ]; then
   timeout 420 "$PY" -m bench.gpu_fsdp "${SCRATCH[@]}"
 else
   echo "gpu_check: 1 GPU visible: the 2-GPU FSDP check (bench/gpu_fsdp.py) is skipped" >&2
+fi
+if "$PY" -c "import vllm" 2>/dev/null; then
+  timeout 540 "$PY" -m bench.gpu_vllm "${SCRATCH[@]}"
+else
+  echo "gpu_check: vLLM is not installed: the vLLM comparison (bench/gpu_vllm.py) is skipped" >&2
 fi

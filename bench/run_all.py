@@ -1,7 +1,7 @@
 """Every benchmark, each in its own process, one after the other; one markdown table on
 stdout and everything (rows and context) in ``test-artifacts/bench.json``.
 
-    python -m bench.run_all                      # all of them (under 10 minutes on 2 cores)
+    python -m bench.run_all                      # all of them (at most 10 minutes)
     python -m bench.run_all --only service artifacts
 
 A benchmark that fails or runs out of time gives an error row (and exit status 1 at the
@@ -40,16 +40,18 @@ BENCHES = [
     ("drain", "bench.bench_drain", 120),
     ("scoring", "bench.bench_scoring", 330),
     ("speedup", "bench.bench_speedup", 180),
+    # GGUF in llama.cpp, the tiny model only (make bench-export runs every model).
+    ("export", "bench.bench_export --quick", 150),
 ]
 OPTIONAL = {"speedup"}
-TABLE_ORDER = ["scoring", "speedup", "service", "drain", "artifacts"]
+TABLE_ORDER = ["scoring", "speedup", "export", "service", "drain", "artifacts"]
 
 
 def run_module(module: str, timeout: float) -> dict[str, Any]:
     """``python -m module`` in its own process; the JSON object it prints last."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", module],
+        [sys.executable, "-m", *module.split()],
         cwd=REPO,
         env=env,
         text=True,
@@ -133,7 +135,7 @@ def main() -> None:
     for name, module, limit in BENCHES:
         if args.only and name not in args.only:
             continue
-        if name in OPTIONAL and importlib.util.find_spec(module) is None:
+        if name in OPTIONAL and importlib.util.find_spec(module.split()[0]) is None:
             print(f"[bench] {module}: not present, skipped", file=sys.stderr)
             continue
         left = TOTAL_BUDGET_S - (time.monotonic() - started)
