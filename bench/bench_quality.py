@@ -11,7 +11,12 @@ validation slice (the held-out file plays no part in that choice). Measured: hel
 perplexity (data/stdlib_docs_heldout.txt, the evaluate engine's protocol) and the fraction of
 the pruning gap each method recovers, (pruned - recovered) / (pruned - original).
 
-    python -m bench.bench_quality     # the table, docs/quality.png, a JSON line last
+    python -m bench.bench_quality     # the table, docs/quality.json and .png, a JSON line last
+    python -m bench.bench_quality --plot-only   # redraw docs/quality.png from the JSON files
+
+docs/quality.png shows these figures beside the real model's recovery at the same kind of
+budget, read from docs/real-model.json (``make bench-real``): SmolLM2-135M-Instruct,
+Q4_1-dequantized, 10 of 30 blocks removed.
 
 Run on its own (``make bench-quality``): its 24 short trainings would take most of
 ``bench.run_all``'s 10-minute budget.
@@ -44,6 +49,8 @@ CALIBRATION = REPO / "data" / "calibration.jsonl"
 TRAIN = REPO / "data" / "stdlib_docs_train.jsonl"
 HELDOUT = REPO / "data" / "stdlib_docs_heldout.txt"
 PLOT = REPO / "docs" / "quality.png"
+RESULTS = REPO / "docs" / "quality.json"
+REAL_RESULTS = REPO / "docs" / "real-model.json"
 
 REMOVED = {"25%": 3, "50%": 6}
 METHODS = ("lora", "cpt", "kd")
@@ -139,7 +146,27 @@ def gap_recovered(original: float, pruned: float, recovered: float) -> float:
     return (pruned - recovered) / (pruned - original)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+COLORS = {"pruned": "#999999", "lora": "#4c72b0", "cpt": "#dd8452", "kd": "#55a868"}
+
+
+def _real_panel(axis: Any, real: dict[str, Any]) -> None:
+    """The real model's gap recovered per method (docs/real-model.json's recovery)."""
+    recovery = real["recovery"]
+    for i, name in enumerate(METHODS):
+        value = recovery["methods"][name]["gap_recovered"]
+        axis.bar(i, value, 0.6, color=COLORS[name], label=name)
+        axis.text(i, value, f"{value:.0%}", ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(range(len(METHODS)), list(METHODS))
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("fraction of the pruning gap recovered")
+    axis.set_title(
+        f"SmolLM2-135M-Instruct, Q4_1-dequantized:\n{recovery['pruned']} of 30 blocks "
+        f"removed, {recovery['budget_tokens']:,} tokens each",
+        fontsize=9,
+    )
+
+
+def plot(results: dict[str, Any], path: Path, real: dict[str, Any] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,8 +174,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     ratios = list(REMOVED)
     names = ["pruned", *METHODS]
-    colors = {"pruned": "#999999", "lora": "#4c72b0", "cpt": "#dd8452", "kd": "#55a868"}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = COLORS
+    if real is not None:
+        fig, (left, right, third) = plt.subplots(
+            1, 3, figsize=(14, 4), gridspec_kw={"width_ratios": [3, 3, 2]}
+        )
+        _real_panel(third, real)
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.2
     for i, name in enumerate(names):
         xs = [r + (i - 1.5) * width for r in range(len(ratios))]
@@ -174,10 +207,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     right.set_ylabel("fraction of the pruning gap recovered")
     right.axhline(0, color="black", linewidth=0.8)
     right.legend()
-    fig.suptitle(
-        f"tiny-llama (12 blocks): {STEPS} steps x {BATCH} x {SEQ_LEN} tokens per method",
-        fontsize=10,
-    )
+    title = f"tiny-llama (12 blocks): {STEPS} steps x {BATCH} x {SEQ_LEN} tokens per method"
+    left.set_title(title, fontsize=9)
+    right.set_title(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -232,8 +264,13 @@ def run() -> dict[str, Any]:
                 "tokens_seen": tokens,
                 "train_seconds": seconds,
             }
-    plot(results, PLOT)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, PLOT, _real_results())
     return {"results": results, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _real_results() -> dict[str, Any] | None:
+    return json.loads(REAL_RESULTS.read_text()) if REAL_RESULTS.is_file() else None
 
 
 def table(results: dict[str, Any]) -> str:
@@ -256,7 +293,13 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw docs/quality.png from the JSON files"
+    )
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(RESULTS.read_text()), PLOT, _real_results())
+        return
     torch.set_num_threads(args.threads)
     measured = run()
     results = measured["results"]

@@ -35,9 +35,9 @@ parent in memory (``block_view``), which computes what the saved pruned checkpoi
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import math
+import os
 import random
 import statistics
 import sys
