@@ -229,3 +229,46 @@ RANKING_COLUMNS = [
 def ranking_markdown(search: dict[str, Any]) -> str:
     """A search report's ranking (report.json ``search``) as a Markdown table, best first."""
     return "\n".join(markdown_table(RANKING_COLUMNS, search["ranking"])) + "\n"
+
+
+# An export's artifacts, one row each: (key, heading). The CLI prints them aligned, the report
+# page renders them as its table.
+EXPORT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("name", "artifact"),
+    ("size", "MiB"),
+    ("ppl", "ppl"),
+    ("ppl_unquantized", "unquantized"),
+    ("ppl_parent", "parent"),
+    ("tokens_per_s", "tokens/s"),
+    ("speedup", "speed-up"),
+    ("verified_by", "runtime"),
+)
+
+
+def _fixed(value: Any, digits: int) -> str:
+    return (
+        "-"
+        if not isinstance(value, int | float) or isinstance(value, bool)
+        else f"{value:.{digits}f}"
+    )
+
+
+def export_rows(report: dict[str, Any]) -> list[dict[str, str]]:
+    """An export's artifacts: size, perplexity beside the unquantized model's and the
+    parent's, generation tokens/s and the speed-up over the parent in the same runtime."""
+    rows = []
+    for entry in report.get("targets") or []:
+        size = sum(f.get("bytes", 0) for f in entry.get("files") or []) / 2**20
+        rows.append(
+            {
+                "name": str(entry.get("name", "")),
+                "size": f"{size:.1f}",
+                "ppl": _fixed(entry.get("ppl"), 2),
+                "ppl_unquantized": _fixed(entry.get("ppl_unquantized"), 2),
+                "ppl_parent": _fixed(entry.get("ppl_parent"), 2),
+                "tokens_per_s": _fixed(entry.get("tokens_per_s"), 1),
+                "speedup": _fixed(entry.get("speedup"), 2),
+                "verified_by": str(entry.get("verified_by", "")),
+            }
+        )
+    return rows

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..render import EXPORT_COLUMNS, export_rows
 from ..specs import ExportSpec, parse_target
 from .display import aligned
 from .local_run import admit, with_progress
@@ -91,27 +92,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _number(value: Any, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def export_summary(report: dict[str, Any]) -> str:
-    """The artifacts as a table: size, perplexity beside the unquantized model's and the
-    parent's, tokens/s and the speed-up over the parent in the same runtime."""
-    headers = ["artifact", "MiB", "ppl", "unquantized", "parent", "tokens/s", "speed-up", "runtime"]
-    rows = []
-    for entry in report.get("targets", []):
-        size = sum(f.get("bytes", 0) for f in entry.get("files", [])) / 2**20
-        rows.append(
-            [
-                entry.get("name", ""),
-                f"{size:.1f}",
-                _number(entry.get("ppl")),
-                _number(entry.get("ppl_unquantized")),
-                _number(entry.get("ppl_parent")),
-                _number(entry.get("tokens_per_s"), 1),
-                _number(entry.get("speedup")),
-                str(entry.get("verified_by", "")),
-            ]
-        )
-    return aligned(headers, rows)
+    """The artifacts as a table (the report page's columns)."""
+    rows = export_rows(report)
+    return aligned(
+        [heading for _, heading in EXPORT_COLUMNS],
+        [[row[key] for key, _ in EXPORT_COLUMNS] for row in rows],
+    )

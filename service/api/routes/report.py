@@ -30,7 +30,7 @@ from service.models import FINISHED_STATUSES, Job
 from service.pipeline import pipeline_of
 from service.stores.job_reads import get_job
 from shortened.kinds import pruning_kinds
-from shortened.render import block_score_svg
+from shortened.render import EXPORT_COLUMNS, block_score_svg, export_rows
 
 router = APIRouter(
     prefix="/jobs",
@@ -183,27 +183,6 @@ def eval_rows(result: dict[str, Any]) -> list[Row]:
                 fmt_number(agreement.get("mean_kl")),
                 key="agreement:kl",
             )
-        )
-    return rows
-
-
-def export_rows(result: dict[str, Any]) -> list[dict[str, str]]:
-    """An export job's artifacts: size, perplexity beside the unquantized model's and the
-    parent's, generation speed and the speed-up over the parent in the same runtime."""
-    rows = []
-    for entry in result.get("targets") or []:
-        size = sum(f.get("bytes", 0) for f in entry.get("files") or []) / 2**20
-        rows.append(
-            {
-                "name": str(entry.get("name", "")),
-                "size": f"{size:.1f}",
-                "ppl": fmt_number(entry.get("ppl")),
-                "ppl_unquantized": fmt_number(entry.get("ppl_unquantized")),
-                "ppl_parent": fmt_number(entry.get("ppl_parent")),
-                "tokens_per_s": fmt_number(entry.get("tokens_per_s"), 3),
-                "speedup": fmt_number(entry.get("speedup"), 3),
-                "verified_by": str(entry.get("verified_by", "")),
-            }
         )
     return rows
 
@@ -410,6 +389,7 @@ def job_report(
         "prune": None,
         "eval_rows": [],
         "export_rows": [],
+        "export_columns": EXPORT_COLUMNS,
         "result_items": [],
     }
     if job.status == "succeeded":
