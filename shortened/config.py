@@ -202,7 +202,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         default=3,
         ge=1,
-        description="Attempts per job; a job lost on its last attempt fails with worker_lost",
+        description="Attempts per job; a job lost (or a training process dead) on its last "
+        "attempt fails with worker_lost (training_process_failed)",
     )
     reaper_interval_s: float = Field(
         default=15.0,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service.stores import events as event_store
-from service.stores import job_lifecycle, job_reads
+from service.stores import job_lifecycle, job_reads, job_recovery
 from service.tracing import annotate_job, stage_spans
 from shortened.config import Settings
 from shortened.engine.errors import Cancelled, EngineError
@@ -213,6 +213,8 @@ class JobRun:
             return self.finish("failed", message, error_code="timeout", error_message=message)
         if isinstance(exc, Cancelled):
             return self.finish("cancelled", "cancelled")
+        if isinstance(exc, EngineError) and getattr(exc, "retryable", False):
+            return self._retry(exc)
         if isinstance(exc, EngineError):
             return self.finish("failed", str(exc), error_code=exc.code, error_message=str(exc))
         if isinstance(exc, PublishError):
@@ -225,6 +227,25 @@ class JobRun:
         log.error("job %s failed", self.job_id, exc_info=exc)
         message = f"{type(exc).__name__}: {exc}"
         return self.finish("failed", message, error_code="internal_error", error_message=message)
+
+    def _retry(self, exc: EngineError) -> str:
+        """A retryable failure: the job goes back to the queue for another attempt, which
+        resumes from this one's checkpoints (kept in the scratch store), unless this attempt
+        was the last one allowed."""
+        last = self.attempt >= self.settings.max_attempts
+        if last:
+            message = f"{exc} (attempt {self.attempt} of {self.settings.max_attempts})"
+            return self.finish("failed", message, error_code=exc.code, error_message=message)
+        if self.spans is not None:
+            self.spans.close("queued")
+        self.tracking.end("failed", None, self.output_dir)
+        self.lease.stop()
+        log.warning("job %s attempt %d failed (%s): re-queued", self.job_id, self.attempt, exc.code)
+        with self.sessions() as session:
+            if not job_recovery.requeue_for_retry(session, self.job_id, self.attempt, exc.code):
+                self.lost = True
+                return "lost"
+        return "queued"
 
     def _remove_unfinished_upload(self) -> None:
         """An upload of a job that did not succeed is removed (an earlier attempt killed

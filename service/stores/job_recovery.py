@@ -209,3 +209,28 @@ def requeue_for_shutdown(session: Session, job_id: str, worker: str) -> bool:
     end_attempt(session, job_id, attempt, "worker_shutdown", None, now)
     session.commit()
     return True
+
+
+def requeue_for_retry(session: Session, job_id: str, attempt: int, code: str) -> bool:
+    """running -> queued after attempt ``attempt`` failed with a retryable error (a process
+    of a multi-process training run died): the attempt ends as failed with ``code``, and the
+    next one resumes from the checkpoints it left. Its message is sent by the reaper's next
+    re-dispatch round (``dispatched_at`` NULL puts it first). False if the job is no longer
+    that attempt's."""
+    now = utcnow()
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
+        .values(**{**_requeued(now), "dispatched_at": None})
+        .execution_options(synchronize_session=False)
+    )
+    if not rowcount(changed):
+        session.rollback()
+        return False
+    message = f"re-queued: attempt {attempt} failed ({code}); the next resumes from its checkpoints"
+    append_event(
+        session, job_id, "status", message, {"status": "queued", "attempt": attempt, "reason": code}
+    )
+    end_attempt(session, job_id, attempt, code, code, now)
+    session.commit()
+    return True
