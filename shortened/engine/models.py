@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,7 +286,9 @@ def load_model(
         model.to(target)  # type: ignore[arg-type]  # torch/transformers stubs
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **hub_kwargs)
-    processor = load_processor(resolved.path_or_id, hub_kwargs) if adapter.multimodal else None
+    processor = (
+        load_processor(resolved.path_or_id, hub_kwargs, tokenizer) if adapter.multimodal else None
+    )
     source_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(source_dtype, str):
         source_dtype = _DTYPES.get(source_dtype)
@@ -303,13 +306,50 @@ def load_model(
     )
 
 
-def load_processor(path_or_id: str, hub_kwargs: dict[str, Any]) -> Any:
+# A processor's own files (the tokenizer's are written by the tokenizer): carried over as they
+# are when the processor cannot be built here.
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class CopiedProcessor:
+    """A processor that needs a library this worker lacks (Qwen2.5-VL's and SmolVLM's video
+    processors need torchvision): its files are copied from the source unchanged (pruning
+    does not touch them) and the tokenizer is saved beside them, so the output carries the
+    same processor as its source."""
+
+    source: Path
+    tokenizer: Any
+    reason: str
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(path)
+        for name in PROCESSOR_FILES:
+            if (self.source / name).is_file():
+                shutil.copyfile(self.source / name, Path(path) / name)
+
+
+def load_processor(path_or_id: str, hub_kwargs: dict[str, Any], tokenizer: Any = None) -> Any:
     """A vision-language checkpoint's processor, or None when it has none (weights only:
-    the pruned model is then saved with its tokenizer alone, as it came)."""
+    the pruned model is then saved with its tokenizer alone, as it came). A processor that
+    needs a library this machine lacks is carried over as its files (``CopiedProcessor``)."""
     from transformers import AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(path_or_id, **hub_kwargs)
+    except ImportError as exc:
+        source = Path(path_or_id)
+        if tokenizer is None or not any((source / name).is_file() for name in PROCESSOR_FILES):
+            log.warning("no processor loaded from %s: %s", path_or_id, exc)
+            return None
+        log.warning("processor of %s copied as files: %s", path_or_id, exc)
+        return CopiedProcessor(source, tokenizer, str(exc))
     except (OSError, ValueError, TypeError) as exc:
         log.warning("no processor loaded from %s: %s", path_or_id, exc)
         return None
