@@ -12,7 +12,7 @@ TORCH_SPEC ?= $(or $(word 1,$(SAVED_TORCH)),torch==2.13.0)
 TORCH_INDEX_URL ?= $(word 2,$(SAVED_TORCH))
 GPU_TORCH_SPEC ?= torch
 
-.PHONY: install install-gpu serve test test-fast bench bench-quality bench-scale bench-real bench-export gpu-check lint format FORCE
+.PHONY: install install-gpu serve test test-fast bench bench-quality bench-scale bench-real bench-export bench-experts gpu-check lint format FORCE
 
 # Runs every time, acts only when the torch wanted differs from the one installed.
 $(TORCH_STAMP): FORCE
@@ -83,6 +83,12 @@ bench-real: install
 # with the speed-up against the ideal L/(L-k) (docs/export.md); var/bench-export.json.
 bench-export: install
 	$(PY) -m bench.bench_export
+
+# Expert pruning (routing frequency) against a random choice of as many experts, depth pruning
+# alone and both, on a tiny Mixtral-style MoE trained here with and without a load-balancing
+# loss (cached in var/bench-cache, so reruns skip training); figures in docs/experts.md.
+bench-experts: install
+	$(PY) -m bench.bench_experts
 
 # GPU readiness with a random Llama-3-8B-shaped model; fails at once without CUDA.
 gpu-check: install

@@ -434,6 +434,18 @@ def pruning_problems(
         if spec.calibration.chat_template:
             yield from _chat_template_problems(f"{prefix}calibration.chat_template", spec.model)
     yield from _gguf_source_target_problems(prefix, spec)
+    yield from _expert_pruning_problems(prefix, spec, config)
+
+
+def _expert_pruning_problems(
+    prefix: str, spec: PruneSpec | SearchSpec, config: dict[str, Any] | None
+) -> Iterator[Problem]:
+    """A prune job's ``expert_pruning`` against the model's experts (``expert_admission``)."""
+    from shortened.expert_admission import expert_pruning_problems
+
+    section = getattr(spec, "expert_pruning", None)
+    for field, message in expert_pruning_problems(section, config) if config else ():
+        yield Problem(f"{prefix}{field}", message)
 
 
 def _gguf_source_target_problems(prefix: str, spec: PruneSpec | SearchSpec) -> Iterator[Problem]:

@@ -43,6 +43,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from shortened.engine.families import (
+    EXPERT_COUNT_FIELDS,
+    adapter_for_model_type,
+    expert_keep_problem,
+    expert_pruning_refusal,
+    experts_kept,
+    num_experts,
+)
 from shortened.param_estimates import (
     active_params,
     block_params,
@@ -100,6 +108,9 @@ class Plan:
     active_params_before: int = 0
     active_params_after: int = 0
     ratio_of: str = "total"
+    # Expert pruning: the routed experts of each MoE block before and after (0: none pruned).
+    experts_before: int = 0
+    experts_after: int = 0
     stages: list[StagePlan] = field(default_factory=list)
     # A retrain job's training processes on one machine and how they share the model
     # (fsdp/ddp; None on one process): its stage peaks are per device.
@@ -212,12 +223,7 @@ def _pruning_plan(
     shape = _Shape(config)
     total, active = total_params(config), active_params(config)
     candidates = removable_blocks(shape.layers, spec.protect_first, spec.protect_last)
-    # Blocks may differ (an MoE model's leading dense blocks): a removed block is counted as
-    # the mean of the removable ones, total and active.
     per_block = block_params(config, candidates)
-    active_sizes = layer_param_list(config, active=True)
-    chosen = candidates or list(range(shape.layers))
-    per_block_active = round(sum(active_sizes[i] for i in chosen) / len(chosen))
     if num_blocks is not None:
         k = max(0, num_blocks)
     else:
@@ -226,7 +232,10 @@ def _pruning_plan(
         base = active if spec.ratio_of == "active" else total
         counted = [sizes[i] for i in candidates] or sizes
         k = blocks_for_ratio(base, counted, spec.target_ratio, len(candidates) or 1)
-    after = total - k * per_block
+    # Expert pruning follows block removal; its counts do not change which blocks go.
+    experts = _experts(config, getattr(spec, "expert_pruning", None))
+    pruned = with_experts(config, experts[1]) if experts else config
+    after, active_after = _after_removal(pruned, candidates, k)
     runtime = RUNTIME_BYTES[device]
     weights = total * b
     plan = Plan(
@@ -245,8 +254,10 @@ def _pruning_plan(
         removable_blocks=candidates,
         num_blocks=k,
         active_params_before=active,
-        active_params_after=active - k * per_block_active,
+        active_params_after=active_after,
         ratio_of=spec.ratio_of,
+        experts_before=experts[0] if experts else 0,
+        experts_after=experts[1] if experts else 0,
     )
     cast = dtype != source_dtype(config) and device == "cpu"  # on CUDA the map is host memory
     plan.stages.append(_load(runtime, weights, total * out_b, cast))
@@ -284,16 +295,66 @@ def _pruning_plan(
     return plan
 
 
+def _after_removal(config: dict[str, Any], candidates: list[int], k: int) -> tuple[int, int]:
+    """(total, active) parameters of ``config``'s model less ``k`` blocks. Blocks may differ
+    (an MoE model's leading dense blocks): a removed block is counted as the mean of the
+    removable ones, total and active (exact when the removable blocks are alike)."""
+    layers = int(text_config(config)["num_hidden_layers"])
+    chosen = candidates or list(range(layers))
+    active_sizes = layer_param_list(config, active=True)
+    per_block_active = round(sum(active_sizes[i] for i in chosen) / len(chosen))
+    return (
+        total_params(config) - k * block_params(config, candidates),
+        active_params(config) - k * per_block_active,
+    )
+
+
+def _experts(config: dict[str, Any], section: Any) -> tuple[int, int] | None:
+    """(experts per MoE block before, after) of a spec's ``expert_pruning`` section; None
+    without one, or for a model expert pruning refuses (admission says why)."""
+    if section is None:
+        return None
+    adapter = adapter_for_model_type(config.get("model_type"))
+    get = adapter.lookup(text_config(config))
+    if adapter.moe is None or expert_pruning_refusal(adapter, get) is not None:
+        return None
+    total = num_experts(get)
+    keep = experts_kept(total, section.keep_experts, section.keep_fraction)
+    if expert_keep_problem(total, None, keep) is not None:
+        return None
+    return total, keep
+
+
+def _with_text(config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``changes`` to its language model's fields (a vision-language
+    model's ``text_config``, else the file itself)."""
+    if isinstance(config.get("text_config"), dict):
+        return {**config, "text_config": {**config["text_config"], **changes}}
+    return {**config, **changes}
+
+
+def with_experts(config: dict[str, Any], keep: int) -> dict[str, Any]:
+    """``config`` with ``keep`` routed experts per MoE block, in whichever of the expert-count
+    fields it spells the count (the family's own when none)."""
+    text = text_config(config)
+    name = next((n for n in EXPERT_COUNT_FIELDS if isinstance(text.get(n), int)), None)
+    if name is None:
+        moe = adapter_for_model_type(config.get("model_type")).moe
+        assert moe is not None
+        name = moe.expert_count
+    return _with_text(config, {name: keep})
+
+
 def config_after(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
-    """The config of the model a planned job produces (fewer blocks after pruning; a
-    vision-language model's in its ``text_config``). An MoE model's per-layer kinds are
-    not re-derived here: the estimate after pruning uses the mean removable block."""
+    """The config of the model a planned job produces (fewer blocks after pruning, fewer
+    experts after expert pruning; a vision-language model's in its ``text_config``). An MoE
+    model's per-layer kinds are not re-derived here: the estimate after pruning uses the
+    mean removable block."""
+    if plan.experts_after:
+        config = with_experts(config, plan.experts_after)
     layers = plan.num_layers - plan.num_blocks
     parent = {PARENT_LAYERS: plan.num_layers}  # the KD teacher of a pipeline's retrain section
-    if isinstance(config.get("text_config"), dict):
-        text = {**config["text_config"], "num_hidden_layers": layers}
-        return {**config, **parent, "text_config": text}
-    return {**config, **parent, "num_hidden_layers": layers}
+    return {**_with_text(config, {"num_hidden_layers": layers}), **parent}
 
 
 def eval_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> list[StagePlan]:
@@ -412,6 +473,11 @@ def render_plan(plan: Plan) -> str:
             f"active params per token: {plan.active_params_before:,} -> "
             f"{plan.active_params_after:,} "
             f"(-{100 * (1 - plan.active_params_after / plan.active_params_before):.1f}%)"
+        )
+    if plan.experts_after:
+        rows.append(
+            f"expert pruning: {plan.experts_before} -> {plan.experts_after} routed experts "
+            "per MoE block (the calibration text's least routed removed)"
         )
     if plan.num_blocks and plan.ratio_of == "active":
         rows.append("target_ratio counts the active parameters (ratio_of: active)")

@@ -1,7 +1,8 @@
 """``shortened prune``: score blocks, remove the least important and save the checkpoint, in
 this process (no service involved). Its options are one table of rows over ``PruneSpec``;
 ``PRUNING_ROWS`` (calibration data, protection, how scoring runs, the output and the score
-cache) are shared with ``shortened search``."""
+cache) are shared with ``shortened search``; ``--keep-experts`` / ``--keep-expert-fraction``
+(the spec's ``expert_pruning``) are prune's own."""
 
 from __future__ import annotations
 
@@ -76,6 +77,24 @@ PRUNE_ROWS: tuple[Row, ...] = (
         exclusive=True,
         required=True,
     ),
+    Group(
+        None,
+        (
+            SpecOption(
+                "expert_pruning.keep_experts",
+                "--keep-experts",
+                help="mixture of experts, after block removal:",
+                keywords={"metavar": "N"},
+            ),
+            SpecOption(
+                "expert_pruning.keep_fraction",
+                "--keep-expert-fraction",
+                help="mixture of experts, after block removal:",
+                keywords={"metavar": "F"},
+            ),
+        ),
+        exclusive=True,
+    ),
     *PRUNING_ROWS,
 )
 
@@ -127,6 +146,11 @@ def _prune_summary(report: dict[str, Any]) -> str:
         f"-{100 * report['params_removed_ratio']:.1f}%)",
         block_score_chart(report),
     ]
+    if experts := report.get("expert_pruning"):
+        lines.append(
+            f"expert pruning: {experts['experts_before']} -> {experts['experts_after']} "
+            "routed experts per MoE block (the least routed on the calibration text removed)"
+        )
     if cache := report.get("score_cache"):
         lines.append(
             f"score cache: {cache['reused_scores']} block scores reused, "

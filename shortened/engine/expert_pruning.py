@@ -16,13 +16,14 @@ computes exactly what it did; ``num_experts_per_tok`` stays as it was, so ``keep
 least that.
 
 Families whose router returns scores only and routes in groups with a load-balancing bias
-(DeepSeek-V2/V3, GLM-4.5) are refused: their expert groups are fixed contiguous ranges that
-removing experts would reshuffle.
+(DeepSeek-V2/V3, GLM-4.5: ``MoeLayout.grouped_routing``) are refused: their expert groups are
+fixed contiguous ranges that removing experts would reshuffle. What is refused, and how many
+experts a spec keeps, are the torch-free rules of ``families`` (``expert_pruning_refusal``,
+``experts_kept``, ``expert_keep_problem``) that admission applies to ``config.json`` first.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +31,12 @@ import torch
 from torch import nn
 
 from .errors import NothingToPrune, UnsupportedArchitecture
-from .families import FamilyAdapter
+from .families import (
+    FamilyAdapter,
+    expert_keep_problem,
+    expert_pruning_refusal,
+    experts_kept,
+)
 from .moe import routing_counts
 
 
@@ -39,15 +45,6 @@ def experts_to_keep(counts: torch.Tensor, keep: int) -> list[int]:
     index), in ascending index order."""
     order = sorted(range(len(counts)), key=lambda e: (-int(counts[e]), e))
     return sorted(order[:keep])
-
-
-def keep_count(num_experts: int, keep_experts: int | None, keep_fraction: float | None) -> int:
-    """How many experts each block keeps: ``keep_experts``, or ``keep_fraction`` of the
-    experts rounded up (at least one)."""
-    if keep_experts is not None:
-        return keep_experts
-    assert keep_fraction is not None
-    return max(1, math.ceil(num_experts * keep_fraction))
 
 
 def _slice_rows(module: nn.Module, kept: torch.Tensor, before: int) -> None:
@@ -114,26 +111,17 @@ def check_expert_spec(
     """How many experts each MoE block keeps; refuses (``UnsupportedArchitecture``,
     ``NothingToPrune``) what expert pruning cannot do for this model, before anything is
     removed."""
-    moe = adapter.moe
     config = adapter.text_config(model.config)
-    if moe is None:
-        raise UnsupportedArchitecture(
-            f"expert pruning needs a mixture-of-experts model; {adapter.name} is dense"
-        )
-    if moe.shared_experts is not None or getattr(config, "n_group", None):
-        raise UnsupportedArchitecture(
-            f"expert pruning is not supported for {adapter.name}: its router selects experts "
-            "in fixed groups with a load-balancing score bias, which removing experts would "
-            "reshuffle"
-        )
-    total = int(getattr(config, moe.expert_count))
-    top_k = int(getattr(config, moe.top_k))
-    keep = keep_count(total, keep_experts, keep_fraction)
-    if not top_k <= keep < total:
-        raise NothingToPrune(
-            f"expert pruning must keep at least num_experts_per_tok ({top_k}) and fewer than "
-            f"the {total} experts of a block, got {keep}"
-        )
+    refusal = expert_pruning_refusal(adapter, adapter.lookup(config))
+    if refusal is not None:
+        raise UnsupportedArchitecture(refusal)
+    assert adapter.moe is not None  # a dense family is refused above
+    total = int(getattr(config, adapter.moe.expert_count))
+    top_k = int(getattr(config, adapter.moe.top_k))
+    keep = experts_kept(total, keep_experts, keep_fraction)
+    problem = expert_keep_problem(total, top_k, keep)
+    if problem is not None:
+        raise NothingToPrune(f"expert pruning: {problem}")
     return keep
 
 

@@ -5,7 +5,9 @@ and, for a vision-language checkpoint, which Auto class loads it and where its t
 
 Torch-free, so admission can check a checkpoint's ``config.json`` without importing torch;
 ``architectures.py`` does the block surgery on top of it and ``shortened.param_estimates``
-counts parameters from it.
+counts parameters from it. The rules of expert pruning live here for the same reason (which
+MoE models it refuses, how many experts a spec keeps), read by the engine
+(``expert_pruning.py``), admission and the planner alike.
 
 Adding a family: one ``FamilyAdapter(...)`` line in ``FAMILIES`` and one test case (a config
 in ``tests/helpers.py::FAMILY_CONFIGS``). A family whose blocks are not interchangeable goes
@@ -14,6 +16,7 @@ into ``REFUSED`` with the reason.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -114,6 +117,10 @@ class MoeLayout:
     experts: str = "mlp.experts"  # the routed experts' module, relative to a block
     # The config field holding the routed-expert count, rewritten when experts are pruned.
     expert_count: str = "num_experts"
+    # The router selects experts within fixed contiguous groups, with a load-balancing bias
+    # on the scores and only the scores returned (DeepSeek-V2/V3, GLM-4.5): removing experts
+    # would reshuffle the groups, so expert pruning refuses the family.
+    grouped_routing: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,7 @@ _DEEPSEEK_MOE = MoeLayout(
     shared_experts="n_shared_experts",
     first_dense="first_k_dense_replace",
     expert_count="n_routed_experts",
+    grouped_routing=True,
 )
 
 FAMILIES: tuple[FamilyAdapter, ...] = (
@@ -406,6 +414,57 @@ REFUSED: dict[str, str] = {
         "index (interleave steps), which removing a block would shift",
     ),
 }
+
+
+def expert_pruning_refusal(adapter: FamilyAdapter, get: Lookup) -> str | None:
+    """Why routing-frequency expert pruning cannot apply to a model of ``adapter``'s family
+    whose (text) config ``get`` reads, or None: a dense family or config, no MoE block, or a
+    router that selects experts in fixed groups. Admission (a ``config.json``) and the
+    engine (the loaded model's config) ask this one function."""
+    moe = adapter.moe
+    if moe is None:
+        return f"expert pruning needs a mixture-of-experts model; {adapter.name} is dense"
+    if moe.grouped_routing or get("n_group"):
+        return (
+            f"expert pruning is not supported for {adapter.name}: its router selects experts "
+            "in fixed groups with a load-balancing score bias, which removing experts would "
+            "reshuffle"
+        )
+    layers = get("num_hidden_layers")
+    if not isinstance(layers, int) or not any(adapter.is_moe_layer(get, i) for i in range(layers)):
+        return (
+            f"expert pruning needs mixture-of-experts blocks; this {adapter.name} config has "
+            "none (no routed experts, or every block listed as dense)"
+        )
+    return None
+
+
+def grouped_routing_families() -> tuple[str, ...]:
+    """The families expert pruning refuses because their routers select experts in groups."""
+    return tuple(f.name for f in FAMILIES if f.moe is not None and f.moe.grouped_routing)
+
+
+def experts_kept(total: int, keep_experts: int | None, keep_fraction: float | None) -> int:
+    """How many experts each MoE block keeps: ``keep_experts``, or ``keep_fraction`` of the
+    ``total`` experts rounded up (at least one)."""
+    if keep_experts is not None:
+        return keep_experts
+    assert keep_fraction is not None
+    return max(1, math.ceil(total * keep_fraction))
+
+
+def expert_keep_problem(total: int, top_k: int | None, keep: int) -> str | None:
+    """Why keeping ``keep`` of a block's ``total`` experts is not a pruning (None when it is):
+    it must remove one and keep at least the ``top_k`` experts a token is routed to (the
+    router's top-k is unchanged). ``top_k`` None: not known, not checked."""
+    if keep >= total:
+        return f"keeping {keep} of the {total} experts of each block removes none: keep fewer"
+    if top_k is not None and keep < top_k:
+        return (
+            f"keeping {keep} expert{'s' if keep != 1 else ''} is fewer than num_experts_per_tok "
+            f"({top_k}), the experts each token is routed to: keep at least {top_k}"
+        )
+    return None
 
 
 def supported_families() -> str:

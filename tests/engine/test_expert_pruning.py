@@ -1,8 +1,11 @@
 """Routing-frequency expert pruning: the experts kept are the ones an independent
-transcription of the definition picks from the routers' logits, and the pruned model of every
-supported MoE family reloads, counts and generates (with and without KV cache) as it should."""
+transcription of the definition picks from the routers' logits, the pruned model of every
+supported MoE family reloads, counts and generates (with and without KV cache) as it should,
+and the plan made from config.json alone counts the parameters the prune job leaves."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -12,7 +15,9 @@ from shortened.engine.errors import NothingToPrune, UnsupportedArchitecture
 from shortened.engine.expert_pruning import prune_experts_by_frequency
 from shortened.engine.models import count_parameters
 from shortened.engine.prune import prune_model
+from shortened.kinds import plan_job
 from shortened.param_estimates import active_params, total_params
+from shortened.planning import config_after
 from shortened.specs import PruneSpec
 from tests.helpers import CALIBRATION, VOCAB, auto_class, save_tiny, tiny_model
 
@@ -139,3 +144,47 @@ def test_prune_job_removes_blocks_then_experts(tmp_path):
     reloaded = auto_class(adapter_for(tiny_model("qwen3_moe"))).from_pretrained(tmp_path / "out")
     assert reloaded.config.num_hidden_layers == 5 and reloaded.config.num_experts == 3
     assert report["params_after"] == count_parameters(reloaded)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "protect", "section", "experts"),
+    [
+        # Every block an MoE block; 4 -> 3 experts.
+        ("mixtral", 1, {"keep_experts": 3}, (4, 3)),
+        # MoE blocks 1 and 5 (sparse step 2, block 3 listed dense) with a shared expert,
+        # removable blocks 2 and 3 dense; 4 -> 2 experts.
+        ("qwen2_moe", 2, {"keep_fraction": 0.5}, (4, 2)),
+    ],
+)
+def test_the_plan_counts_what_the_prune_job_leaves(model_type, protect, section, experts, tmp_path):
+    save_tiny(tiny_model(model_type), tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    spec = PruneSpec(
+        model=str(tmp_path / "model"),
+        criterion="block_influence",
+        num_blocks=1,
+        protect_first=protect,
+        protect_last=protect,
+        calibration={"source": str(CALIBRATION), "n_samples": 4, "seq_len": 16},
+        expert_pruning=section,
+        quality_gate={"max_ppl_ratio": None},
+    )
+    plan = plan_job("prune", spec, config)
+    report = prune_model(spec, tmp_path / "out")
+    reloaded = auto_class(adapter_for(tiny_model(model_type))).from_pretrained(tmp_path / "out")
+
+    assert (plan.experts_before, plan.experts_after) == experts
+    assert report["expert_pruning"]["experts_after"] == experts[1]
+    assert plan.params_before == report["params_before"]
+    assert plan.params_after == report["params_after"] == count_parameters(reloaded)
+    assert plan.active_params_before == report["active_params_before"]
+    assert plan.active_params_after == report["active_params_after"]
+    assert plan.active_params_after < plan.active_params_before  # the router rows went too
+    # Expert pruning removes more than depth pruning alone would have.
+    depth_only = plan_job("prune", spec.model_copy(update={"expert_pruning": None}), config)
+    assert depth_only.params_after > plan.params_after
+    # A pipeline's next section is planned on the model the job leaves.
+    after = config_after(plan, config)
+    assert after[adapter_for(reloaded).moe.expert_count] == experts[1]
+    if model_type == "mixtral":  # alike blocks: the config after is the reloaded model's
+        assert total_params(after) == count_parameters(reloaded)
