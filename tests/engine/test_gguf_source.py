@@ -209,3 +209,40 @@ def test_gguf_source_is_refused_where_the_weights_are_not_the_files(tmp_path, ti
         assert [(p.field, message in p.message) for p in found] == [("export.targets.0", True)], (
             found
         )
+
+
+def test_a_gguf_file_in_s3_is_fetched_once_and_checked_at_admission(tiny_q8, tmp_path, s3_server):
+    """``s3://bucket/key.gguf`` through a real S3 server: admission finds it (and refuses a
+    missing or empty object), the worker downloads and dequantizes it."""
+    import boto3
+
+    from shortened.admission import s3_lookups
+    from shortened.storage import open_store
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket="gguf-models")
+    client.upload_file(str(tiny_q8), "gguf-models", "tiny/tiny.Q8_0.gguf")
+    client.put_object(Bucket="gguf-models", Key="tiny/empty.gguf", Body=b"")
+    lookups = s3_lookups(s3_server)
+    assert model_config("s3://gguf-models/tiny/tiny.Q8_0.gguf", lookups) is None  # exists
+    with pytest.raises(Missing, match="empty"):
+        model_config("s3://gguf-models/tiny/empty.gguf", lookups)
+    with pytest.raises(Missing, match="does not exist"):
+        model_config("s3://gguf-models/tiny/absent.gguf", lookups)
+
+    store = open_store("s3://gguf-models/outputs", s3_endpoint_url=s3_server)
+    resolved = resolve_source(
+        "s3://gguf-models/tiny/tiny.Q8_0.gguf", store=store, cache_dir=tmp_path
+    )
+    assert resolved.gguf_file is not None
+    assert open(resolved.gguf_file, "rb").read() == tiny_q8.read_bytes()
+    assert (
+        json.loads(
+            (tmp_path / "gguf")
+            .joinpath(os.path.basename(resolved.path_or_id), "gguf_source.json")
+            .read_text()
+        )["source"]
+        == "s3://gguf-models/tiny/tiny.Q8_0.gguf"
+    )
+    with pytest.raises(ModelNotFound, match="no GGUF file"):
+        resolve_source("s3://gguf-models/tiny/absent.gguf", store=store, cache_dir=tmp_path)
