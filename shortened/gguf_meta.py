@@ -83,6 +83,12 @@ def gguf_config(path: Path) -> dict[str, Any]:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError) as exc:
         raise GGUFMetadataError(f"{path.name} is not a readable GGUF file: {exc}") from None
+    splits = _contents(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
+    if splits is not None and int(splits) > 1:
+        raise GGUFMetadataError(
+            f"{path.name} is one of {int(splits)} parts of a split GGUF file; merge them into "
+            "one (llama-gguf-split --merge FIRST-PART OUTPUT.gguf) and give that file"
+        )
     arch = _contents(reader, gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str) or not arch:
         raise GGUFMetadataError(f"{path.name} has no general.architecture")

@@ -246,3 +246,18 @@ def test_a_gguf_file_in_s3_is_fetched_once_and_checked_at_admission(tiny_q8, tmp
     )
     with pytest.raises(ModelNotFound, match="no GGUF file"):
         resolve_source("s3://gguf-models/tiny/absent.gguf", store=store, cache_dir=tmp_path)
+
+
+def test_a_part_of_a_split_gguf_is_refused_with_how_to_merge_it(tmp_path):
+    import gguf
+
+    part = tmp_path / "model-00001-of-00002.gguf"
+    writer = gguf.GGUFWriter(part, arch="llama")
+    writer.add_block_count(2)
+    writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    with pytest.raises(Missing, match="one of 2 parts of a split GGUF file; merge them"):
+        model_config(str(part), Lookups())
