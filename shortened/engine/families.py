@@ -145,6 +145,10 @@ class FamilyAdapter:
     # its multi_query / num_kv_heads): the usual names' values, derived from its fields, so
     # validation and parameter counts read one vocabulary (see ``lookup``).
     derived_fields: Callable[[Lookup], dict[str, Any]] | None = None
+    # LoRA's default targets where this family names its projections otherwise than
+    # q/k/v/o_proj and gate/up/down_proj (the spec's default list means "the attention and
+    # MLP projections"); None: that list.
+    lora_targets: tuple[str, ...] | None = None
 
     def lookup(self, config: Any) -> Lookup:
         """Reads a field of ``config`` (its text part for a VLM is the caller's to pass),
@@ -310,6 +314,7 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
             qkv_bias="bias", o_bias="bias", mlp_bias="bias", mlp="plain", norm_bias=True
         ),
         derived_fields=_falcon_fields,
+        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     ),
     FamilyAdapter("OLMo", ("olmo",), shape=BlockShape(norms=0, norm_weight=False)),
     FamilyAdapter("OLMo 3", ("olmo3",), shape=BlockShape(qk_norm="width")),

@@ -142,7 +142,11 @@ class LoraSpec(StrictModel):
     )
     dropout: float = Field(default=0.05, ge=0.0, le=MAX_LORA_DROPOUT)
     target_modules: list[str] = Field(
-        default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1
+        default_factory=lambda: list(LORA_TARGET_MODULES),
+        min_length=1,
+        description="Linear layers to adapt, by name; the default means every attention and "
+        "MLP projection, under the family's own names where they differ (Falcon: "
+        "query_key_value, dense, dense_h_to_4h, dense_4h_to_h)",
     )
     merge: bool = Field(
         default=True, description="Also save the merged full model (merge_and_unload)"

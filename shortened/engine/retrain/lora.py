@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from shortened.specs import LORA_TARGET_MODULES
+
 from ..errors import RetrainError
 from .run import RetrainRun
 
@@ -34,7 +36,11 @@ def wrap_lora(run: RetrainRun) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
     spec = run.spec
-    targets, missing = lora_targets(run.model, spec.lora.target_modules)
+    wanted = list(spec.lora.target_modules)
+    family_targets = run.loaded.adapter.lora_targets
+    if family_targets is not None and wanted == list(LORA_TARGET_MODULES):
+        wanted = list(family_targets)  # the default: this family's own projection names
+    targets, missing = lora_targets(run.model, wanted)
     config = LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
