@@ -10,18 +10,16 @@ with the tiny model's tokenizer: nothing is downloaded and only speed is measure
 weights have no quality to keep). Quantization is round-to-nearest (AutoRound ``iters=0``) so
 the check stays in minutes; the checkpoint format is the one a calibrated export writes. FP8
 is skipped on a GPU without FP8 compute (compute capability below 8.9). Each vLLM engine runs
-in its own process, so GPU memory is returned between them. Prints a table and the JSON
-object last.
+in its own process (``shortened.engine.export.vllm_runtime``, the export job's own vLLM
+check), so GPU memory is returned between them. Prints a table and the JSON object last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -72,39 +70,14 @@ def _quantize(model_dir: Path, scheme: str, dest: Path) -> Path:
     return dest
 
 
-def measure(model_dir: str) -> dict[str, Any]:
-    """In a fresh process: vLLM loads the checkpoint; tokens/s at each batch size."""
-    from vllm import LLM, SamplingParams
+def _measure(model_dir: Path) -> dict[str, Any]:
+    """vLLM serves the checkpoint in its own process (the export's own vLLM check)."""
+    from transformers import AutoTokenizer
 
-    llm = LLM(model=model_dir, gpu_memory_utilization=0.35, max_model_len=512, seed=0)
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    prompt = "def read_lines(path):"
-    llm.generate([prompt], params)  # warm-up: CUDA graphs, kernels
-    rates = {}
-    for batch in BATCHES:
-        started = time.perf_counter()
-        outputs = llm.generate([prompt] * batch, params)
-        elapsed = time.perf_counter() - started
-        rates[str(batch)] = sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
-    layers = llm.llm_engine.model_config.hf_config.num_hidden_layers
-    return {"layers": layers, "tokens_per_s": rates}
+    from shortened.engine.export.vllm_runtime import vllm_measure
 
-
-def _measure_in_process(model_dir: Path) -> dict[str, Any]:
-    code = (
-        "import json, sys; from bench.gpu_vllm import measure; "
-        "print(json.dumps(measure(sys.argv[1])))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(model_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"vLLM could not serve {model_dir.name}: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)("def read_lines(path):").input_ids
+    return vllm_measure(model_dir, prompt_ids, NEW_TOKENS, batch_sizes=BATCHES)
 
 
 def main() -> None:
@@ -122,7 +95,7 @@ def main() -> None:
         checkpoints = _checkpoints(root)
         for scheme in schemes:
             measured = {
-                variant: _measure_in_process(_quantize(path, scheme, root / f"{variant}-{scheme}"))
+                variant: _measure(_quantize(path, scheme, root / f"{variant}-{scheme}"))
                 for variant, path in checkpoints.items()
             }
             assert measured["pruned"]["layers"] == NUM_LAYERS - len(REMOVED), measured

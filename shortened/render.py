@@ -242,6 +242,7 @@ EXPORT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("tokens_per_s", "tokens/s"),
     ("speedup", "speed-up"),
     ("verified_by", "runtime"),
+    ("vllm", "vLLM tokens/s, batch 1 / 16 (speed-up)"),
 )
 
 
@@ -269,6 +270,22 @@ def export_rows(report: dict[str, Any]) -> list[dict[str, str]]:
                 "tokens_per_s": _fixed(entry.get("tokens_per_s"), 1),
                 "speedup": _fixed(entry.get("speedup"), 2),
                 "verified_by": str(entry.get("verified_by", "")),
+                "vllm": _vllm_cell(entry.get("vllm")),
             }
         )
     return rows
+
+
+def _vllm_cell(check: Any) -> str:
+    """An HF-quantized artifact in vLLM: tokens/s at batch 1 and batched, the batch-1
+    speed-up over the parent; or why it was not run ("-": not a vLLM format)."""
+    if not isinstance(check, dict):
+        return "-"
+    if "skipped" in check:
+        return f"not run: {check['skipped']}"
+    if not check.get("loads"):
+        return "does not load"
+    rates = check.get("tokens_per_s") or {}
+    cell = " / ".join(_fixed(rates.get(batch), 1) for batch in sorted(rates, key=int))
+    speedup = (check.get("speedup") or {}).get("1")
+    return cell + (f" ({speedup:.2f}x)" if isinstance(speedup, int | float) else "")

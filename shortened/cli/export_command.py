@@ -95,7 +95,6 @@ def _export(args: argparse.Namespace) -> int:
 def export_summary(report: dict[str, Any]) -> str:
     """The artifacts as a table (the report page's columns)."""
     rows = export_rows(report)
-    return aligned(
-        [heading for _, heading in EXPORT_COLUMNS],
-        [[row[key] for key, _ in EXPORT_COLUMNS] for row in rows],
-    )
+    # The vLLM column only where an artifact is a vLLM format.
+    columns = [(k, h) for k, h in EXPORT_COLUMNS if k != "vllm" or any(r[k] != "-" for r in rows)]
+    return aligned([heading for _, heading in columns], [[r[k] for k, _ in columns] for r in rows])

@@ -35,6 +35,7 @@ from .hf_quantize import (
     fp8_gpu_reason,
     quantize_checkpoint,
 )
+from .vllm_runtime import vllm_measure, vllm_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class _Measure:
         self.new_tokens = new_tokens
         self.repeats = repeats
         self.threads = threads
+        self.vllm_parent: dict[str, Any] | None = None  # the parent in vLLM, measured once
+        self.parent_dir: Path | None = None
 
     def hf(self, model_dir: Path) -> dict[str, Any]:
         model = verify.load_hf(model_dir)
@@ -121,6 +124,36 @@ class _Measure:
                 threads=self.threads,
             ),
         }
+
+
+def _vllm_check(
+    fmt: ExportFormat, artifact: Path, measure: _Measure
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """An HF-quantized artifact served by vLLM where the worker can (a CUDA GPU, vLLM
+    installed): tokens/s at batch 1 and batched, beside the parent's (unquantized, in vLLM).
+    None for GGUF; ``{"skipped": why}`` where vLLM cannot run here."""
+    if fmt.format == GGUF:
+        return None, []
+    if reason := vllm_unavailable():
+        return {"skipped": reason}, []
+    prompt, tokens = measure.data.prompt_ids, measure.new_tokens
+    try:
+        served = vllm_measure(artifact, prompt, tokens)
+    except RuntimeError as exc:
+        return {"loads": False}, [f"vLLM cannot serve it: {exc}"]
+    check: dict[str, Any] = {"loads": True, "tokens_per_s": served["tokens_per_s"]}
+    if measure.parent_dir is not None:
+        if measure.vllm_parent is None:
+            measure.vllm_parent = vllm_measure(measure.parent_dir, prompt, tokens)
+        parent_rates = measure.vllm_parent["tokens_per_s"]
+        check["tokens_per_s_parent"] = parent_rates
+        check["parent_as"] = "unquantized (vLLM)"
+        check["speedup"] = {
+            batch: rate / parent_rates[batch]
+            for batch, rate in served["tokens_per_s"].items()
+            if parent_rates.get(batch)
+        }
+    return check, []
 
 
 def _run_in_runtime(
@@ -165,6 +198,8 @@ def _verify_target(
 ) -> tuple[dict[str, Any], list[str]]:
     """The target's report entry and what is wrong with it (empty: verified)."""
     measured, verified_by, problems = _run_in_runtime(fmt, artifact, measure, tokenizer)
+    vllm, vllm_problems = _vllm_check(fmt, artifact, measure)
+    problems += vllm_problems
     ppl, ppl_unquantized = measured["ppl"], reference["ppl"]
     ppl_ratio = _ratio(ppl, ppl_unquantized)
     if ppl_ratio is not None and ppl_ratio > 1 + tolerance:
@@ -191,6 +226,7 @@ def _verify_target(
         "speedup": _ratio(measured["tokens_per_s"], parent["tokens_per_s"] if parent else None),
         "parent_as": parent["as"] if parent else None,
         "verified_by": verified_by,
+        "vllm": vllm,
         "passed": not problems,
         "problems": problems,
     }
@@ -249,6 +285,7 @@ def export_model(
         bos_every_window=bos_every_window,
     )
     measure = _Measure(eval_windows, new_tokens, speed_repeats, threads)
+    measure.parent_dir = Path(parent_dir) if parent_dir is not None else None
 
     progress(Progress("evaluating", message="unquantized model (transformers)"))
     reference = measure.hf(model_dir)
