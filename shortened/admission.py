@@ -514,7 +514,7 @@ def export_problems(
         for i, target in enumerate(targets):
             if target.format == GGUF and target.type != SOURCE_TYPE:
                 try:
-                    gguf_architecture(config.get("model_type"))
+                    gguf_architecture(config.get("model_type"), config)
                 except UnsupportedExportTarget as exc:
                     yield Problem(f"{prefix}targets.{i}", str(exc))
     calibration = getattr(spec, "calibration", None)

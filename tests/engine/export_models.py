@@ -87,6 +87,10 @@ def family_model(model_type: str, path: Path, kept: Sequence[int] | None = None)
         overrides["query_pre_attn_scalar"] = 8
     if model_type in ("mistral", "qwen2", "qwen3"):
         overrides["sliding_window"] = 64
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        # Every block a mixture of experts, as in every released checkpoint (llama.cpp's
+        # qwen2moe/qwen3moe have no dense blocks; export refuses a model that has them).
+        overrides.update(decoder_sparse_step=1, mlp_only_layers=[])
     model = tiny_model(model_type, **overrides)
     if kept is not None:
         keep_blocks(model, kept)

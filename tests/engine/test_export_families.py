@@ -46,3 +46,19 @@ def test_pruned_family_model_runs_in_llama_cpp_as_in_transformers(model_type, tm
         logits, metadata = _logits(quantized, IDS)
         assert int(metadata[f"{arch}.block_count"]) == len(KEPT)
         assert np.isfinite(logits).all()
+
+
+def test_a_layout_the_llama_cpp_architecture_cannot_hold_is_refused_at_admission(tmp_path):
+    """Qwen-MoE with dense blocks among its expert blocks: llama.cpp's qwen2moe has experts in
+    every block, so GGUF is refused for it (a 422 naming the target), not attempted."""
+    from shortened.kinds import parse_spec, problems
+    from tests.helpers import save_tiny, tiny_model
+
+    save_tiny(tiny_model("qwen2_moe"), tmp_path / "model")  # mlp_only_layers: [3]
+    spec = parse_spec("export", {"model": str(tmp_path / "model"), "targets": ["gguf:q8_0"]})
+    [problem] = problems("export", spec)
+    assert problem.field == "targets.0" and "dense blocks" in problem.message
+    everywhere = tiny_model("qwen2_moe", decoder_sparse_step=1, mlp_only_layers=[])
+    save_tiny(everywhere, tmp_path / "all-moe")
+    spec = parse_spec("export", {"model": str(tmp_path / "all-moe"), "targets": ["gguf:q8_0"]})
+    assert problems("export", spec) == []

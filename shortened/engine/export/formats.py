@@ -127,6 +127,11 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "olmo2": "olmo2",
     "granite": "granite",
     "granitemoe": "granitemoe",
+    "stablelm": "stablelm",
+    "mixtral": "llama",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "deepseek_v3": "deepseek2",
 }
 
 
@@ -144,12 +149,33 @@ def export_format(target: dict[str, str] | str) -> ExportFormat:
     return found
 
 
-def gguf_architecture(model_type: str | None) -> str:
-    """The llama.cpp architecture for a family, or ``UnsupportedExportTarget`` with the reason."""
+def _dense_blocks_among_experts(config: dict) -> bool:
+    """Qwen-MoE's dense blocks: listed in ``mlp_only_layers`` or left by ``decoder_sparse_step``."""
+    step = config.get("decoder_sparse_step") or 1
+    return bool(config.get("mlp_only_layers")) or (isinstance(step, int) and step > 1)
+
+
+# What a family's llama.cpp architecture cannot hold, read from config.json: (test, reason).
+GGUF_CONFIG_LIMITS = {
+    model_type: (
+        _dense_blocks_among_experts,
+        "llama.cpp's qwen2moe/qwen3moe have a mixture of experts in every block; this model "
+        "has dense blocks (mlp_only_layers / decoder_sparse_step)",
+    )
+    for model_type in ("qwen2_moe", "qwen3_moe")
+}
+
+
+def gguf_architecture(model_type: str | None, config: dict | None = None) -> str:
+    """The llama.cpp architecture for a family, or ``UnsupportedExportTarget`` with the reason
+    (the family has none, or ``config`` is a layout its architecture cannot hold)."""
     arch = GGUF_ARCHITECTURES.get(model_type or "")
     if arch is None:
         raise UnsupportedExportTarget(
             f"model type {model_type!r} has no llama.cpp architecture to export to GGUF; "
             f"GGUF export supports: {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
+    limit = GGUF_CONFIG_LIMITS.get(model_type or "")
+    if limit is not None and config is not None and limit[0](config):
+        raise UnsupportedExportTarget(f"cannot export to GGUF: {limit[1]}")
     return arch

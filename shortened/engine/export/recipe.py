@@ -55,7 +55,8 @@ def resolve_targets(
     if not formats:
         raise UnsupportedExportTarget("no export targets given")
     try:
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        config = json.loads((model_dir / "config.json").read_text())
+        model_type = config.get("model_type")
     except (OSError, ValueError) as exc:
         raise UnsupportedExportTarget(f"cannot read {model_dir}/config.json: {exc}") from exc
     adapter_for_model_type(model_type)
@@ -63,7 +64,7 @@ def resolve_targets(
         if fmt.format == GGUF and fmt.type == SOURCE_TYPE:
             pruned_from_gguf(model_dir)
         elif fmt.format == GGUF:
-            gguf_architecture(model_type)
+            gguf_architecture(model_type, config)
             check_converter(converter_dir)
         if fmt.needs_fp8_gpu and (reason := fp8_gpu_reason()):
             raise DeviceUnavailable(f"{fmt.name}: {reason}")
