@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from shortened.locations import local_path
+
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
 
@@ -34,7 +36,9 @@ class GGUFMetadataError(ValueError):
 
 
 def is_gguf_source(source: str) -> bool:
-    """Whether a model source names a single GGUF file (``@revision`` of a hub file aside)."""
+    """Whether a model source names a single GGUF file: a name ending in ``.gguf``
+    (``@revision`` of a hub file aside), or a local file that starts with the GGUF magic
+    whatever its name (an Ollama blob, ``~/.ollama/models/blobs/sha256-...``)."""
     source = source.strip()
     if source.startswith("hf://"):
         last = source.rsplit("/", 1)[-1]
@@ -43,7 +47,18 @@ def is_gguf_source(source: str) -> bool:
         path = urlsplit(source).path
     else:
         path = source
-    return path.lower().endswith(GGUF_SUFFIX)
+    if path.lower().endswith(GGUF_SUFFIX):
+        return True
+    if "://" in source and not source.startswith("file://"):
+        return False
+    local = local_path(source)
+    try:
+        if not local.is_file():
+            return False
+        with open(local, "rb") as handle:
+            return handle.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 def split_hub_file(source: str) -> tuple[str, str, str | None]:

@@ -261,3 +261,18 @@ def test_a_part_of_a_split_gguf_is_refused_with_how_to_merge_it(tmp_path):
     writer.close()
     with pytest.raises(Missing, match="one of 2 parts of a split GGUF file; merge them"):
         model_config(str(part), Lookups())
+
+
+def test_an_ollama_blob_is_a_gguf_source_by_its_magic(tiny_q8, tmp_path):
+    """Ollama keeps its models as ``blobs/sha256-<digest>``, without a suffix: a local file
+    that starts with the GGUF magic is a GGUF source whatever its name."""
+    import shutil
+
+    blob = tmp_path / "blobs" / "sha256-0123abcd"
+    blob.parent.mkdir()
+    shutil.copyfile(tiny_q8, blob)
+    assert is_gguf_source(str(blob)) and not is_gguf_source(str(TINY_MODEL / "config.json"))
+    config = model_config(str(blob), Lookups())
+    assert config is not None and config["gguf_file_type"] == "Q8_0"
+    resolved = resolve_source(str(blob), cache_dir=tmp_path / "cache")
+    assert resolved.gguf_file == str(blob)
