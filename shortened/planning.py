@@ -373,8 +373,16 @@ def eval_stages(spec: BaseModel, config: dict[str, Any], auto_device: str) -> li
 
 
 def _job_plan(
-    kind: str, stages: list[StagePlan], config: dict[str, Any], dtype: str, device: str
+    kind: str,
+    stages: list[StagePlan],
+    config: dict[str, Any],
+    dtype: str,
+    device: str,
+    *,
+    writes_checkpoint: bool = False,
 ) -> Plan:
+    """A job that keeps the model's blocks; ``writes_checkpoint``: it saves the whole model
+    (in the source's precision) as its output."""
     total, active = total_params(config), active_params(config)
     return Plan(
         kind=kind,
@@ -387,7 +395,7 @@ def _job_plan(
         params_after=total,
         block_params=block_params(config),
         weight_bytes=total * DTYPE_BYTES[dtype],
-        output_bytes=total * DTYPE_BYTES[source_dtype(config)] if kind == "retrain" else 0,
+        output_bytes=total * DTYPE_BYTES[source_dtype(config)] if writes_checkpoint else 0,
         stages=stages,
         active_params_before=active,
         active_params_after=active,
@@ -406,11 +414,14 @@ def _loaded_plan(
     config: dict[str, Any],
     auto_device: str,
     stages_of: Callable[[BaseModel, dict[str, Any], str], list[StagePlan]],
+    *,
+    writes_checkpoint: bool = False,
 ) -> Plan:
     stages = [_load_stage(spec.device, spec.dtype, config, auto_device)]
     stages += stages_of(spec, config, auto_device)
     device = _device_type(spec.device, auto_device)
-    return _job_plan(kind, stages, config, compute_dtype(spec.dtype, device), device)
+    dtype = compute_dtype(spec.dtype, device)
+    return _job_plan(kind, stages, config, dtype, device, writes_checkpoint=writes_checkpoint)
 
 
 def _load(runtime: int, weights: int, source_bytes: int, cast: bool) -> StagePlan:

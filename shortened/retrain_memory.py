@@ -35,7 +35,9 @@ from shortened.specs import RetrainSpec
 def plan_retrain(spec: BaseModel, config: dict[str, Any], auto_device: str = "cpu") -> Plan:
     """A retrain job: load its model, train it."""
     assert isinstance(spec, RetrainSpec)
-    plan = _loaded_plan("retrain", spec, config, auto_device, training_stages)
+    plan = _loaded_plan(
+        "retrain", spec, config, auto_device, training_stages, writes_checkpoint=True
+    )
     wanted = spec.distributed.nproc_per_node
     plan.processes = wanted if isinstance(wanted, int) else 1  # "auto": resolved by the caller
     plan.strategy = spec.distributed.strategy if plan.processes > 1 else None
