@@ -48,6 +48,17 @@ class ExportTargetSpec(StrictModel):
         "the format table's, e.g. 0.15 for q4_k_m)",
     )
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _known_method(cls, value: Any) -> Any:
+        if value is not None and value != "autoround":
+            raise ValueError(
+                f"method {value!r} is not offered: hf-quantized targets are made with AutoRound "
+                "(its SignRound calibration), written in the compressed-tensors format "
+                "vLLM and TGI load; give 'autoround' or leave it out (docs/export.md says why)"
+            )
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _scheme_is_type(cls, data: Any) -> Any:
