@@ -451,11 +451,9 @@ def _expert_pruning_problems(
 def _gguf_source_target_problems(prefix: str, spec: PruneSpec | SearchSpec) -> Iterator[Problem]:
     """A pipeline's ``gguf:source`` export copies the source file's tensors: the model must be
     a GGUF file whose weights the pipeline changes only by removing blocks."""
-    from shortened.engine.export.formats import GGUF, SOURCE_TYPE
-
     export = getattr(spec, "export", None)
     for i, target in enumerate(export.targets if export is not None else []):
-        if target.format != GGUF or target.type != SOURCE_TYPE:
+        if not target.copies_source:
             continue
         field = f"{prefix}export.targets.{i}"
         if not is_gguf_source(spec.model):
@@ -498,12 +496,12 @@ def export_problems(
     """An export job (or section): each target against the model's family (GGUF needs a
     llama.cpp architecture), its calibration and perplexity files, ``compare_with``."""
     from shortened.engine.export.errors import UnsupportedExportTarget
-    from shortened.engine.export.formats import GGUF, SOURCE_TYPE, gguf_architecture
+    from shortened.engine.export.formats import GGUF, gguf_architecture
 
     targets = getattr(spec, "targets", [])
     model = getattr(spec, "model", None)
     for i, target in enumerate(targets):
-        if target.format == GGUF and target.type == SOURCE_TYPE and model is not None:
+        if target.copies_source and model is not None:
             path = local_path(model)
             if ("://" not in model or model.startswith("file://")) and path.is_dir():
                 try:
@@ -512,7 +510,7 @@ def export_problems(
                     yield Problem(f"{prefix}targets.{i}", str(exc))
     if config is not None:
         for i, target in enumerate(targets):
-            if target.format == GGUF and target.type != SOURCE_TYPE:
+            if target.format == GGUF and not target.copies_source:
                 try:
                     gguf_architecture(config.get("model_type"), config)
                 except UnsupportedExportTarget as exc:

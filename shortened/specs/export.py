@@ -85,6 +85,10 @@ class ExportTargetSpec(StrictModel):
     def name(self) -> str:
         return export_format({"format": self.format, "type": self.type}).name
 
+    @property
+    def copies_source(self) -> bool:
+        return export_format(self.name).copies_source
+
 
 class QuantizationSpec(StrictModel):
     """How the calibrated HF-quantized schemes are made (AutoRound's SignRound): more steps

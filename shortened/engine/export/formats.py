@@ -40,6 +40,11 @@ class ExportFormat:
     def name(self) -> str:
         return f"{self.format}-{self.type}"
 
+    @property
+    def copies_source(self) -> bool:
+        """``gguf-source``: the GGUF file the model was pruned from, its blocks dropped."""
+        return self.writer_type == SOURCE_TYPE
+
 
 _CONVERTER = "llama.cpp convert_hf_to_gguf.py"
 _QUANTIZE = "llama.cpp llama_model_quantize (from f16)"

@@ -4,15 +4,15 @@ other jobs read them, and run :func:`export_model`."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..calibration import fetch_data_file, read_documents
 from ..errors import CalibrationError, ModelNotFound
-from ..gguf_source import fetch_gguf, pruned_from_gguf
+from ..gguf_source import fetch_gguf
 from ..progress import ProgressCallback, no_progress
-from .formats import GGUF, SOURCE_TYPE
 from .recipe import export_model
 
 if TYPE_CHECKING:
@@ -78,10 +78,6 @@ def export_job(
 ) -> dict[str, Any]:
     """Export ``spec.model`` to ``spec.targets`` into ``output_dir`` and return the report."""
     model_dir = _local_model(spec.model, store, cache_dir)
-    source_gguf = None
-    if any(target.format == GGUF and target.type == SOURCE_TYPE for target in spec.targets):
-        source, _removed = pruned_from_gguf(model_dir)
-        source_gguf = fetch_gguf(source, store=store, cache_dir=cache_dir)
     parent = _local_model(spec.compare_with, store, cache_dir) if spec.compare_with else None
     perplexity = spec.perplexity
     tolerances = {t.name: t.ppl_tolerance for t in spec.targets if t.ppl_tolerance is not None}
@@ -98,5 +94,5 @@ def export_job(
         max_windows=perplexity.max_windows if perplexity and perplexity.max_windows else 32,
         bos_every_window=perplexity.bos_every_window if perplexity else False,
         quantization=spec.quantization.model_dump(),
-        source_gguf=source_gguf,
+        fetch_source=functools.partial(fetch_gguf, store=store, cache_dir=cache_dir),
     )

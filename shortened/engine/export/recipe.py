@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def resolve_targets(
         raise UnsupportedExportTarget(f"cannot read {model_dir}/config.json: {exc}") from exc
     adapter_for_model_type(model_type)
     for fmt in formats:
-        if fmt.format == GGUF and fmt.type == SOURCE_TYPE:
+        if fmt.copies_source:
             pruned_from_gguf(model_dir)
         elif fmt.format == GGUF:
             gguf_architecture(model_type, config)
@@ -86,14 +86,19 @@ class _Measure:
     """Perplexity and speed of models and artifacts, on the shared windows and prompt."""
 
     def __init__(
-        self, eval_windows: verify.EvalWindows, new_tokens: int, repeats: int, threads: int | None
+        self,
+        eval_windows: verify.EvalWindows,
+        new_tokens: int,
+        repeats: int,
+        threads: int | None,
+        parent_dir: Path | None,
     ) -> None:
         self.data = eval_windows
         self.new_tokens = new_tokens
         self.repeats = repeats
         self.threads = threads
+        self.parent_dir = parent_dir
         self.vllm_parent: dict[str, Any] | None = None  # the parent in vLLM, measured once
-        self.parent_dir: Path | None = None
 
     def hf(self, model_dir: Path) -> dict[str, Any]:
         model = verify.load_hf(model_dir)
@@ -252,7 +257,7 @@ def export_model(
     threads: int | None = None,
     quantization: dict[str, Any] | None = None,
     converter_dir: Path | None = None,
-    source_gguf: Path | None = None,
+    fetch_source: Callable[[str], Path] | None = None,
 ) -> dict[str, Any]:
     """Export ``model_dir`` to every target (``{"format": "gguf", "type": "q4_k_m"}`` or
     ``"gguf-q4_k_m"``; see ``formats.FORMATS``), each into ``output_dir/<name>/``, verify each
@@ -263,8 +268,8 @@ def export_model(
     ``speedup``. ``ppl_tolerance``: relative perplexity increase allowed, by target name or
     type, over the table's defaults. ``quantization``: AutoRound settings for HF-quantized
     targets (``iters``, ``n_samples``, ``seq_len``, ``batch_size``, ``device``).
-    ``source_gguf``: for a ``gguf-source`` target, the local copy of the GGUF file the model
-    was pruned from (default: fetched from the source its ``report.json`` names).
+    ``fetch_source``: for a ``gguf-source`` target, how the GGUF source its ``report.json``
+    names becomes a local file (default: ``fetch_gguf`` without an artifact store).
     Raises ``ExportVerificationFailed`` when an artifact does not load or is worse than
     allowed; nothing is left in ``output_dir`` then."""
     from transformers import AutoTokenizer
@@ -275,7 +280,7 @@ def export_model(
     formats = resolve_targets(
         model_dir, targets, calibration_texts=calibration_texts, converter_dir=converter_dir
     )
-    copy_from = _gguf_source(model_dir, formats, source_gguf)
+    copy_from = _gguf_source(model_dir, formats, fetch_source)
     timer = PhaseTimer()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eval_windows = verify.build_windows(
@@ -285,8 +290,8 @@ def export_model(
         max_windows=max_windows,
         bos_every_window=bos_every_window,
     )
-    measure = _Measure(eval_windows, new_tokens, speed_repeats, threads)
-    measure.parent_dir = Path(parent_dir) if parent_dir is not None else None
+    parent_path = Path(parent_dir) if parent_dir is not None else None
+    measure = _Measure(eval_windows, new_tokens, speed_repeats, threads, parent_path)
 
     progress(Progress("evaluating", message="unquantized model (transformers)"))
     reference = measure.hf(model_dir)
@@ -314,7 +319,7 @@ def export_model(
                 copy_from,
             )
             parent = parent_reference
-            if copy_from is not None and fmt.type == SOURCE_TYPE:
+            if copy_from is not None and fmt.copies_source:
                 # The parent in the same runtime and type is the source file itself.
                 parent = {**measure.gguf(copy_from[0]), "as": "the source GGUF (llama.cpp)"}
             elif parent_dir is not None and fmt.format == GGUF:
@@ -366,7 +371,7 @@ def _write(
     copy_from: tuple[Path, list[int]] | None,
 ) -> Path:
     """Write one target; the path to verify (a GGUF file, or a checkpoint directory)."""
-    if fmt.type == SOURCE_TYPE and copy_from is not None:
+    if copy_from is not None and fmt.copies_source:
         source, removed = copy_from
         dest.mkdir(parents=True, exist_ok=True)
         path = dest / gguf_file_name(_file_type(source))
@@ -381,16 +386,16 @@ def _write(
 
 
 def _gguf_source(
-    model_dir: Path, formats: Sequence[ExportFormat], local: Path | None
+    model_dir: Path, formats: Sequence[ExportFormat], fetch: Callable[[str], Path] | None
 ) -> tuple[Path, list[int]] | None:
     """For a ``gguf-source`` target: the GGUF file the model was pruned from (its local copy)
     and the blocks removed from it; None without such a target."""
-    if not any(fmt.format == GGUF and fmt.type == SOURCE_TYPE for fmt in formats):
+    if not any(fmt.copies_source for fmt in formats):
         return None
     source, removed = pruned_from_gguf(model_dir)
-    if local is None:
-        local = fetch_gguf(source, store=None, cache_dir=None)
-    return Path(local), removed
+    if fetch is None:
+        return fetch_gguf(source, store=None, cache_dir=None), removed
+    return Path(fetch(source)), removed
 
 
 def _file_type(path: Path) -> str:
