@@ -180,14 +180,10 @@ class JobRun:
     def finish(self, status: str, message: str, **fields: Any) -> str:
         """Record the final status (fenced by the attempt); ``"lost"`` when the job is no
         longer this attempt's."""
-        if self.spans is not None:
-            self.spans.close(status)
         # Before the final status: a client that sees it finds the run complete too.
-        self.tracking.end(status, fields.get("result"), self.output_dir)
+        self._close_attempt(status, status, fields.get("result"))
         if status == "succeeded" and self.tracking.info is not None:
             fields["result"] = {**fields["result"], "mlflow": self.tracking.info}
-        self.lease.stop()
-        self.reporter.flush_warnings()
         with self.sessions() as session:
             done = job_lifecycle.finish_job(
                 session, self.job_id, status, message=message, attempt=self.attempt, **fields
@@ -198,6 +194,15 @@ class JobRun:
         if self.scratch is not None:
             self.scratch.drop()
         return status
+
+    def _close_attempt(self, span_status: str, run_status: str, result: Any) -> None:
+        """What ends with this attempt whatever comes next: its trace spans, its tracking run,
+        its lease, and the warnings it collected (recorded as events)."""
+        if self.spans is not None:
+            self.spans.close(span_status)
+        self.tracking.end(run_status, result, self.output_dir)
+        self.lease.stop()
+        self.reporter.flush_warnings()
 
     # ----------------------------------------------------------------- outcomes
 
@@ -213,7 +218,7 @@ class JobRun:
             return self.finish("failed", message, error_code="timeout", error_message=message)
         if isinstance(exc, Cancelled):
             return self.finish("cancelled", "cancelled")
-        if isinstance(exc, EngineError) and getattr(exc, "retryable", False):
+        if isinstance(exc, EngineError) and exc.retryable:
             return self._retry(exc)
         if isinstance(exc, EngineError):
             return self.finish("failed", str(exc), error_code=exc.code, error_message=str(exc))
@@ -236,10 +241,7 @@ class JobRun:
         if last:
             message = f"{exc} (attempt {self.attempt} of {self.settings.max_attempts})"
             return self.finish("failed", message, error_code=exc.code, error_message=message)
-        if self.spans is not None:
-            self.spans.close("queued")
-        self.tracking.end("failed", None, self.output_dir)
-        self.lease.stop()
+        self._close_attempt("queued", "failed", None)
         log.warning("job %s attempt %d failed (%s): re-queued", self.job_id, self.attempt, exc.code)
         with self.sessions() as session:
             if not job_recovery.requeue_for_retry(session, self.job_id, self.attempt, exc.code):

@@ -180,17 +180,17 @@ def expire_running_leases(session: Session, now: datetime | None = None) -> int:
     return rowcount(expired)
 
 
-def requeue_for_shutdown(session: Session, job_id: str, worker: str) -> bool:
-    """running -> queued because the worker running it (``worker``, as it claimed the job) is
-    shutting down: the attempt ends without counting as a failure of the job, and the
-    attempt's next progress report tells it to stop. False if that worker no longer holds
-    the job."""
+def _give_back(
+    session: Session, job_id: str, fence: Any, reason: str, code: str | None, message: str
+) -> bool:
+    """running -> queued for the attempt ``fence`` selects, without sending its message now:
+    ``dispatched_at`` NULL puts it first in the reaper's next re-dispatch round. The attempt
+    ends with ``reason``; ``message`` (``{attempt}`` filled in) is the status event. False if
+    no such attempt holds the job."""
     now = utcnow()
     attempt = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.worker == worker)
-        # No message now: the stopping worker may still be consuming and would take it back.
-        # dispatched_at NULL puts it first in the reaper's next re-dispatch round.
+        .where(Job.id == job_id, Job.status == "running", fence)
         .values(**{**_requeued(now), "dispatched_at": None})
         .returning(Job.attempts)
         .execution_options(synchronize_session=False)
@@ -198,39 +198,39 @@ def requeue_for_shutdown(session: Session, job_id: str, worker: str) -> bool:
     if attempt is None:
         session.rollback()
         return False
-    message = f"re-queued: the worker of attempt {attempt} shut down"
-    append_event(
-        session,
-        job_id,
-        "status",
-        message,
-        {"status": "queued", "attempt": attempt, "reason": "worker_shutdown"},
-    )
-    end_attempt(session, job_id, attempt, "worker_shutdown", None, now)
+    data = {"status": "queued", "attempt": attempt, "reason": reason}
+    append_event(session, job_id, "status", message.format(attempt=attempt), data)
+    end_attempt(session, job_id, attempt, reason, code, now)
     session.commit()
     return True
+
+
+def requeue_for_shutdown(session: Session, job_id: str, worker: str) -> bool:
+    """running -> queued because the worker running it (``worker``, as it claimed the job) is
+    shutting down: the attempt ends without counting as a failure of the job, and the
+    attempt's next progress report tells it to stop. No message is sent now: the stopping
+    worker may still be consuming and would take it back. False if that worker no longer
+    holds the job."""
+    return _give_back(
+        session,
+        job_id,
+        Job.worker == worker,
+        "worker_shutdown",
+        None,
+        "re-queued: the worker of attempt {attempt} shut down",
+    )
 
 
 def requeue_for_retry(session: Session, job_id: str, attempt: int, code: str) -> bool:
     """running -> queued after attempt ``attempt`` failed with a retryable error (a process
     of a multi-process training run died): the attempt ends as failed with ``code``, and the
-    next one resumes from the checkpoints it left. Its message is sent by the reaper's next
-    re-dispatch round (``dispatched_at`` NULL puts it first). False if the job is no longer
-    that attempt's."""
-    now = utcnow()
-    changed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-        .values(**{**_requeued(now), "dispatched_at": None})
-        .execution_options(synchronize_session=False)
+    next one resumes from the checkpoints it left. False if the job is no longer that
+    attempt's."""
+    return _give_back(
+        session,
+        job_id,
+        Job.attempts == attempt,
+        code,
+        code,
+        f"re-queued: attempt {{attempt}} failed ({code}); the next resumes from its checkpoints",
     )
-    if not rowcount(changed):
-        session.rollback()
-        return False
-    message = f"re-queued: attempt {attempt} failed ({code}); the next resumes from its checkpoints"
-    append_event(
-        session, job_id, "status", message, {"status": "queued", "attempt": attempt, "reason": code}
-    )
-    end_attempt(session, job_id, attempt, code, code, now)
-    session.commit()
-    return True

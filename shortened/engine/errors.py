@@ -17,6 +17,7 @@ class EngineError(Exception):
     """Base class: a failure the user can act on (bad input, unsupported model, ...)."""
 
     code = "engine_error"
+    retryable = False  # another attempt of the same job may succeed (it resumes)
 
 
 class ModelNotFound(EngineError):
