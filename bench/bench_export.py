@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import REPO, bench_model
+from bench.common import LLAMA_1B_SHAPE, REPO, bench_model
 from shortened.engine.architectures import keep_blocks
 from shortened.engine.export.formats import export_format
 from shortened.engine.export.gguf_export import write_gguf
@@ -78,8 +78,8 @@ MODELS = (
     ),
     BenchModel(
         "llama-3.2-1b shape (0.97B)",
-        lambda vocab: bench_model(16, 2048, 8192, vocab=vocab, heads=32, kv_heads=8),
-        16,
+        lambda vocab: bench_model(**LLAMA_1B_SHAPE, vocab=vocab),
+        LLAMA_1B_SHAPE["num_layers"],
         (6, 7, 8, 9),
         ("q8_0", "q4_k_m"),
     ),

@@ -14,6 +14,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Llama-3.2-1B's block shape (16 blocks, hidden 2048, MLP 8192, 32 heads, 8 key/value heads):
+# ``bench_model(**LLAMA_1B_SHAPE, vocab=...)``, 0.97B parameters with an 8k vocabulary.
+LLAMA_1B_SHAPE = {
+    "num_layers": 16,
+    "hidden": 2048,
+    "intermediate": 8192,
+    "heads": 32,
+    "kv_heads": 8,
+}
+
+
 def bench_model(
     num_layers: int = 12,
     hidden: int = 768,

@@ -23,10 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.common import LLAMA_1B_SHAPE, bench_model
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-llama"
 CALIBRATION = REPO / "data" / "calibration.jsonl"
-NUM_LAYERS, REMOVED = 16, [6, 7, 8, 9]
+NUM_LAYERS, REMOVED = LLAMA_1B_SHAPE["num_layers"], [6, 7, 8, 9]
 NEW_TOKENS = 128
 BATCHES = (1, 32)
 SCHEMES = ("w4a16", "fp8")
@@ -36,11 +38,10 @@ def _checkpoints(root: Path) -> dict[str, Path]:
     import torch
     from transformers import AutoTokenizer
 
-    from bench.common import bench_model
     from shortened.engine.architectures import keep_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(TINY)
-    model = bench_model(NUM_LAYERS, 2048, 8192, vocab=len(tokenizer), heads=32, kv_heads=8)
+    model = bench_model(**LLAMA_1B_SHAPE, vocab=len(tokenizer))
     model = model.to(torch.bfloat16)
     paths = {}
     for variant in ("parent", "pruned"):

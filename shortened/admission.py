@@ -177,13 +177,8 @@ def _gguf_source_config(source: str, lookups: Lookups) -> dict[str, Any] | None:
     """A GGUF file's config from its metadata (local files), or None when it cannot be read
     here (a hub or job file; an S3 object is only checked to exist and not be empty)."""
     if source.startswith("s3://"):
-        if lookups.s3_head is not None:
-            try:
-                head = lookups.s3_head(source)
-            except Unknown:
-                return None
-            if head.size == 0:
-                raise Missing(f"{source} is empty")
+        if problem := _s3_object_problem(source, lookups):
+            raise Missing(problem)
         return None
     if "://" in source and not source.startswith("file://"):
         return None
@@ -206,6 +201,20 @@ def _read_gguf_config(path: str, _mtime_ns: int, _size: int) -> dict[str, Any]:
         raise Missing(str(exc)) from None
 
 
+def _s3_object_problem(source: str, lookups: Lookups) -> str | None:
+    """Why an S3 object cannot be used (missing, unreadable, empty), or None when it is
+    there or the store did not answer in time."""
+    if lookups.s3_head is None:
+        return None
+    try:
+        info = lookups.s3_head(source)
+    except Missing as exc:
+        return str(exc) or f"{source} does not exist"
+    except Unknown:
+        return None
+    return f"{source} is empty" if info.size == 0 else None
+
+
 def check_data_file(source: str, lookups: Lookups) -> str | None:
     """Why a data file cannot be read, or None when it is fine (or cannot be known now)."""
     suffix = Path(source.split("?", 1)[0]).suffix.lower()
@@ -215,15 +224,7 @@ def check_data_file(source: str, lookups: Lookups) -> str | None:
         kind = f"{suffix!r} files" if suffix else "files without a suffix"
         return f"{kind} are not supported; use one of {', '.join(DATA_FILE_SUFFIXES)}"
     if source.startswith("s3://"):
-        if lookups.s3_head is None:
-            return None
-        try:
-            info = lookups.s3_head(source)
-        except Missing as exc:
-            return str(exc) or f"{source} does not exist"
-        except Unknown:
-            return None
-        return f"{source} is empty" if info.size == 0 else None
+        return _s3_object_problem(source, lookups)
     path = local_path(source)
     if not path.is_file():
         return f"file {source!r} does not exist"
