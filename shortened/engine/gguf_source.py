@@ -173,7 +173,7 @@ def dequantized_checkpoint(
             json.dumps(source_record(source, gguf_path, config), indent=2) + "\n"
         )
         staging.chmod(0o755)
-        if target.exists():
+        if target.exists() and not (target / MARKER).is_file():
             shutil.rmtree(target)  # an earlier conversion that did not finish
         try:
             staging.rename(target)
